@@ -1,0 +1,46 @@
+"""Every default of the project, one commented line each.
+
+Scripts read these as their argparse defaults, so `python train.py --help` shows
+them and any of them can be overridden on the command line. Change a default
+here, not in the scripts.
+"""
+
+# --- pre_process.py: IMDB-WIKI metadata -> aligned faces -------------------------------
+ROOT = "data/imdb_crop"  # the unpacked faces-only archive: holds imdb.mat (or wiki.mat) and 00..99/
+DATA = "data/imdb_112"  # pre_process.py writes here; train.py and evaluate.py read from here
+SIZE = 112  # side of the aligned face in pixels (112 or 224; the ArcFace template scales with it)
+PER_AGE = 5000  # at most this many images per age, a seeded random choice (the original: 5000)
+MIN_FACE_SCORE = 1.0  # drop entries whose IMDB-WIKI face_score is below this (-inf: no face)
+MIN_AGE, MAX_AGE = 0, 100  # keep ages in this closed range; also the age classes of ce/dex/mv
+VALID_FRACTION = 0.1  # share of identities (or images, with --split image) held out for validation
+SPLIT = "identity"  # identity: nobody on both sides; image: random per photo, as the original did
+FALLBACK = "drop"  # when MTCNN finds no face: drop the entry, or align the centre the 40% margin implies
+JPEG_QUALITY = 95  # aligned faces are stored as JPEG at this quality
+WORKERS = 2  # decoding / writing processes (these machines have 2 cores; raise on a big box)
+DETECT_BATCH = 16  # photos per batched MTCNN call
+
+# --- models.py ---------------------------------------------------------------------------
+ARCH = "resnet18"  # resnet18 | resnet34 | resnet50
+PRETRAINED = "imagenet"  # imagenet (torchvision download) | none | PATH to a local state dict
+
+# --- train.py ----------------------------------------------------------------------------
+OUT = "runs/r18_112"  # run directory: config.json, metrics.jsonl, last.pt, best.pt, TensorBoard
+AGE_LOSS = "l1"  # l1 | l2 | ce | dex | mv (see models.py for each head and prediction rule)
+AGE_WEIGHT = 0.1  # total loss = gender CE + AGE_WEIGHT * age loss (the original: 0.1)
+BATCH_SIZE = 32  # per process; the original used 32
+EPOCHS = 30  # passes over the training split
+LR = 0.01  # peak learning rate at BATCH_SIZE; scaled linearly with the global batch
+MOMENTUM = 0.9  # SGD momentum
+WEIGHT_DECAY = 5e-4  # L2 on weights (not on norms and biases)
+WARMUP_EPOCHS = 1  # linear warm-up before the cosine decay
+NUM_WORKERS = 2  # DataLoader worker processes
+SEED = 42  # seeds the split, the cap, the init and the data order
+DEVICE = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
+AMP = True  # bf16 autocast on CUDA (ignored on the CPU unless --amp-cpu)
+COMPILE = False  # torch.compile the model (slow to start; pays off on long GPU runs)
+
+# --- demo.py / evaluate.py / export.py ---------------------------------------------------
+CHECKPOINT = "runs/r18_112/best.pt"  # what demo.py, evaluate.py and export.py load
+IMAGES = "images"  # the sample photos demo.py annotates by default
+DEMO_OUT = "out/demo"  # annotated photos and results.json
+EVAL_OUT = "out/eval"  # metrics.json and plots

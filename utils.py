@@ -1,0 +1,172 @@
+"""Helpers shared by every script: errors, atomic writes, images, seeding, devices, meters.
+
+Not run directly.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+REPO = Path(__file__).resolve().parent
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, bad option, bad file): printed as one line, exit 2."""
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run a script's main(): user errors become one line on stderr and a non-zero exit."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): stopped; files written so far are complete", file=sys.stderr)
+        sys.exit(130)
+
+
+# --- atomic writes: a killed process leaves the old file or the new one, never half of one ---
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, fsync it, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one JSON line; a line is written whole with one write() call."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# --- images ------------------------------------------------------------------------------
+
+class ImageError(Exception):
+    """A file that is not a usable image; `reason` is a short key for counting (empty, not_image, truncated)."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, detail: str = ""):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason.replace('_', ' ')}{': ' + detail if detail else ''}")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode any image Pillow knows (JPEG, PNG under any name, grayscale, CMYK, RGBA) to RGB uint8 (H, W, 3).
+
+    Raises ImageError for zero-byte, non-image or truncated files, FileNotFoundError for missing ones.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    if not data:
+        raise ImageError(path, "empty")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # decodes now, so truncation surfaces here and not later
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                # composite on white: transparent pixels are undefined colour otherwise
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, im)
+            rgb = np.asarray(im.convert("RGB"))
+    except UnidentifiedImageError as e:
+        raise ImageError(path, "not_image") from e
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow reports truncation as OSError
+        raise ImageError(path, "truncated", str(e)) from e
+    return np.ascontiguousarray(rgb)
+
+
+def write_jpeg(path: str | os.PathLike, rgb: np.ndarray, quality: int = 95) -> None:
+    """Atomically write an RGB uint8 array as JPEG."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# --- reproducibility and devices -----------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> "torch.device":
+    """'auto' -> cuda when present, else cpu; a CUDA device asked for on a machine without one is a user error."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device here; use --device cpu")
+    return torch.device(name)
+
+
+def git_commit() -> str | None:
+    """The code version of this checkout (commit, '+dirty' when modified), or None outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class AverageMeter:
+    """Running mean of a value, weighted by batch size."""
+
+    def __init__(self) -> None:
+        self.sum, self.count = 0.0, 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.sum += float(value) * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return self.sum / max(self.count, 1)
