@@ -1,0 +1,312 @@
+"""IMDB-WIKI metadata -> aligned faces + labels.csv.
+
+    python pre_process.py --root data/imdb_crop --out data/imdb_112 --size 112
+
+Reads imdb.mat (or wiki.mat) under --root, computes each photo's age, filters, caps the number
+of photos per age, detects the face and its 5 landmarks with MTCNN (face.py), aligns it onto the
+ArcFace template and writes:
+  OUT/faces/NN/<name>.jpg   the aligned faces (SIZE x SIZE, RGB JPEG)
+  OUT/labels.csv            image,source,identity,age,gender,split  (gender: 1 male, 0 female)
+  OUT/summary.json          counts kept and dropped per reason, and the settings used
+  OUT/age_hist.png          the age distribution after the cap
+  OUT/faces_{train,valid}.npy  every face of a split in one uint8 array (unless --no-pack)
+A rerun skips faces already written; labels.csv is written last, from what is on disk, so a
+killed run loses nothing and a rerun ends with the same files. `--pack-only` packs an existing OUT.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import io
+import multiprocessing as mp
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import config
+from utils import (ImageError, UserError, atomic_write_bytes, atomic_write_text, pick_device, read_image, run_main,
+                   write_json, write_jpeg)
+
+FIELDS = ("dob", "photo_taken", "full_path", "gender", "face_score", "second_face_score")
+LABEL_COLUMNS = ("image", "source", "identity", "age", "gender", "split")
+
+
+@dataclass
+class Meta:
+    """The per-photo columns of imdb.mat / wiki.mat that we use, as flat arrays of length N."""
+    full_path: np.ndarray  # (N,) str, relative to the root
+    dob: np.ndarray  # (N,) int64, MATLAB serial date number
+    photo_taken: np.ndarray  # (N,) int64, year
+    gender: np.ndarray  # (N,) float64: 1 male, 0 female, NaN unknown
+    face_score: np.ndarray  # (N,) float64, -inf where no face was found
+    second_face_score: np.ndarray  # (N,) float64, NaN where there is no second face
+    identity: np.ndarray  # (N,) str: IMDB celeb_id, WIKI the id that starts the file name
+
+
+# --- 1. metadata ---------------------------------------------------------------------------
+
+def find_mat(root: Path, dataset: str | None) -> Path:
+    """imdb.mat or wiki.mat under root, with errors a user can act on."""
+    if not root.is_dir():
+        raise UserError(f"--root {root}: no such folder; it should be the unpacked imdb_crop/ (or wiki_crop/) "
+                        "holding imdb.mat and folders 00..99 (see README: Dataset)")
+    names = [f"{dataset}.mat"] if dataset else ["imdb.mat", "wiki.mat"]
+    for name in names:
+        if (root / name).is_file():
+            return root / name
+    raise UserError(f"--root {root}: no {' or '.join(names)} there; expected the unpacked imdb_crop/ (or "
+                    "wiki_crop/) with its .mat file beside folders 00..99")
+
+
+def load_meta(path: Path, dataset: str | None = None) -> tuple[str, Meta]:
+    """Parse imdb.mat / wiki.mat as scipy.io.loadmat returns the real file: (dataset name, Meta)."""
+    import scipy.io
+
+    try:
+        mat = scipy.io.loadmat(path)
+    except Exception as e:  # scipy raises several types for truncated or foreign files
+        raise UserError(f"{path}: cannot be read as a MATLAB .mat file ({type(e).__name__}: {e}); "
+                        "download it again") from e
+    keys = [k for k in ("imdb", "wiki") if k in mat]
+    name = dataset or (keys[0] if keys else None)
+    if name not in mat:
+        raise UserError(f"{path}: no top-level struct {name or 'imdb or wiki'!r} (found {sorted(k for k in mat if not k.startswith('__'))})")
+    struct = mat[name][0, 0]
+    present = struct.dtype.names or ()
+    for field in FIELDS + (("celeb_id",) if name == "imdb" else ()):
+        if field not in present:
+            raise UserError(f"{path}: struct {name!r} lacks the field {field!r}")
+    col = lambda f: struct[f].ravel()  # every per-photo field is a 1xN array
+    full_path = np.array([str(p[0]) for p in col("full_path")])
+    n = len(full_path)
+    for field in FIELDS:
+        if col(field).shape[0] != n:
+            raise UserError(f"{path}: field {field!r} has {col(field).shape[0]} entries, full_path has {n}")
+    if name == "imdb":
+        identity = col("celeb_id").astype(np.int64).astype(str)
+    else:  # wiki: 17/10000217_1981-05-05_2009.jpg -> 10000217
+        identity = np.array([Path(p).name.split("_")[0] for p in full_path])
+    # cast before arithmetic: loadmat gives int32 / uint16 here, and uint16 - 2010 wraps around
+    return name, Meta(full_path=full_path, dob=col("dob").astype(np.int64),
+                      photo_taken=col("photo_taken").astype(np.int64), gender=col("gender").astype(np.float64),
+                      face_score=col("face_score").astype(np.float64),
+                      second_face_score=col("second_face_score").astype(np.float64), identity=identity)
+
+
+def age_at_photo(dob: int, photo_taken: int) -> int:
+    """Age when the photo was taken, the photo assumed mid-year (the IMDB-WIKI authors' rule)."""
+    birth = dt.datetime.fromordinal(max(int(dob) - 366, 1))  # MATLAB datenum counts from year 0
+    return int(photo_taken) - birth.year - (0 if birth.month < 7 else 1)
+
+
+def filter_meta(meta: Meta, root: Path, min_score: float, min_age: int, max_age: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(ages (N,), keep mask (N,), dropped count per reason); the first failing rule names the drop."""
+    ages = np.array([age_at_photo(d, t) for d, t in zip(meta.dob, meta.photo_taken)], dtype=np.int64)
+    with np.errstate(invalid="ignore"):
+        rules = [  # (reason, rows that fail it)
+            ("face_score", ~(np.isfinite(meta.face_score) & (meta.face_score >= min_score))),
+            ("second_face", ~np.isnan(meta.second_face_score)),
+            ("gender_unknown", ~np.isin(meta.gender, (0.0, 1.0))),
+            ("age_out_of_range", (ages < min_age) | (ages > max_age)),
+        ]
+    keep = np.ones(len(ages), dtype=bool)
+    dropped = {}
+    for reason, bad in rules:
+        dropped[reason] = int((keep & bad).sum())
+        keep &= ~bad
+    # a stat per surviving file is cheap; decoding them all is not, so decoding is checked later
+    exists = np.array([k and (root / p).is_file() for k, p in zip(keep, meta.full_path)])
+    dropped["missing_file"] = int((keep & ~exists).sum())
+    return ages, keep & exists, dropped
+
+
+def cap_per_age(ages: np.ndarray, keep: np.ndarray, per_age: int, seed: int) -> np.ndarray:
+    """Indices of at most per_age kept photos of each age, a seeded choice, in ascending order."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for age in np.unique(ages[keep]):
+        idx = np.flatnonzero(keep & (ages == age))
+        chosen.append(rng.choice(idx, per_age, replace=False) if len(idx) > per_age else idx)
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def assign_split(identity: np.ndarray, mode: str, valid_fraction: float, seed: int) -> np.ndarray:
+    """'train' / 'valid' per row: whole identities (default) or single photos, seeded."""
+    rng = np.random.default_rng(seed + 1)  # a stream of its own, so changing the cap leaves it alone
+    if mode == "image":
+        return np.where(rng.random(len(identity)) < valid_fraction, "valid", "train")
+    people = np.unique(identity)
+    valid_people = people[rng.random(len(people)) < valid_fraction]
+    return np.where(np.isin(identity, valid_people), "valid", "train")
+
+
+# --- 2. faces --------------------------------------------------------------------------------
+
+def face_path(full_path: str) -> str:
+    """Where the aligned face of a source photo goes, relative to OUT."""
+    return str(Path("faces") / Path(full_path).with_suffix(".jpg"))
+
+
+def decode(path: Path) -> np.ndarray | str:
+    """Worker job: the RGB photo, or the drop reason when it is not a usable image."""
+    try:
+        return read_image(path)
+    except ImageError as e:
+        return e.reason
+    except FileNotFoundError:
+        return "missing_file"
+
+
+def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: str, workers: int,
+              batch: int, quality: int) -> dict:
+    """Detect, align and write every (source, target) pair; returns dropped count per reason."""
+    import torch
+    from tqdm import tqdm
+
+    from face import FaceDetector, align_face, center_landmarks, central_face
+
+    detector = FaceDetector(device=device)
+    dropped: dict[str, int] = {}
+    ctx = mp.get_context("spawn")  # fork after torch threads start can deadlock
+    with ctx.Pool(workers) if workers > 0 else _InlinePool() as pool, tqdm(total=len(todo), desc="align", unit="face") as bar:
+        photos = pool.imap(decode, [src for src, _ in todo], chunksize=8)
+        for start in range(0, len(todo), batch):
+            chunk = todo[start:start + batch]
+            decoded = [next(photos) for _ in chunk]
+            good = [(pair, img) for pair, img in zip(chunk, decoded) if not isinstance(img, str)]
+            for img in decoded:
+                if isinstance(img, str):
+                    dropped[img] = dropped.get(img, 0) + 1
+            with torch.inference_mode():
+                found = detector.detect([img for _, img in good]) if good else []
+            for ((_, dst), img), faces in zip(good, found):
+                i = central_face(faces, img.shape)
+                if i is None and fallback == "drop":
+                    dropped["no_face"] = dropped.get("no_face", 0) + 1
+                    continue
+                marks = faces.landmarks[i] if i is not None else center_landmarks(img.shape, size)
+                write_jpeg(dst, align_face(img, marks, size), quality)
+            bar.update(len(chunk))
+    return dropped
+
+
+class _InlinePool:
+    """Pool stand-in for --workers 0: decode in this process (handy for debugging)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap(self, fn, items, chunksize=1):
+        return map(fn, items)
+
+
+# --- 3. outputs ------------------------------------------------------------------------------
+
+def write_labels(out: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LABEL_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "labels.csv", buf.getvalue())
+
+
+def plot_ages(path: Path, ages: np.ndarray, per_age: int) -> None:
+    """Bar chart of photos per age, like the one in the original README."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    counts = np.bincount(ages, minlength=config.MAX_AGE + 1)
+    ax.bar(np.arange(len(counts)), counts, width=1.0, color="#4C72B0")
+    ax.set(xlabel="age (years)", ylabel="photos", title=f"Age distribution after the cap ({len(ages)} photos, at most {per_age} per age)")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def pack(out: Path) -> None:
+    from data_gen import pack_split
+
+    for split in ("train", "valid"):
+        pack_split(out, split)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=config.ROOT, help="unpacked imdb_crop/ or wiki_crop/ (default: %(default)s)")
+    p.add_argument("--out", default=config.DATA, help="output folder (default: %(default)s)")
+    p.add_argument("--size", type=int, default=config.SIZE, help="aligned face side, 112 or 224 (default: %(default)s)")
+    p.add_argument("--dataset", choices=("imdb", "wiki"), default=None,
+                   help="which .mat to read (default: whichever of imdb.mat, wiki.mat is there)")
+    p.add_argument("--per-age", type=int, default=config.PER_AGE, help="cap on photos per age (default: %(default)s)")
+    p.add_argument("--min-face-score", type=float, default=config.MIN_FACE_SCORE, help="drop face_score below this (default: %(default)s)")
+    p.add_argument("--valid-fraction", type=float, default=config.VALID_FRACTION, help="validation share (default: %(default)s)")
+    p.add_argument("--split", choices=("identity", "image"), default=config.SPLIT, help="split by person or by photo (default: %(default)s)")
+    p.add_argument("--fallback", choices=("drop", "center"), default=config.FALLBACK, help="when no face is found (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=config.SEED, help="seeds the cap and the split (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=config.WORKERS, help="decoding processes, 0 = inline (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=config.DETECT_BATCH, help="photos per MTCNN call (default: %(default)s)")
+    p.add_argument("--device", default=config.DEVICE, help="MTCNN device: auto, cpu, cuda (default: %(default)s)")
+    p.add_argument("--quality", type=int, default=config.JPEG_QUALITY, help="JPEG quality of the faces (default: %(default)s)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write faces_{train,valid}.npy for the fast loader (default: %(default)s)")
+    p.add_argument("--pack-only", action="store_true", help="only pack an existing OUT, touching nothing else")
+    p.add_argument("--limit", type=int, default=0, help="process only the first N photos after the cap, 0 = all (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if args.pack_only:
+        if not (out / "labels.csv").is_file():
+            raise UserError(f"--pack-only: {out / 'labels.csv'} not found; run pre_process.py without --pack-only first")
+        return pack(out)
+    if args.size < 32:
+        raise UserError(f"--size {args.size}: too small to hold a face; use 112 or 224")
+    device = str(pick_device(args.device))
+    root = Path(args.root)
+    name, meta = load_meta(find_mat(root, args.dataset), args.dataset)
+    ages, keep, dropped = filter_meta(meta, root, args.min_face_score, config.MIN_AGE, config.MAX_AGE)
+    chosen = cap_per_age(ages, keep, args.per_age, args.seed)
+    dropped["over_cap"] = int(keep.sum()) - len(chosen)
+    if args.limit:
+        chosen = chosen[:args.limit]
+    splits = assign_split(meta.identity[chosen], args.split, args.valid_fraction, args.seed)
+    print(f"{name}: {len(meta.full_path)} photos, {int(keep.sum())} pass the filters, {len(chosen)} after the cap")
+
+    targets = [out / face_path(meta.full_path[i]) for i in chosen]
+    todo = [(root / meta.full_path[i], t) for i, t in zip(chosen, targets) if not t.is_file()]
+    if len(todo) < len(chosen):
+        print(f"{len(chosen) - len(todo)} faces already written, skipped")
+    for reason, n in align_all(todo, args.size, args.fallback, device, args.workers, args.batch, args.quality).items():
+        dropped[reason] = dropped.get(reason, 0) + n
+
+    rows = [dict(image=face_path(meta.full_path[i]), source=meta.full_path[i], identity=meta.identity[i],
+                 age=int(ages[i]), gender=int(meta.gender[i]), split=s)
+            for i, s, t in zip(chosen, splits, targets) if t.is_file()]  # what is on disk is the truth
+    kept_ages = np.array([r["age"] for r in rows], dtype=np.int64)
+    plot_ages(out / "age_hist.png", kept_ages, args.per_age)
+    write_json(out / "summary.json", dict(
+        dataset=name, photos=len(meta.full_path), kept=len(rows), dropped=dropped,
+        train=sum(r["split"] == "train" for r in rows), valid=sum(r["split"] == "valid" for r in rows),
+        male=sum(r["gender"] == 1 for r in rows), female=sum(r["gender"] == 0 for r in rows),
+        size=args.size, settings={k: v for k, v in vars(args).items()}))
+    write_labels(out, rows)
+    if args.pack:
+        pack(out)
+    print(f"wrote {len(rows)} faces to {out} ({sum(r['split'] == 'valid' for r in rows)} valid); dropped: "
+          + ", ".join(f"{k} {v}" for k, v in dropped.items() if v))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,115 @@
+"""The .mat parser, the age rule, every filter, the cap and the split, on generated .mat files."""
+import datetime as dt
+
+import numpy as np
+import pytest
+
+import pre_process as pp
+from synth_imdb import matlab_datenum, write_mat
+from utils import UserError
+
+
+def make_mat(tmp_path, rows, celeb_names=("A", "B", "C")):
+    """rows: dicts with dob (date), taken, gender, score, second, cid, path; writes imdb.mat + files."""
+    fields = {k: [] for k in ("dob", "photo_taken", "full_path", "gender", "name", "face_location",
+                              "face_score", "second_face_score", "celeb_id")}
+    for i, r in enumerate(rows):
+        path = r.get("path", f"{i % 100:02d}/nm{r.get('cid', 1):07d}_rm{i}_x_{r['taken']}.jpg")
+        fields["dob"].append(matlab_datenum(r["dob"]))
+        fields["photo_taken"].append(r["taken"])
+        fields["full_path"].append(path)
+        fields["gender"].append(r.get("gender", 1.0))
+        fields["name"].append("n")
+        fields["face_location"].append(np.array([[10, 20, 110, 140]], dtype=np.uint16))
+        fields["face_score"].append(r.get("score", 3.0))
+        fields["second_face_score"].append(r.get("second", np.nan))
+        fields["celeb_id"].append(r.get("cid", 1))
+        if r.get("exists", True):
+            (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / path).write_bytes(b"x")
+    write_mat(tmp_path / "imdb.mat", fields, list(celeb_names))
+    return tmp_path / "imdb.mat"
+
+
+def test_loadmat_layout_and_dtypes(tmp_path):
+    mat = make_mat(tmp_path, [dict(dob=dt.date(1970, 3, 1), taken=2000, cid=2)] * 3)
+    import scipy.io
+    s = scipy.io.loadmat(mat)["imdb"][0, 0]
+    # the real file's shapes and integer types, which the parser must cast before arithmetic
+    assert s["dob"].shape == (1, 3) and s["dob"].dtype == np.int32
+    assert s["photo_taken"].dtype == np.uint16 and s["celeb_id"].dtype == np.uint16
+    assert s["face_location"][0, 0].dtype == np.uint16
+    assert s["celeb_names"].shape == (1, 3)
+    name, meta = pp.load_meta(mat)
+    assert name == "imdb" and list(meta.identity) == ["2", "2", "2"]
+    assert meta.photo_taken.dtype == np.int64 and meta.full_path[0].startswith("00/nm0000002")
+
+
+@pytest.mark.parametrize("month, expected", [(1, 30), (6, 30), (7, 29), (12, 29)])
+def test_mid_year_rule(month, expected):
+    assert pp.age_at_photo(matlab_datenum(dt.date(1970, month, 15)), np.uint16(2000)) == expected
+
+
+def test_uint16_year_does_not_wrap():
+    # np.uint16(2000) - 2010 wraps to 65526 in numpy 2: the rule must give -10 (then dropped)
+    assert pp.age_at_photo(matlab_datenum(dt.date(2010, 1, 1)), np.uint16(2000)) == -10
+
+
+def test_every_filter_counts_its_drops(tmp_path):
+    base = dict(dob=dt.date(1970, 1, 1), taken=2000)
+    rows = [dict(base), dict(base, score=-np.inf), dict(base, score=0.5), dict(base, second=2.0),
+            dict(base, gender=np.nan), dict(base, dob=dt.date(2005, 1, 1)), dict(base, dob=dt.date(1890, 1, 1)),
+            dict(base, exists=False), dict(base, gender=0.0)]
+    mat = make_mat(tmp_path, rows)
+    _, meta = pp.load_meta(mat)
+    ages, keep, dropped = pp.filter_meta(meta, tmp_path, 1.0, 0, 100)
+    assert list(np.flatnonzero(keep)) == [0, 8]
+    assert dropped == dict(face_score=2, second_face=1, gender_unknown=1, age_out_of_range=2, missing_file=1)
+    assert ages[5] == -5 and ages[6] == 110
+
+
+def test_cap_is_seeded_and_capped():
+    ages = np.array([20] * 50 + [30] * 5 + [40] * 12)
+    keep = np.ones(len(ages), bool)
+    keep[0] = False
+    a = pp.cap_per_age(ages, keep, 10, seed=1)
+    assert np.bincount(ages[a]).tolist()[20] == 10 and (ages[a] == 30).sum() == 5 and (ages[a] == 40).sum() == 10
+    assert 0 not in a
+    assert np.array_equal(a, pp.cap_per_age(ages, keep, 10, seed=1))
+    assert not np.array_equal(a, pp.cap_per_age(ages, keep, 10, seed=2))
+
+
+def test_identity_split_keeps_people_on_one_side():
+    ident = np.repeat(np.arange(200).astype(str), 5)
+    s = pp.assign_split(ident, "identity", 0.2, seed=3)
+    for person in np.unique(ident):
+        assert len(set(s[ident == person])) == 1
+    assert 0.1 < (s == "valid").mean() < 0.3
+    assert np.array_equal(s, pp.assign_split(ident, "identity", 0.2, seed=3))
+    img = pp.assign_split(ident, "image", 0.2, seed=3)
+    assert any(len(set(img[ident == p])) == 2 for p in np.unique(ident))  # photo split mixes people
+
+
+def test_wiki_identity_from_file_name(tmp_path):
+    fields = dict(dob=np.array([[matlab_datenum(dt.date(1981, 5, 5))]], np.int32),
+                  photo_taken=np.array([[2009]], np.uint16), full_path=np.array([["17/10000217_1981-05-05_2009.jpg"]], dtype=object),
+                  gender=np.array([[0.0]]), face_score=np.array([[2.0]]), second_face_score=np.array([[np.nan]]))
+    import scipy.io
+    scipy.io.savemat(tmp_path / "wiki.mat", {"wiki": fields})
+    name, meta = pp.load_meta(pp.find_mat(tmp_path, None))
+    assert name == "wiki" and meta.identity.tolist() == ["10000217"]
+    assert pp.age_at_photo(meta.dob[0], meta.photo_taken[0]) == 28
+
+
+def test_bad_root_and_missing_field(tmp_path):
+    with pytest.raises(UserError, match="no such folder"):
+        pp.find_mat(tmp_path / "nope", None)
+    with pytest.raises(UserError, match="no imdb.mat or wiki.mat"):
+        pp.find_mat(tmp_path, None)
+    import scipy.io
+    scipy.io.savemat(tmp_path / "imdb.mat", {"imdb": dict(dob=np.array([[1]]), photo_taken=np.array([[2000]]))})
+    with pytest.raises(UserError, match="lacks the field 'full_path'"):
+        pp.load_meta(tmp_path / "imdb.mat")
+    (tmp_path / "imdb.mat").write_bytes((tmp_path / "imdb.mat").read_bytes()[:100])
+    with pytest.raises(UserError, match="cannot be read"):
+        pp.load_meta(tmp_path / "imdb.mat")
