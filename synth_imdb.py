@@ -30,8 +30,8 @@ DIRTY_KINDS = ("no_face_score", "second_face", "gender_unknown", "age_out_of_ran
                "missing_file", "empty_file", "corrupt_file")
 
 
-def base_portraits() -> list[tuple[np.ndarray, np.ndarray]]:
-    """The shipped portraits as (RGB image, its 5 landmarks (5, 2)) found by our own MTCNN."""
+def base_portraits() -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """The shipped portraits as (RGB image, its 5 landmarks (5, 2), face box side) found by our MTCNN."""
     import matplotlib.cbook
     import skimage.data
     from PIL import Image
@@ -43,7 +43,7 @@ def base_portraits() -> list[tuple[np.ndarray, np.ndarray]]:
     camera = np.repeat(skimage.data.camera()[:, :, None], 3, axis=2)
     images = [skimage.data.astronaut(), camera, hopper]
     faces = FaceDetector().detect(images)
-    return [(img, f.landmarks[0]) for img, f in zip(images, faces)]
+    return [(img, f.landmarks[0], float(f.boxes[0, 2] - f.boxes[0, 0])) for img, f in zip(images, faces)]
 
 
 def matlab_datenum(day: dt.date) -> int:
@@ -58,13 +58,12 @@ def birth_for_age(rng: np.random.Generator, age: int, taken: int) -> dt.date:
     return dt.date(year, month, int(rng.integers(1, 29)))
 
 
-def pose(rng: np.random.Generator, image: np.ndarray, marks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pose(rng: np.random.Generator, image: np.ndarray, marks: np.ndarray, box_side: float) -> tuple[np.ndarray, np.ndarray]:
     """Re-pose a portrait: random scale, tilt and shift, cropped with the IMDB 40% margin."""
-    eye_dist = np.linalg.norm(marks[1] - marks[0])
     face = rng.uniform(90, 115)  # face box side in the new photo
-    scale = face / (2.2 * eye_dist)  # a face box is about 2.2 eye distances wide
+    scale = face / box_side
     side = int(round(face * 1.8))  # 40% margin on every side
-    centre = marks.mean(axis=0) + np.array([0.0, 0.15 * eye_dist])
+    centre = marks.mean(axis=0)
     m = cv2.getRotationMatrix2D(tuple(map(float, centre)), rng.uniform(-8, 8), scale)
     m[:, 2] += side / 2 - centre + rng.uniform(-0.04, 0.04, 2) * side
     photo = cv2.warpAffine(image, m, (side, side), borderMode=cv2.BORDER_REFLECT)
@@ -107,8 +106,12 @@ def paint(rng: np.random.Generator, photo: np.ndarray, marks: np.ndarray, age: i
     return np.clip(out * tint + noise, 0, 255).astype(np.uint8)
 
 
-def generate(out: Path, n: int, seed: int = 0, photos_per_person: int = 4, dirty_fraction: float = 0.05) -> dict:
-    """Write OUT/imdb.mat and n photos; return {'clean': count, dirty kind: count}."""
+def generate(out: Path, n: int, seed: int = 0, photos_per_person: int = 4,
+             dirty_fraction: float = 0.05) -> tuple[dict, dict]:
+    """Write OUT/imdb.mat and n photos.
+
+    Returns ({'clean': count, dirty kind: count}, {full_path: (painted age, male)}).
+    """
     rng = np.random.default_rng(seed)
     portraits = base_portraits()
     n_people = -(-n // photos_per_person)
@@ -117,6 +120,7 @@ def generate(out: Path, n: int, seed: int = 0, photos_per_person: int = 4, dirty
     fields = {k: [] for k in ("dob", "photo_taken", "full_path", "gender", "name", "face_location",
                               "face_score", "second_face_score", "celeb_id")}
     counts = {"clean": 0, **{k: 0 for k in DIRTY_KINDS}}
+    truth = {}
     for i in range(n):
         pid = i // photos_per_person
         person = people[pid]
@@ -124,8 +128,7 @@ def generate(out: Path, n: int, seed: int = 0, photos_per_person: int = 4, dirty
         taken = int(rng.integers(1990, 2016))
         birth = birth_for_age(rng, age, taken)
         rel = f"{i % 100:02d}/nm{pid + 1:07d}_rm{int(rng.integers(1e8, 1e9))}_{birth.year}-{birth.month}-{birth.day}_{taken}.jpg"
-        image, marks = portraits[person["base"]]
-        photo, new_marks = pose(rng, image, marks)
+        photo, new_marks = pose(rng, *portraits[person["base"]])
         photo = paint(rng, photo, new_marks, age, person["male"])
         side = photo.shape[0]
         box = np.round([side * 0.28 + 200, side * 0.28 + 150, side * 0.72 + 200, side * 0.72 + 150]).astype(np.uint16)
@@ -134,6 +137,7 @@ def generate(out: Path, n: int, seed: int = 0, photos_per_person: int = 4, dirty
                       face_score=float(rng.uniform(1.5, 5.0)), second_face_score=np.nan, celeb_id=pid + 1)
         kind = DIRTY_KINDS[int(rng.integers(len(DIRTY_KINDS)))] if rng.random() < dirty_fraction else "clean"
         counts[kind] += 1
+        truth[rel] = (age, person["male"])
         if kind == "no_face_score":
             record["face_score"] = -np.inf
         elif kind == "second_face":
@@ -152,7 +156,7 @@ def generate(out: Path, n: int, seed: int = 0, photos_per_person: int = 4, dirty
         for k, v in record.items():
             fields[k].append(v)
     write_mat(out / "imdb.mat", fields, [p["name"] for p in people])
-    return counts
+    return counts, truth
 
 
 def write_mat(path: Path, fields: dict, celeb_names: list[str]) -> None:
@@ -186,7 +190,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1200, help="number of photos (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     args = p.parse_args()
-    counts = generate(Path(args.out), args.n, args.seed)
+    counts, _ = generate(Path(args.out), args.n, args.seed)
     print(f"wrote {args.n} photos and imdb.mat to {args.out}: {counts}")
 
 
