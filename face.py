@@ -1,0 +1,711 @@
+"""Face detection (MTCNN in PyTorch) and alignment onto the ArcFace 5-point template.
+
+The one implementation of detection + alignment, shared by pre_process.py, demo.py,
+evaluate.py and the benchmark.
+
+Detection replicates the algorithm of the `mtcnn` PyPI package, version 1.0.0 (the TensorFlow
+implementation by Iván de Paz Centeno), and loads the weights that package ships. Its stages:
+
+  P-Net  over an image pyramid (scales 0.6 * 0.709**k, area resampling), threshold 0.6,
+         NMS 0.5 per scale, NMS 0.7 across scales, boxes made square;
+  R-Net  on 24x24 bilinear crops of those boxes, threshold 0.7, NMS 0.7, boxes made square;
+  O-Net  on 48x48 crops, threshold 0.8, 5 landmarks, NMS 0.7 (intersection over the smaller box);
+  boxes clipped to the image (the package's default `fit_to_image=True`), landmarks not.
+
+The package is never imported: its __init__ imports TensorFlow, which crashes when imported
+after torchvision. We only read its weight files (`pip install mtcnn==1.0.0`).
+
+Batching: the pyramid levels of every image of a batch are packed into equal tiles that P-Net
+runs over as one batch, and R-Net / O-Net run once over the candidates of all images; a batch
+gives the per-image results (up to float rounding).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# --- alignment template -------------------------------------------------------------------
+
+# ArcFace / InsightFace 5-point template for a 112x112 crop: left eye, right eye (as seen in the
+# image), nose tip, left and right mouth corners, in (x, y) pixels.
+ARCFACE_TEMPLATE_112 = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float32,
+)
+
+# IMDB-WIKI crops keep a 40% margin on each side of the face box, so the face is the middle
+# 1 / (1 + 2 * 0.4) of each dimension of the crop.
+IMDB_MARGIN = 0.4
+
+# --- MTCNN constants of the mtcnn 1.0.0 package (its keyword defaults) -----------------------
+
+_MIN_SIZE = 12  # P-Net's receptive field: the smallest pyramid level it can see a face in
+_PNET_STRIDE = 2
+_PNET_CELL = 12
+_NMS_PNET_PER_SCALE = 0.5
+_NMS_PNET_ALL = 0.7
+_NMS_RNET = 0.7
+_NMS_ONET = 0.7  # with method "min"
+
+# Caps on temporaries, so a big batch or a huge photo degrades to several passes, not to OOM.
+_MAX_CANVAS_PIXELS = 4_000_000  # P-Net tiles per pass: ~ 4M px -> ~ 0.3 GB of activations (float32)
+# On a CPU, P-Net over more than ~ 2 tiles of 384 x 384 per pass (or over one much larger tile)
+# falls out of cache and runs 2-3x slower per pixel. A tile still grows to hold the largest level.
+_CPU_CANVAS_PIXELS = 2 * 384 * 384
+_TILE = 384
+_MAX_NMS_PAIRS = 1 << 20  # box pairs compared at once in NMS
+_MAX_CROP_PIXELS = 4096 * 24 * 24  # R-Net / O-Net input pixels per forward pass (~ 30 MB)
+
+
+# --- weights --------------------------------------------------------------------------------
+
+_INSTALL_HINT = "pip install mtcnn==1.0.0  (only its weight files are used; it is never imported)"
+
+
+def mtcnn_weights_dir() -> str:
+    """The folder holding pnet.lz4, rnet.lz4, onet.lz4 inside the installed `mtcnn` package."""
+    # find_spec on a top-level name locates the package without running its __init__ (TensorFlow)
+    spec = importlib.util.find_spec("mtcnn")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"MTCNN weights not found: the `mtcnn` package is not installed; {_INSTALL_HINT}")
+    return os.path.join(list(spec.submodule_search_locations)[0], "assets", "weights")
+
+
+def load_mtcnn_weights(name: str) -> list[np.ndarray]:
+    """The Keras weight list of one net ("pnet", "rnet" or "onet") as the package ships it."""
+    path = os.path.join(mtcnn_weights_dir(), f"{name}.lz4")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"MTCNN weights not found at {path}; {_INSTALL_HINT}")
+    import joblib  # lazy: only needed here, and it pulls in lz4
+
+    weights = joblib.load(path)
+    return [np.asarray(w, dtype=np.float32) for w in weights]
+
+
+def _load_keras(modules: Sequence[nn.Module], weights: list[np.ndarray],
+                flatten_hwc: dict[int, tuple[int, int, int]]) -> None:
+    """Copy a Keras weight list into torch modules given in the Keras layer order.
+
+    Conv kernels are HWIO in Keras, OIHW in torch. Dense kernels are (in, out). The first dense
+    layer of R-Net / O-Net follows Permute((2, 1, 3)) + Flatten of an NHWC tensor, i.e. its inputs
+    are ordered (W, H, C); we reorder its columns to (C, H, W) once here so that forward() can
+    flatten the NCHW tensor directly. `flatten_hwc` maps such a module's position to (H, W, C).
+    """
+    it = iter(weights)
+
+    def take() -> np.ndarray:
+        value = next(it, None)
+        if value is None:
+            raise ValueError("MTCNN weight file has fewer arrays than the network has parameters")
+        return value
+
+    def put(param: torch.Tensor, value: np.ndarray) -> None:
+        if tuple(param.shape) != value.shape:  # copy_ would broadcast silently
+            raise ValueError(f"MTCNN weight shape {value.shape} does not fit {tuple(param.shape)}")
+        param.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+
+    for pos, m in enumerate(modules):
+        if isinstance(m, nn.Conv2d):
+            put(m.weight, take().transpose(3, 2, 0, 1))  # HWIO -> OIHW
+            put(m.bias, take())
+        elif isinstance(m, nn.Linear):
+            w = take().T  # (in, out) -> (out, in)
+            if pos in flatten_hwc:
+                h, wd, c = flatten_hwc[pos]
+                w = w.reshape(-1, wd, h, c).transpose(0, 3, 2, 1).reshape(w.shape[0], -1)
+            put(m.weight, w)
+            put(m.bias, take())
+        elif isinstance(m, nn.PReLU):
+            put(m.weight, take().reshape(-1))  # (1, 1, C) shared over H, W -> (C,)
+        else:
+            raise TypeError(f"unexpected module {m!r}")
+    if next(it, None) is not None:
+        raise ValueError("MTCNN weight file has more arrays than the network has parameters")
+
+
+# --- networks -------------------------------------------------------------------------------
+
+def keras_max_pool(x: torch.Tensor, k: int, s: int, same: bool) -> torch.Tensor:
+    """Keras MaxPooling2D(k, s, padding="same" | "valid") of (N, C, H, W).
+
+    "same" pads with -inf (never the max) as TF does: out = ceil(L / s), the smaller half of the
+    pad before. Written as a running max over k strided views per axis: on a CPU this is several
+    times faster than torch's max-pool layer, which was the largest cost of all three nets.
+    """
+    for axis in (2, 3):
+        length = x.shape[axis]
+        out = -(-length // s) if same else (length - k) // s + 1
+        pad = max((out - 1) * s + k - length, 0) if same else 0
+        if pad:
+            spec = [0, 0, 0, 0]
+            spec[(3 - axis) * 2:(3 - axis) * 2 + 2] = [pad // 2, pad - pad // 2]
+            x = F.pad(x, spec, value=float("-inf"))
+        span = (out - 1) * s + 1
+        y = None
+        for j in range(k):
+            v = x.narrow(axis, j, span)
+            v = v[..., ::s, :] if axis == 2 else v[..., ::s]
+            y = v if y is None else torch.maximum(y, v)
+        x = y
+    return x
+
+
+class PNet(nn.Module):
+    """Proposal net: fully convolutional, a 12x12 window every 2 px -> box offsets, face prob."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 10, 3), nn.PReLU(10)
+        self.conv2, self.prelu2 = nn.Conv2d(10, 16, 3), nn.PReLU(16)
+        self.conv3, self.prelu3 = nn.Conv2d(16, 32, 3), nn.PReLU(32)
+        self.conv4_1 = nn.Conv2d(32, 4, 1)  # box regression
+        self.conv4_2 = nn.Conv2d(32, 2, 1)  # face / not face
+
+    def keras_order(self) -> list[nn.Module]:
+        return [self.conv1, self.prelu1, self.conv2, self.prelu2, self.conv3, self.prelu3, self.conv4_1, self.conv4_2]
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, 3, H, W) normalised -> offsets (N, 4, h, w), face prob (N, h, w).
+
+        valid (N, 1, H-2, W-2) bool marks conv1 outputs that lie inside an image packed into x;
+        the rest become -inf so that max-pooling ignores them, exactly as the "same" padding of a
+        separate per-image run would. Outputs whose window leaves their image are garbage
+        (possibly NaN) and must be discarded by the caller.
+        """
+        x = self.prelu1(self.conv1(x))  # (N, 10, H-2, W-2)
+        if valid is not None:
+            x = x.masked_fill(~valid, float("-inf"))
+        x = keras_max_pool(x, 2, 2, same=True)
+        x = self.prelu2(self.conv2(x))
+        x = self.prelu3(self.conv3(x))  # (N, 32, h, w)
+        return self.conv4_1(x), F.softmax(self.conv4_2(x), dim=1)[:, 1]
+
+
+class RNet(nn.Module):
+    """Refinement net: 24x24 crop -> box offsets (N, 4), face prob (N,)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 28, 3), nn.PReLU(28)
+        self.conv2, self.prelu2 = nn.Conv2d(28, 48, 3), nn.PReLU(48)
+        self.conv3, self.prelu3 = nn.Conv2d(48, 64, 2), nn.PReLU(64)
+        self.fc4, self.prelu4 = nn.Linear(576, 128), nn.PReLU(128)
+        self.fc5_1 = nn.Linear(128, 4)
+        self.fc5_2 = nn.Linear(128, 2)
+
+    def keras_order(self) -> list[nn.Module]:
+        return [self.conv1, self.prelu1, self.conv2, self.prelu2, self.conv3, self.prelu3,
+                self.fc4, self.prelu4, self.fc5_1, self.fc5_2]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = keras_max_pool(self.prelu1(self.conv1(x)), 3, 2, same=True)  # (N, 28, 11, 11)
+        x = keras_max_pool(self.prelu2(self.conv2(x)), 3, 2, same=False)  # (N, 48, 4, 4)
+        x = self.prelu3(self.conv3(x))  # (N, 64, 3, 3)
+        x = self.prelu4(self.fc4(x.flatten(1)))  # (N, 128)
+        return self.fc5_1(x), F.softmax(self.fc5_2(x), dim=1)[:, 1]
+
+
+class ONet(nn.Module):
+    """Output net: 48x48 crop -> box offsets (N, 4), landmarks (N, 10) as x1..x5, y1..y5, prob (N,)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.prelu1 = nn.Conv2d(3, 32, 3), nn.PReLU(32)
+        self.conv2, self.prelu2 = nn.Conv2d(32, 64, 3), nn.PReLU(64)
+        self.conv3, self.prelu3 = nn.Conv2d(64, 64, 3), nn.PReLU(64)
+        self.conv4, self.prelu4 = nn.Conv2d(64, 128, 2), nn.PReLU(128)
+        self.fc5, self.prelu5 = nn.Linear(1152, 256), nn.PReLU(256)
+        self.fc6_1 = nn.Linear(256, 4)
+        self.fc6_2 = nn.Linear(256, 10)
+        self.fc6_3 = nn.Linear(256, 2)
+
+    def keras_order(self) -> list[nn.Module]:
+        return [self.conv1, self.prelu1, self.conv2, self.prelu2, self.conv3, self.prelu3, self.conv4, self.prelu4,
+                self.fc5, self.prelu5, self.fc6_1, self.fc6_2, self.fc6_3]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = keras_max_pool(self.prelu1(self.conv1(x)), 3, 2, same=True)  # (N, 32, 23, 23)
+        x = keras_max_pool(self.prelu2(self.conv2(x)), 3, 2, same=False)  # (N, 64, 10, 10)
+        x = keras_max_pool(self.prelu3(self.conv3(x)), 2, 2, same=True)  # (N, 64, 4, 4)
+        x = self.prelu4(self.conv4(x))  # (N, 128, 3, 3)
+        x = self.prelu5(self.fc5(x.flatten(1)))  # (N, 256)
+        return self.fc6_1(x), self.fc6_2(x), F.softmax(self.fc6_3(x), dim=1)[:, 1]
+
+
+@torch.no_grad()
+def load_mtcnn() -> tuple[PNet, RNet, ONet]:
+    """The three nets with the mtcnn package's weights, in eval mode on the CPU."""
+    pnet, rnet, onet = PNet(), RNet(), ONet()
+    _load_keras(pnet.keras_order(), load_mtcnn_weights("pnet"), {})
+    _load_keras(rnet.keras_order(), load_mtcnn_weights("rnet"), {6: (3, 3, 64)})
+    _load_keras(onet.keras_order(), load_mtcnn_weights("onet"), {8: (3, 3, 128)})
+    return pnet.eval(), rnet.eval(), onet.eval()
+
+
+# --- results --------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)  # eq=False: == on arrays is elementwise, not a bool
+class Faces:
+    """The faces found in one image, sorted by score, highest first.
+
+    boxes      (K, 4) float32  x1, y1, x2, y2 in pixels, clipped to the image
+    scores     (K,)   float32  O-Net face probability
+    landmarks  (K, 5, 2) float32  (x, y) of left eye, right eye, nose, mouth left, mouth right,
+               "left" as seen in the image (the person's right); not clipped
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    landmarks: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    @staticmethod
+    def empty() -> "Faces":
+        return Faces(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0, 5, 2), np.float32))
+
+
+# --- building blocks of the detector (torch, device-agnostic) ---------------------------------
+
+def pyramid_scales(height: int, width: int, min_face_size: int = 20, scale_factor: float = 0.709) -> np.ndarray:
+    """The package's pyramid: (12 / min_face_size) * scale_factor**k, its own count rule (float64)."""
+    min_dim = min(width, height)
+    if min_dim <= 0:
+        return np.zeros((0,), np.float64)
+    count = round(-((np.log(min_dim / _MIN_SIZE) / np.log(scale_factor)) + 1))
+    return (_MIN_SIZE / min_face_size) * scale_factor ** np.arange(max(count, 0))
+
+
+def _pnet_out(size: int) -> int:
+    """P-Net output length for an input length: conv3x3, pool2 ("same"), conv3x3, conv3x3."""
+    return max(-(-(size - 2) // 2) - 4, 0)
+
+
+@lru_cache(maxsize=256)
+def _area_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Taps of TensorFlow's ResizeArea along one axis: indices (out, K) and weights (out, K).
+
+    Output cell o covers input span [o*s, (o+1)*s), s = in/out, each input cell weighted by the
+    fraction it covers, divided by s; indices are clamped as TF does. float32 like the TF kernel.
+    """
+    s = np.float32(in_size) / np.float32(out_size)
+    o = np.arange(out_size, dtype=np.float32)
+    lo, hi = o * s, (o + 1) * s  # (out,)
+    start, end = np.floor(lo).astype(np.int64), np.ceil(hi).astype(np.int64)
+    k = int((end - start).max())
+    i = start[:, None] + np.arange(k)[None, :]  # (out, K)
+    fi = i.astype(np.float32)
+    w = np.where(fi < lo[:, None],
+                 np.where(fi + 1 > hi[:, None], s, fi + 1 - lo[:, None]),
+                 np.where(fi + 1 > hi[:, None], hi[:, None] - fi, np.float32(1)))
+    w = np.where(i < end[:, None], w, 0).astype(np.float32) / s
+    return np.clip(i, 0, in_size - 1), w.astype(np.float32)
+
+
+@lru_cache(maxsize=512)
+def _area_taps_on(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """_area_taps as tensors on `device`, kept so repeated sizes cost no host->device copy."""
+    idx, w = _area_taps(in_size, out_size)
+    return torch.from_numpy(idx).to(device), torch.from_numpy(w).to(device)
+
+
+def _resize_rows(x: torch.Tensor, out_size: int) -> torch.Tensor:
+    """Area-resample the rows of x (L, M) -> (out, M): gather whole rows, then one weighted sum each."""
+    idx, w = _area_taps_on(x.shape[0], out_size, x.device)  # (out, K)
+    rows = x.index_select(0, idx.reshape(-1)).view(idx.shape[0], idx.shape[1], x.shape[1])  # (out, K, M)
+    return torch.bmm(w[:, None, :], rows)[:, 0]  # (out, M)
+
+
+def area_resize(image: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """TensorFlow-exact AREA resize of an (H, W, C) float image -> (C, out_h, out_w), any device.
+
+    Separable; each pass gathers contiguous rows (fast everywhere) instead of single elements.
+    """
+    h, w, c = image.shape
+    x = _resize_rows(image.reshape(h, w * c), out_h)  # (out_h, W*C)
+    x = x.view(out_h, w, c).transpose(0, 1).reshape(w, out_h * c)  # (W, out_h*C)
+    x = _resize_rows(x, out_w)  # (out_w, out_h*C)
+    return x.view(out_w, out_h, c).permute(2, 1, 0)  # (C, out_h, out_w)
+
+
+def _pair_iou(a: torch.Tensor, b: torch.Tensor, method: str) -> torch.Tensor:
+    """IoU of box pairs (P, 4) x (P, 4); areas without the +1 of pixel-inclusive conventions, as the package."""
+    w = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
+    h = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
+    inter = w * h
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    denom = area_a + area_b - inter if method == "union" else torch.minimum(area_a, area_b)
+    return inter / denom
+
+
+def fast_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, threshold: float,
+             method: str = "union") -> torch.Tensor:
+    """Indices kept by the package's NMS within each group, ordered by (group, score descending).
+
+    The package's NMS is not the greedy one: a box is dropped when ANY higher-scored box of its
+    group overlaps it by more than `threshold`, even a box that was itself dropped ("fast NMS").
+    We reproduce that. Only same-group pairs are compared, in bounded chunks, so there is no
+    (N, N) matrix across a whole batch and no Python loop over boxes.
+    """
+    n = scores.shape[0]
+    dev = scores.device
+    if n == 0:
+        return torch.zeros((0,), dtype=torch.long, device=dev)
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[torch.argsort(groups[order], stable=True)]  # contiguous groups, best first
+    b = boxes[order]
+    counts = torch.unique_consecutive(groups[order], return_counts=True)[1]
+    starts = torch.cumsum(counts, 0) - counts
+    first = torch.repeat_interleave(starts, counts)  # (n,) position of the group's best box
+    rank = torch.arange(n, device=dev) - first  # boxes ahead of each one in its group
+    ends = torch.cumsum(rank, 0)  # pair ranges: box i owns pairs [ends[i] - rank[i], ends[i])
+    total = int(ends[-1])
+    suppressed = torch.zeros(n, dtype=torch.bool, device=dev)
+    if total > 0:
+        # element boundaries so that each chunk holds about _MAX_NMS_PAIRS pairs
+        cuts = []
+        if total > _MAX_NMS_PAIRS:
+            marks = torch.arange(_MAX_NMS_PAIRS, total, _MAX_NMS_PAIRS, device=dev)
+            cuts = torch.searchsorted(ends, marks, right=True).tolist()
+        bounds = [0, *cuts, n]
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            r = rank[lo:hi]
+            i = torch.repeat_interleave(torch.arange(lo, hi, device=dev), r)  # (P,)
+            if i.numel() == 0:
+                continue
+            k = torch.arange(i.numel(), device=dev) - (torch.cumsum(r, 0) - r)[i - lo]
+            j = first[i] + k  # the k-th better box of i's group
+            hit = _pair_iou(b[i], b[j], method) > threshold  # NaN (empty boxes) -> False, like numpy
+            suppressed[i[hit]] = True
+    return order[~suppressed]
+
+
+def _square(boxes: torch.Tensor) -> torch.Tensor:
+    """Grow each box (N, 4) to a square around its centre, side = its longer side."""
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    side = torch.maximum(w, h)
+    x1 = boxes[:, 0] + w * 0.5 - side * 0.5
+    y1 = boxes[:, 1] + h * 0.5 - side * 0.5
+    return torch.stack([x1, y1, x1 + side, y1 + side], dim=1)
+
+
+def _refine(boxes: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """R-Net / O-Net regression: offsets in units of the pixel-inclusive size (x2 - x1 + 1)."""
+    w = boxes[:, 2] - boxes[:, 0] + 1
+    h = boxes[:, 3] - boxes[:, 1] + 1
+    return boxes + offsets * torch.stack([w, h, w, h], dim=1)
+
+
+class _Batch:
+    """All images of one detect() call in a single flat (sum H*W, 3) normalised buffer.
+
+    One buffer (instead of a padded stack) lets crops gather from images of different sizes
+    without padding, which would change the results at the borders.
+    """
+
+    def __init__(self, images: list[np.ndarray], device: torch.device) -> None:
+        self.shapes = [im.shape[:2] for im in images]
+        sizes = [h * w for h, w in self.shapes]
+        self.bases = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        flat = torch.from_numpy(np.concatenate([im.reshape(-1, 3) for im in images]))  # (M, 3) uint8
+        # one host->device copy; normalise on the device: (rgb - 127.5) / 128, no transpose
+        self.flat = (flat.to(device).float() - 127.5) / 128.0  # (M, 3)
+        self.base_t = torch.from_numpy(self.bases).to(device)
+        self.h_t = torch.tensor([h for h, _ in self.shapes], device=device)
+        self.w_t = torch.tensor([w for _, w in self.shapes], device=device)
+
+    def image(self, i: int) -> torch.Tensor:
+        """Image i as (H, W, 3), a view of the buffer."""
+        h, w = self.shapes[i]
+        b = int(self.bases[i])
+        return self.flat[b:b + h * w].view(h, w, 3)
+
+    def crops(self, img: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+        """tf.image.crop_and_resize (bilinear, extrapolation 0) of pixel boxes (N, 4) -> (N, 3, size, size).
+
+        TF takes boxes normalised by the image size and samples at box * (size - 1), so a box's
+        pixel coordinates are scaled by (H - 1) / H; we keep that to stay on the reference.
+        """
+        hgt = self.h_t[img].float()[:, None]  # (N, 1)
+        wid = self.w_t[img].float()[:, None]
+        t = torch.arange(size, device=boxes.device, dtype=torch.float32)[None]  # (1, S)
+        y1, x1 = boxes[:, 1:2] / hgt, boxes[:, 0:1] / wid
+        y2, x2 = boxes[:, 3:4] / hgt, boxes[:, 2:3] / wid
+        in_y = y1 * (hgt - 1) + t * ((y2 - y1) * (hgt - 1) / (size - 1))  # (N, S)
+        in_x = x1 * (wid - 1) + t * ((x2 - x1) * (wid - 1) / (size - 1))
+        inside = ((in_y >= 0) & (in_y <= hgt - 1))[:, :, None] & ((in_x >= 0) & (in_x <= wid - 1))[:, None, :]
+        y0f, x0f = torch.floor(in_y), torch.floor(in_x)
+        ly, lx = (in_y - y0f)[:, :, None, None], (in_x - x0f)[:, None, :, None]
+        hmax, wmax = hgt.long() - 1, wid.long() - 1
+        top, bottom = y0f.long().clamp(min=0).minimum(hmax), torch.ceil(in_y).long().clamp(min=0).minimum(hmax)
+        left, right = x0f.long().clamp(min=0).minimum(wmax), torch.ceil(in_x).long().clamp(min=0).minimum(wmax)
+        base = self.base_t[img][:, None, None]
+        stride = wid.long()[:, :, None]
+
+        def at(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return self.flat[base + r[:, :, None] * stride + c[:, None, :]]  # (N, S, S, 3)
+
+        tl, tr, bl, br = at(top, left), at(top, right), at(bottom, left), at(bottom, right)
+        upper = tl + (tr - tl) * lx
+        lower = bl + (br - bl) * lx
+        out = torch.where(inside[..., None], upper + (lower - upper) * ly, torch.zeros((), device=boxes.device))
+        return out.permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
+
+
+def _pack(rects: list[tuple[int, int]], min_side: int) -> tuple[int, int, list[tuple[int, int, int]]]:
+    """Shelf-pack rectangles (h, w) into equal tiles: (tile h, tile w, [(tile, y, x) per rect]).
+
+    Equal tiles stack into one batch for P-Net. Offsets are even so each rect keeps P-Net's
+    stride-2 grid. First-fit decreasing height; a rect never spans two tiles.
+    """
+    even = [((h + 1) // 2 * 2, (w + 1) // 2 * 2) for h, w in rects]
+    tile_h = max(min_side, max(h for h, _ in even))
+    tile_w = max(min_side, max(w for _, w in even))
+    where: list[tuple[int, int, int]] = [(0, 0, 0)] * len(rects)
+    shelves: list[list[int]] = []  # shelves of the current tile: [y, height, used width]
+    tile, used_h = 0, 0
+    for r in sorted(range(len(rects)), key=lambda r: (-even[r][0], -even[r][1])):
+        h, w = even[r]
+        for shelf in shelves:
+            if shelf[2] + w <= tile_w and h <= shelf[1]:
+                where[r] = (tile, shelf[0], shelf[2])
+                shelf[2] += w
+                break
+        else:
+            if used_h + h > tile_h:  # the tile is full: start the next one
+                tile, used_h, shelves = tile + 1, 0, []
+            shelves.append([used_h, h, w])
+            where[r] = (tile, used_h, 0)
+            used_h += h
+    return tile_h, tile_w, where
+
+
+# --- the detector ---------------------------------------------------------------------------
+
+class FaceDetector:
+    """MTCNN face + 5-landmark detector (the mtcnn 1.0.0 package's algorithm and weights) in torch.
+
+    Defaults are the package's: min_face_size 20, scale factor 0.709, thresholds 0.6 / 0.7 / 0.8
+    for P-Net / R-Net / O-Net.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", min_face_size: int = 20,
+                 thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8), scale_factor: float = 0.709) -> None:
+        self.device = torch.device(device)
+        self.min_face_size = min_face_size
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.scale_factor = scale_factor
+        self.pnet, self.rnet, self.onet = (m.to(self.device) for m in load_mtcnn())
+
+    @staticmethod
+    def _as_rgb(image: np.ndarray) -> np.ndarray:
+        image = np.asarray(image)
+        if image.ndim == 2:  # grayscale photos (common in IMDB-WIKI): replicate to RGB
+            image = image[:, :, None]
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = np.repeat(image, 3, axis=2)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an RGB uint8 image (H, W, 3), got {image.dtype} {image.shape}")
+        return np.ascontiguousarray(image)
+
+    @torch.inference_mode()
+    def detect(self, images: Sequence[np.ndarray]) -> list[Faces]:
+        """Faces of each RGB uint8 (H, W, 3) image (sizes may differ; (H, W) gray is accepted); one Faces per image.
+
+        Results equal those of detecting each image alone, up to float rounding.
+        """
+        if len(images) == 0:
+            return []
+        batch = _Batch([self._as_rgb(im) for im in images], self.device)
+        n = len(images)
+        boxes, img = self._stage_pnet(batch)
+        if boxes.shape[0]:
+            boxes, img = self._stage_rnet(batch, boxes, img)
+        if boxes.shape[0] == 0:
+            return [Faces.empty() for _ in range(n)]
+        boxes, scores, marks, img = self._stage_onet(batch, boxes, img)
+        # clip boxes to the image like the package's fit_to_image (landmarks stay as predicted)
+        boxes = torch.stack([boxes[:, 0].clamp(min=0).minimum(batch.w_t[img] - 1),
+                             boxes[:, 1].clamp(min=0).minimum(batch.h_t[img] - 1),
+                             boxes[:, 2].clamp(min=0).minimum(batch.w_t[img] - 1),
+                             boxes[:, 3].clamp(min=0).minimum(batch.h_t[img] - 1)], dim=1)
+        # one device->host copy for the whole batch; rows are already sorted by (image, score desc)
+        counts = torch.bincount(img, minlength=n).cpu().numpy()
+        boxes_np = boxes.float().cpu().numpy()
+        scores_np = scores.float().cpu().numpy()
+        marks_np = marks.float().cpu().numpy()
+        out, at = [], 0
+        for c in counts:
+            out.append(Faces(boxes_np[at:at + c], scores_np[at:at + c], marks_np[at:at + c]))
+            at += c
+        return out
+
+    def _stage_pnet(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate square boxes (N, 4) and their image index (N,) from the pyramid of every image."""
+        dev = self.device
+        rects: list[tuple[int, float, int, int]] = []  # pyramid levels: (image, scale, h, w)
+        for i, (h, w) in enumerate(batch.shapes):
+            for s in pyramid_scales(h, w, self.min_face_size, self.scale_factor):
+                # the package passes shape * scale (float) as the size; TF truncates it to int32
+                hs, ws = int(h * s), int(w * s)
+                if _pnet_out(hs) > 0 and _pnet_out(ws) > 0:
+                    rects.append((i, float(s), hs, ws))
+        empty = torch.zeros((0, 4), device=dev), torch.zeros((0,), dtype=torch.long, device=dev)
+        if not rects:
+            return empty
+        tile_h, tile_w, where = _pack([(hs, ws) for _, _, hs, ws in rects], _TILE)
+        out_h, out_w = _pnet_out(tile_h), _pnet_out(tile_w)
+        n_tiles = max(t for t, _, _ in where) + 1
+        budget = min(_MAX_CANVAS_PIXELS, _CPU_CANVAS_PIXELS) if dev.type == "cpu" else _MAX_CANVAS_PIXELS
+        per_pass = max(budget // (tile_h * tile_w), 1)
+        # (R, 3) tile and output-grid origin of each pyramid level
+        origin_t = torch.tensor([(t, y // 2, x // 2) for t, y, x in where], device=dev)
+        rect_img = torch.tensor([i for i, _, _, _ in rects], device=dev)  # (R,) image of each level
+        scale_t = torch.tensor([s for _, s, _, _ in rects], device=dev, dtype=torch.float32)
+        found = []
+        for first in range(0, n_tiles, per_pass):
+            n = min(per_pass, n_tiles - first)
+            canvas = torch.zeros((n, 3, tile_h, tile_w), device=dev)
+            valid = torch.zeros((n, 1, tile_h - 2, tile_w - 2), dtype=torch.bool, device=dev)
+            owner = torch.full((n, out_h, out_w), -1, dtype=torch.long, device=dev)  # level of each output cell
+            for r, (t, y, x) in enumerate(where):
+                if not first <= t < first + n:
+                    continue
+                i, _, hs, ws = rects[r]
+                t -= first
+                canvas[t, :, y:y + hs, x:x + ws] = area_resize(batch.image(i), hs, ws)
+                valid[t, 0, y:y + hs - 2, x:x + ws - 2] = True
+                owner[t, y // 2:y // 2 + _pnet_out(hs), x // 2:x // 2 + _pnet_out(ws)] = r
+            reg, prob = self.pnet(canvas, valid)  # (n, 4, out_h, out_w), (n, out_h, out_w)
+            # cells outside every level are garbage (maybe NaN): the owner mask drops them
+            ct, cy, cx = ((owner >= 0) & (prob > self.thresholds[0])).nonzero(as_tuple=True)
+            found.append((owner[ct, cy, cx], cy, cx, reg[ct, :, cy, cx], prob[ct, cy, cx]))
+        r, cy, cx, reg, score = (torch.cat(t) for t in zip(*found))
+        if r.numel() == 0:
+            return empty
+        # the package's generate_bounding_box: window corners (2*cell + 1, 2*cell + 12), offsets in
+        # units of the width between them (11), then / scale (the nominal one, not the truncated ratio)
+        ly = (cy - origin_t[r, 1]).float() * _PNET_STRIDE
+        lx = (cx - origin_t[r, 2]).float() * _PNET_STRIDE
+        x1, y1, x2, y2 = lx + 1, ly + 1, lx + _PNET_CELL, ly + _PNET_CELL
+        side = _PNET_CELL - 1
+        boxes = torch.stack([x1 + reg[:, 0] * side, y1 + reg[:, 1] * side,
+                             x2 + reg[:, 2] * side, y2 + reg[:, 3] * side], dim=1) / scale_t[r][:, None]
+        keep = fast_nms(boxes, score, r, _NMS_PNET_PER_SCALE)  # per image and pyramid level
+        boxes, score, img = boxes[keep], score[keep], rect_img[r[keep]]
+        keep = fast_nms(boxes, score, img, _NMS_PNET_ALL)  # per image, across levels
+        return _square(boxes[keep]), img[keep]
+
+    def _run_chunked(self, net: nn.Module, batch: _Batch, boxes: torch.Tensor, img: torch.Tensor,
+                     size: int) -> tuple[torch.Tensor, ...]:
+        """net over crops of all candidates of all images, in chunks bounding the crop memory."""
+        step = max(_MAX_CROP_PIXELS // (size * size), 1)
+        outs = [net(batch.crops(img[a:a + step], boxes[a:a + step], size)) for a in range(0, boxes.shape[0], step)]
+        return tuple(torch.cat(t) for t in zip(*outs))
+
+    def _stage_rnet(self, batch: _Batch, boxes: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Refined square boxes (N, 4) and image index (N,)."""
+        reg, score = self._run_chunked(self.rnet, batch, boxes, img, 24)
+        boxes = _refine(boxes, reg)
+        ok = score > self.thresholds[1]
+        boxes, score, img = boxes[ok], score[ok], img[ok]
+        keep = fast_nms(boxes, score, img, _NMS_RNET)
+        return _square(boxes[keep]), img[keep]
+
+    def _stage_onet(self, batch: _Batch, boxes: torch.Tensor, img: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Final boxes (K, 4), scores (K,), landmarks (K, 5, 2), image index (K,), by (image, score desc)."""
+        reg, marks, score = self._run_chunked(self.onet, batch, boxes, img, 48)
+        # landmarks are relative to the input box, in the package's pixel-inclusive convention
+        w = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
+        h = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
+        marks = torch.stack([w * marks[:, :5] + boxes[:, 0:1] - 1, h * marks[:, 5:] + boxes[:, 1:2] - 1], dim=2)
+        boxes = _refine(boxes, reg)
+        ok = score > self.thresholds[2]
+        boxes, score, marks, img = boxes[ok], score[ok], marks[ok], img[ok]
+        keep = fast_nms(boxes, score, img, _NMS_ONET, method="min")
+        return boxes[keep], score[keep], marks[keep], img[keep]
+
+
+# --- alignment ------------------------------------------------------------------------------
+
+def template(size: int) -> np.ndarray:
+    """The ArcFace 5-point template for a (size, size) crop: (5, 2) float32, scaled by size / 112."""
+    return ARCFACE_TEMPLATE_112 * np.float32(size / 112.0)
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, translation; no reflection) mapping src to dst.
+
+    src, dst: (N, 2) points, N >= 2. Returns the (2, 3) float64 matrix M with dst ~ M @ [x, y, 1].
+    Umeyama (1991): the closed form, with the sign fix that forbids a mirror image, which a
+    face crop must never be.
+    """
+    src = np.asarray(src, np.float64).reshape(-1, 2)
+    dst = np.asarray(dst, np.float64).reshape(-1, 2)
+    if src.shape != dst.shape or src.shape[0] < 2:
+        raise ValueError(f"need two matching (N >= 2, 2) point sets, got {src.shape} and {dst.shape}")
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s, d = src - mu_s, dst - mu_d
+    var_s = (s ** 2).sum() / len(s)
+    if var_s <= 0:
+        raise ValueError("source points coincide: no similarity transform")
+    cov = d.T @ s / len(s)  # (2, 2)
+    u, sig, vt = np.linalg.svd(cov)
+    sign = np.array([1.0, 1.0 if np.linalg.det(u) * np.linalg.det(vt) >= 0 else -1.0])
+    rot = u @ np.diag(sign) @ vt
+    scale = (sig * sign).sum() / var_s
+    t = mu_d - scale * rot @ mu_s
+    return np.hstack([scale * rot, t[:, None]])
+
+
+def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.ndarray:
+    """The face with these 5 landmarks (5, 2) warped onto the ArcFace template: (size, size, 3) uint8.
+
+    Pixels outside the photo become black (BORDER_CONSTANT), as in InsightFace's norm_crop: a
+    replicated border smears the photo's edge into streaks, a texture the age/gender model could
+    latch onto; black is a uniform, obviously-empty region.
+    """
+    m = similarity_transform(landmarks, template(size))
+    return cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def central_face(faces: Faces, image_shape: Sequence[int]) -> int | None:
+    """Index of the face whose box centre is nearest the image centre; None when there is no face.
+
+    IMDB-WIKI photos are crops cut around the labelled face with a 40% margin, so the labelled
+    face is the central one, whatever other (possibly more confident) faces appear at the edges.
+    """
+    if len(faces) == 0:
+        return None
+    h, w = image_shape[:2]
+    centres = (faces.boxes[:, :2] + faces.boxes[:, 2:]) / 2  # (K, 2) x, y
+    return int(np.argmin(((centres - [w / 2, h / 2]) ** 2).sum(1)))
+
+
+def center_landmarks(image_shape: Sequence[int], size: int) -> np.ndarray:
+    """Pseudo-landmarks (5, 2) for `--fallback center`: align_face() with them crops the central square.
+
+    With a 40% margin on each side the face box is the middle 1/1.8 of each dimension of the
+    photo. We take the square with that box's centre (the photo's) and area, side
+    sqrt(H * W) / 1.8, and map the template's (size, size) frame onto it: the template scaled by
+    side / size and shifted to the square's corner. A square, because alignment is a similarity
+    (no stretching); for a square photo it is exactly the central box.
+    """
+    h, w = image_shape[:2]
+    side = math.sqrt(h * w) / (1.0 + 2.0 * IMDB_MARGIN)
+    corner = np.array([(w - side) / 2, (h - side) / 2])
+    return (template(size).astype(np.float64) * (side / size) + corner).astype(np.float32)
