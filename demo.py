@@ -1,0 +1,416 @@
+"""Annotate photos, a video or a webcam with every face's gender and age.
+
+    python demo.py --checkpoint runs/r18_112/best.pt --input images --output out/demo
+    python demo.py --input a.jpg b.png photos/       # files and folders, mixed
+    python demo.py --input clip.mp4                   # -> OUT/clip.mp4, every frame annotated
+    python demo.py --input 0 --show                   # webcam 0 -> OUT/webcam0.mp4, until q or Ctrl-C
+    python demo.py --sheet data/UTKFace               # labelled photos -> OUT/sheet.png
+
+For each photo MTCNN finds every face and its 5 landmarks (face.py), each face is aligned onto
+the ArcFace template at the checkpoint's size (face.align_face), all faces of the photo are
+predicted in one batch through data_gen.preprocess (the validation transform, so serving sees
+what validation saw), and each box, its landmarks and a label like `female, 29 (97%)` (the
+percentage: the probability of that gender) are drawn. Writes:
+  OUT/<file name>    the annotated photo (a photo without a face: copied unannotated)
+  OUT/results.json   one entry per input: image, output, faces [{box [x1,y1,x2,y2], score,
+                     landmarks 5x[x,y], gender, gender_prob, age}], or error
+A file that is not an image is reported on stderr and the run goes on; the exit status is then 1.
+Without --input it annotates the sample photos in images/ (written there first if missing).
+--sheet takes a UTKFace-named folder or a CSV (image,age,gender; see evaluate.py) and draws a
+table like the original README's: photo, aligned face, prediction, truth, one row per photo.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+import config
+from evaluate import (IMAGE_SUFFIXES, Labelled, detect_and_align, list_images, load_model, predict, read_csv_labels,
+                      read_utkface)
+from utils import REPO, ImageError, UserError, atomic_write_bytes, pick_device, read_image, run_main, write_json
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
+COLOURS = {"female": (230, 60, 140), "male": (40, 120, 240)}  # RGB, box and label background
+LANDMARK_COLOUR = (60, 220, 60)
+
+
+# --- sample photos -----------------------------------------------------------------------------
+
+def _astronaut() -> bytes:
+    import skimage.data
+
+    return _jpeg(skimage.data.astronaut())
+
+
+def _camera() -> bytes:
+    import skimage.data
+
+    return _jpeg(skimage.data.camera())  # grayscale; read_image makes it RGB
+
+
+def _grace_hopper() -> bytes:
+    import matplotlib.cbook
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        return f.read()  # already a JPEG: the bytes as shipped
+
+
+SAMPLES = {"astronaut.jpg": _astronaut, "camera.jpg": _camera, "grace_hopper.jpg": _grace_hopper}
+
+
+def _jpeg(array: np.ndarray, quality: int = 95) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def ensure_samples(folder: str | Path = config.IMAGES) -> list[Path]:
+    """Write the sample portraits (from scikit-image and matplotlib) into folder where missing."""
+    folder = Path(folder)
+    paths = []
+    for name, make in SAMPLES.items():
+        path = folder / name
+        if not path.is_file():
+            atomic_write_bytes(path, make())
+            print(f"wrote the sample photo {path}")
+        paths.append(path)
+    return paths
+
+
+# --- inputs --------------------------------------------------------------------------------------
+
+def collect_inputs(items: list[str]) -> list[tuple[str, object]]:
+    """[(kind, value)]: ('image', Path), ('video', Path) or ('webcam', int), in the order given."""
+    out: list[tuple[str, object]] = []
+    for item in items:
+        if item.isdigit():
+            out.append(("webcam", int(item)))
+            continue
+        path = Path(item)
+        if path.resolve() == (REPO / config.IMAGES).resolve():  # the repository's samples: (re)write missing ones
+            ensure_samples(path)
+        if path.is_dir():
+            images = list_images(path)
+            if not images:
+                raise UserError(f"--input {path}: no images in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
+            out += [("image", p) for p in images]
+        elif path.is_file():
+            out.append(("video" if path.suffix.lower() in VIDEO_SUFFIXES else "image", path))
+        else:
+            raise UserError(f"--input {path}: no such file or folder")
+    return out
+
+
+def display_available() -> bool:
+    if sys.platform in ("win32", "darwin"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+# --- analysis and drawing ------------------------------------------------------------------------
+
+class Annotator:
+    """Detector + model: faces of a photo with their predictions, and drawing them."""
+
+    def __init__(self, checkpoint: str, device: str, min_score: float):
+        from face import FaceDetector
+
+        self.device = pick_device(device)
+        self.model, self.cfg = load_model(checkpoint, self.device)
+        self.size = int(self.cfg["size"])
+        self.detector = FaceDetector(device=str(self.device))
+        self.min_score = min_score
+
+    def analyse(self, image: np.ndarray) -> list[dict]:
+        """Every face of an RGB photo with score >= min_score: box, score, landmarks, gender, gender_prob, age."""
+        from face import align_face
+
+        faces = self.detector.detect([image])[0]
+        boxes, scores, marks = (np.asarray(faces.boxes, np.float32).reshape(-1, 4),
+                                np.asarray(faces.scores, np.float32).reshape(-1),
+                                np.asarray(faces.landmarks, np.float32).reshape(-1, 5, 2))
+        keep = np.flatnonzero(scores >= self.min_score)
+        if len(keep) == 0:
+            return []
+        aligned = np.stack([align_face(image, marks[i], self.size) for i in keep])
+        p_male, ages = predict(self.model, self.cfg, aligned, self.device, batch_size=len(keep))  # one batch
+        out = []
+        for i, p, age in zip(keep, p_male, ages):
+            male = bool(p > 0.5)
+            out.append(dict(box=[round(float(v), 2) for v in boxes[i]], score=round(float(scores[i]), 4),
+                            landmarks=[[round(float(x), 2), round(float(y), 2)] for x, y in marks[i]],
+                            gender="male" if male else "female", gender_prob=round(float(p if male else 1 - p), 4),
+                            age=round(float(age), 2)))
+        return out
+
+
+def label(face: dict) -> str:
+    return f"{face['gender']}, {face['age']:.0f} ({100 * face['gender_prob']:.0f}%)"
+
+
+def draw(image: np.ndarray, faces: list[dict], labels: bool = True) -> np.ndarray:
+    """A copy of the RGB photo with each face's box, 5 landmarks and (if labels) its label drawn."""
+    out = image.copy()
+    h, w = out.shape[:2]
+    thick = max(1, round(min(h, w) / 300))
+    scale = max(0.4, min(h, w) / 900)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for f in faces:
+        colour = COLOURS[f["gender"]]
+        x1, y1, x2, y2 = (int(round(v)) for v in f["box"])
+        cv2.rectangle(out, (x1, y1), (x2, y2), colour, thick, cv2.LINE_AA)
+        for x, y in f["landmarks"]:
+            cv2.circle(out, (int(round(x)), int(round(y))), thick + 1, LANDMARK_COLOUR, -1, cv2.LINE_AA)
+        if not labels:
+            continue
+        text = label(f)
+        (tw, th), base = cv2.getTextSize(text, font, scale, thick)
+        ty = y1 - base - 2 if y1 - th - base - 4 >= 0 else min(y2 + th + 2, h - base - 1)  # above the box, else below
+        tx = min(max(x1, 0), max(w - tw - 2, 0))
+        cv2.rectangle(out, (tx, ty - th - 2), (tx + tw + 2, ty + base), colour, -1)
+        cv2.putText(out, text, (tx + 1, ty), font, scale, (255, 255, 255), thick, cv2.LINE_AA)
+    return out
+
+
+def encode_like(rgb: np.ndarray, name: str) -> tuple[bytes, str]:
+    """(encoded bytes, file name): the format the name's suffix says, else PNG with .png appended."""
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(Path(name).suffix.lower())
+    buf = io.BytesIO()
+    try:
+        if fmt is None:
+            raise ValueError("unknown suffix")
+        Image.fromarray(rgb).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    except (ValueError, OSError, KeyError):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="PNG")
+        name += ".png"
+    return buf.getvalue(), name
+
+
+class Shower:
+    """cv2 windows for --show, only where a display and a GUI-enabled OpenCV exist."""
+
+    def __init__(self, wanted: bool):
+        self.on = wanted and display_available()
+        if wanted and not self.on:
+            print("--show: no display here (DISPLAY is not set); showing nothing", file=sys.stderr)
+
+    def show(self, rgb: np.ndarray, wait_ms: int) -> bool:
+        """Show a frame; False when the user pressed q or Esc."""
+        if not self.on:
+            return True
+        try:
+            cv2.imshow("demo (q: quit)", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+            return cv2.waitKey(wait_ms) & 0xFF not in (ord("q"), 27)
+        except cv2.error:
+            print("--show: this OpenCV has no GUI support (opencv-python-headless); showing nothing", file=sys.stderr)
+            self.on = False
+            return True
+
+    def close(self) -> None:
+        if self.on:
+            cv2.destroyAllWindows()
+
+
+# --- the three kinds of input ----------------------------------------------------------------
+
+def process_image(path: Path, ann: Annotator, out_dir: Path, used: set, shower: Shower) -> dict:
+    try:
+        image = read_image(path)
+    except (ImageError, FileNotFoundError, IsADirectoryError) as e:
+        msg = str(e) if isinstance(e, ImageError) else f"{path}: cannot be read ({e.strerror})"
+        print(f"error: {msg}", file=sys.stderr)
+        return dict(image=str(path), error=msg, faces=[])
+    faces = ann.analyse(image)
+    if not faces:
+        print(f"{path}: no face found; copied unannotated")
+    annotated = draw(image, faces)
+    data, name = encode_like(annotated, path.name)
+    stem, suffix, k = Path(name).stem, Path(name).suffix, 1
+    while name in used:  # two inputs with one name: the second becomes name_1.jpg
+        name, k = f"{stem}_{k}{suffix}", k + 1
+    used.add(name)
+    atomic_write_bytes(out_dir / name, data)
+    if faces:
+        print(f"{path}: " + "; ".join(label(f) for f in faces))
+    shower.show(annotated, 0)
+    return dict(image=str(path), output=str(out_dir / name), faces=faces)
+
+
+def process_video(source: Path | int, ann: Annotator, out_dir: Path, shower: Shower, max_frames: int) -> dict:
+    """Annotate every frame into OUT/<name>.mp4 until the video ends (webcam: q, Ctrl-C or --max-frames)."""
+    webcam = isinstance(source, int)
+    name = f"webcam{source}.mp4" if webcam else Path(source).stem + ".mp4"
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg quiet: a bad file gets our one line, not its
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # its WARN lines would repeat our one-line error
+    try:
+        cap = cv2.VideoCapture(source if webcam else str(source))
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+    if not cap.isOpened():
+        msg = f"webcam {source}: cannot be opened" if webcam else f"{source}: cannot be opened as a video"
+        print(f"error: {msg}", file=sys.stderr)
+        return dict(video=str(source), error=msg)
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    fps = fps if fps and np.isfinite(fps) and fps > 0 else 25.0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{Path(name).stem}.tmp.mp4"  # renamed when complete: no half video under the real name
+    writer, frames, faces_seen = None, 0, 0
+    try:
+        while not max_frames or frames < max_frames:
+            ok, bgr = cap.read()
+            if not ok:
+                break
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            faces = ann.analyse(rgb)
+            faces_seen += len(faces)
+            shown = draw(rgb, faces)
+            if writer is None:
+                writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (rgb.shape[1], rgb.shape[0]))
+                if not writer.isOpened():
+                    raise UserError(f"{out_dir / name}: cannot be written (no mp4v encoder in this OpenCV?)")
+            writer.write(cv2.cvtColor(shown, cv2.COLOR_RGB2BGR))
+            frames += 1
+            if not shower.show(shown, 1):
+                break
+    except KeyboardInterrupt:
+        if not webcam:
+            raise
+        print("stopped (Ctrl-C)")
+    finally:
+        cap.release()
+        if writer is not None:
+            writer.release()
+    if frames == 0:
+        tmp.unlink(missing_ok=True)
+        msg = f"{source}: no frame could be read"
+        print(f"error: {msg}", file=sys.stderr)
+        return dict(video=str(source), error=msg)
+    os.replace(tmp, out_dir / name)
+    print(f"{source}: {frames} frames, {faces_seen} faces -> {out_dir / name}")
+    return dict(video=str(source), output=str(out_dir / name), frames=frames, faces=faces_seen, fps=fps)
+
+
+def make_sheet(source: Path, ann: Annotator, out: Path, rows: int) -> list[dict]:
+    """A table like the original README's: photo | aligned | prediction | truth, one row per photo.
+
+    The prediction is green when its gender is right and its age within 5 years, red otherwise.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items: list[Labelled] = read_csv_labels(source)[:rows] if source.is_file() else read_utkface(source)[0][:rows]
+    entries, table = [], []
+    for item in items:
+        try:
+            image = read_image(item.path)
+        except (ImageError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        found = detect_and_align(ann.detector, [image], ann.size)[0]
+        truth = f"{'male' if item.gender else 'female'}, {item.age:.0f}"
+        if found is None:
+            table.append((image, None, "no face found", truth, "gray"))
+            entries.append(dict(image=str(item.path), truth=truth, faces=[]))
+            continue
+        p_male, ages = predict(ann.model, ann.cfg, found["face"][None], ann.device, 1)
+        male = bool(p_male[0] > 0.5)
+        face = dict(box=found["box"].tolist(), gender="male" if male else "female",
+                    gender_prob=float(p_male[0] if male else 1 - p_male[0]), age=float(ages[0]))
+        marked = draw(image, [dict(face, landmarks=found["landmarks"].tolist())], labels=False)
+        right = (face["gender"] == "male") == bool(item.gender) and abs(face["age"] - item.age) <= 5
+        table.append((marked, found["face"], label(face), truth, "#2a7d2a" if right else "#b22222"))
+        entries.append(dict(image=str(item.path), truth=truth, faces=[face]))
+    if not table:
+        raise UserError(f"--sheet {source}: none of its photos could be read")
+    fig, axes = plt.subplots(len(table), 4, figsize=(10, 2.6 * len(table)), squeeze=False)
+    for ax, title in zip(axes[0], ("photo", "aligned", "prediction", "truth")):
+        ax.set_title(title)
+    for row, (photo, face, pred, truth, colour) in zip(axes, table):
+        row[0].imshow(photo)
+        if face is not None:
+            row[1].imshow(face)
+        row[2].text(0.5, 0.5, pred, ha="center", va="center", fontsize=12, color=colour)
+        row[3].text(0.5, 0.5, truth, ha="center", va="center", fontsize=12)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(ax in row[:2])
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_bytes(out, buf.getvalue())
+    print(f"wrote {out} ({len(table)} rows)")
+    return entries
+
+
+# --- main ------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=config.CHECKPOINT, help="best.pt written by train.py (default: %(default)s)")
+    p.add_argument("--input", nargs="+", default=None,
+                   help=f"image files, folders, a video file or a webcam index (default: the samples in {config.IMAGES}/)")
+    p.add_argument("--output", default=config.DEMO_OUT, help="where the annotated photos go (default: %(default)s)")
+    p.add_argument("--device", default=config.DEVICE, help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+    p.add_argument("--min-score", type=float, default=config.DEMO_MIN_SCORE,
+                   help="ignore detections whose MTCNN score is below this (default: %(default)s)")
+    p.add_argument("--show", action="store_true", help="also show each result in a window (when a display exists)")
+    p.add_argument("--max-frames", type=int, default=0, help="video/webcam: stop after N frames, 0 = all (default: %(default)s)")
+    p.add_argument("--sheet", default=None, metavar="FOLDER_OR_CSV",
+                   help="instead: a labelled UTKFace folder or image,age,gender CSV -> OUTPUT/sheet.png")
+    p.add_argument("--sheet-rows", type=int, default=config.SHEET_ROWS, help="photos in the sheet (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    out_dir = Path(args.output)
+    if args.sheet:
+        source = Path(args.sheet)
+        if not source.exists():
+            raise UserError(f"--sheet {source}: no such file or folder")
+        ann = Annotator(args.checkpoint, args.device, args.min_score)
+        return make_sheet(source, ann, out_dir / "sheet.png", args.sheet_rows)
+    inputs = collect_inputs(args.input or [os.path.relpath(REPO / config.IMAGES)])
+    for kind, value in inputs:
+        if kind == "image" and (out_dir.resolve() / value.name) == value.resolve():
+            raise UserError(f"--output {out_dir}: would overwrite the input {value}; choose another folder")
+    ann = Annotator(args.checkpoint, args.device, args.min_score)
+    shower = Shower(args.show)
+    results, used = [], set()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        for kind, value in inputs:
+            if kind == "image":
+                results.append(process_image(value, ann, out_dir, used, shower))
+            else:
+                results.append(process_video(value, ann, out_dir, shower, args.max_frames))
+    finally:
+        shower.close()
+        write_json(out_dir / "results.json", results)  # also when interrupted: what was done so far
+    errors = sum("error" in r for r in results)
+    faces = sum(len(r["faces"]) if isinstance(r.get("faces"), list) else 0 for r in results)
+    print(f"{len(results)} inputs, {faces} faces, {errors} errors -> {out_dir}/ (results.json)")
+    if errors:
+        sys.exit(1)
+    return results
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,500 @@
+"""Evaluate a checkpoint: gender accuracy, age MAE, CS(5) and their breakdowns, with plots.
+
+    python evaluate.py --checkpoint runs/r18_112/best.pt --data data/imdb_112    # its valid split
+    python evaluate.py --checkpoint runs/r18_112/best.pt --utkface data/UTKFace  # raw labelled photos
+    python evaluate.py --checkpoint runs/r18_112/best.pt --csv photos/labels.csv # raw labelled photos
+
+Sources (one of):
+  --data DIR      a pre_process.py output: the rows of DIR/labels.csv in --split (default valid).
+                  Their faces are already aligned; each is read with utils.read_image and fed
+                  through data_gen.preprocess, exactly as in validation.
+  --utkface DIR   photos named age_gender_race_date.jpg (UTKFace; `.jpg.chip.jpg` too). UTKFace's
+                  gender is 0 = male, 1 = female, the reverse of ours; it is flipped on reading.
+                  Names that do not parse are counted and skipped.
+  --csv FILE      a CSV with a header and the columns `image` (path relative to the CSV's folder,
+                  or absolute), `age` (years) and `gender` (male/female, m/f, or 1/0 with 1 = male,
+                  as in labels.csv); other columns are ignored.
+The raw photos of --utkface and --csv go through the same detection (MTCNN, the central face)
+and alignment as training (face.py); photos where no face is found, or that are not images, are
+counted and skipped.
+
+Metrics: gender accuracy, age MAE and CS(5) from metrics.py (the one implementation, shared
+with train.py), plus MAE per true-age bucket (0-9, 10-19, ..., 70+) and per gender, gender
+accuracy per age bucket and the 2x2 gender confusion matrix (rows true, columns predicted).
+Writes OUT/metrics.json, OUT/predictions.csv (one row per face: truth and prediction) and the
+plots OUT/mae_by_age.png, OUT/age_scatter.png and OUT/gender_acc_by_age.png.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import pickle
+import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import config
+from utils import (ImageError, UserError, atomic_write_bytes, atomic_write_text, pick_device, read_image, run_main,
+                   write_json)
+
+GENDERS = ("female", "male")  # index = class id: 0 female, 1 male (as in labels.csv)
+BUCKET_EDGES = (0, 10, 20, 30, 40, 50, 60, 70)  # lower bounds; the last bucket is open: 70+
+BUCKET_LABELS = tuple(f"{lo}-{lo + 9}" for lo in BUCKET_EDGES[:-1]) + (f"{BUCKET_EDGES[-1]}+",)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+@dataclass
+class Labelled:
+    """One labelled photo: its path, true age in years, true gender (1 male, 0 female)."""
+    path: Path
+    age: float
+    gender: int
+
+
+# --- model ---------------------------------------------------------------------------------
+
+def load_model(path: str | Path, device) -> tuple["torch.nn.Module", dict]:
+    """(model in eval mode on device, its config) with errors a user can act on."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--checkpoint {path}: not found; train one with `python train.py --out {path.parent}` "
+                        "(or run `make quickstart`, which writes runs/quickstart/best.pt)")
+    from models import load_checkpoint
+
+    try:
+        model, cfg = load_checkpoint(path, device)
+    except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise UserError(f"--checkpoint {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        "is it a best.pt/last.pt written by train.py?") from e
+    model.eval()
+    return model, cfg
+
+
+def predict(model, cfg: dict, faces: np.ndarray, device, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(p_male (N,), age in years (N,)) for aligned faces, uint8 (N, S, S, 3) RGB.
+
+    The faces go through data_gen.preprocess, the transform of the validation data path, so
+    evaluation and the demo see exactly what validation saw.
+    """
+    import torch
+
+    from data_gen import preprocess
+    from models import predict_age
+
+    p_male, ages = [], []
+    with torch.inference_mode():
+        for start in range(0, len(faces), batch_size):
+            x = preprocess(faces[start:start + batch_size]).to(device)
+            gender_logits, age_out = model(x)
+            p_male.append(torch.softmax(gender_logits.float(), dim=1)[:, 1].cpu().numpy())
+            ages.append(predict_age(age_out.float(), cfg["age_loss"]).float().cpu().numpy())
+    if not p_male:
+        return np.zeros(0, np.float32), np.zeros(0, np.float32)
+    return np.concatenate(p_male), np.concatenate(ages)
+
+
+def predicted_gender(p_male: np.ndarray) -> np.ndarray:
+    """Class id per face: 1 (male) where p_male > 0.5, as argmax over the two logits."""
+    return (np.asarray(p_male) > 0.5).astype(np.int64)
+
+
+# --- labelled photos -------------------------------------------------------------------------
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def parse_utkface_name(name: str) -> tuple[int, int] | None:
+    """(age, our gender: 1 male 0 female) from `age_gender_race_date.jpg`, or None if it does not parse.
+
+    UTKFace's own gender field is 0 = male, 1 = female: it is flipped here.
+    """
+    parts = name.split("_")
+    if len(parts) < 3:
+        return None
+    try:
+        age, utk_gender = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    if utk_gender not in (0, 1) or not 0 <= age <= 130:
+        return None
+    return age, 1 - utk_gender
+
+
+def read_utkface(folder: Path) -> tuple[list[Labelled], int]:
+    """(labelled photos, number of image files whose name does not parse)."""
+    if not folder.is_dir():
+        raise UserError(f"--utkface {folder}: no such folder")
+    items, bad = [], 0
+    for path in list_images(folder):
+        parsed = parse_utkface_name(path.name)
+        if parsed is None:
+            bad += 1
+        else:
+            items.append(Labelled(path, float(parsed[0]), parsed[1]))
+    if not items:
+        raise UserError(f"--utkface {folder}: no photo named age_gender_race_date.jpg there"
+                        + (f" ({bad} image files with other names)" if bad else ""))
+    return items, bad
+
+
+def parse_gender(value: str) -> int | None:
+    """1 (male) / 0 (female) from male/female, m/f or 1/0 (any case); None otherwise."""
+    v = value.strip().lower()
+    if v in ("male", "m", "1", "1.0"):
+        return 1
+    if v in ("female", "f", "0", "0.0"):
+        return 0
+    return None
+
+
+def read_csv_labels(path: Path) -> list[Labelled]:
+    """Rows of a CSV with columns image, age, gender; paths relative to the CSV's folder."""
+    if not path.is_file():
+        raise UserError(f"--csv {path}: no such file")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip().lower() for c in reader.fieldnames or []]
+        missing = [c for c in ("image", "age", "gender") if c not in columns]
+        if missing:
+            raise UserError(f"--csv {path}: lacks the column(s) {', '.join(missing)} (found: {', '.join(columns) or 'nothing'}); "
+                            "expected a header with image,age,gender")
+        items = []
+        for line, row in enumerate(reader, start=2):
+            row = {(k or "").strip().lower(): (v or "") for k, v in row.items()}
+            try:
+                age = float(row["age"])
+            except ValueError:
+                raise UserError(f"--csv {path}, line {line}: age {row['age']!r} is not a number") from None
+            gender = parse_gender(row["gender"])
+            if gender is None or not math.isfinite(age):
+                raise UserError(f"--csv {path}, line {line}: gender {row['gender']!r} is not male/female, m/f or 1/0"
+                                if gender is None else f"--csv {path}, line {line}: age {row['age']!r} is not finite")
+            image = Path(row["image"].strip())
+            items.append(Labelled(image if image.is_absolute() else path.parent / image, age, gender))
+    if not items:
+        raise UserError(f"--csv {path}: no rows")
+    return items
+
+
+def read_pre_processed(data: Path, split: str) -> list[Labelled]:
+    """The rows of DATA/labels.csv in `split` (checked by data_gen.load_split, as train.py reads them)."""
+    from data_gen import load_split
+
+    if not (data / "labels.csv").is_file():
+        raise UserError(f"--data {data}: no labels.csv there; make it with `python pre_process.py --out {data}` "
+                        "(or pass --utkface / --csv for raw labelled photos)")
+    labels = load_split(data, split)
+    return [Labelled(data / image, float(age), int(gender))
+            for image, age, gender in zip(labels.images, labels.age, labels.gender)]
+
+
+def _read(path: Path) -> np.ndarray | str:
+    """The RGB image, or the reason it cannot be used (empty, not_image, truncated, missing_file)."""
+    try:
+        return read_image(path)
+    except ImageError as e:
+        return e.reason
+    except FileNotFoundError:
+        return "missing_file"
+
+
+def detect_and_align(detector, images: list[np.ndarray], size: int) -> list[dict | None]:
+    """Per photo: the central face (face.central_face) aligned with face.align_face, or None.
+
+    Each dict: face (size, size, 3) uint8, box (4,), landmarks (5, 2), score.
+    """
+    from face import align_face, central_face
+
+    found = detector.detect(images) if images else []
+    out = []
+    for img, faces in zip(images, found):
+        i = central_face(faces, img.shape)
+        if i is None:
+            out.append(None)
+            continue
+        marks = np.asarray(faces.landmarks[i], dtype=np.float32)
+        out.append(dict(face=align_face(img, marks, size), box=np.asarray(faces.boxes[i], dtype=np.float32),
+                        landmarks=marks, score=float(np.asarray(faces.scores)[i])))
+    return out
+
+
+# --- the two kinds of evaluation -------------------------------------------------------------
+
+def evaluate_aligned(items: list[Labelled], model, cfg: dict, device, batch_size: int, workers: int
+                     ) -> tuple[list[dict], dict]:
+    """Predict pre-aligned faces: (records, skipped count per reason)."""
+    from tqdm import tqdm
+
+    size = int(cfg["size"])
+    records, skipped = [], {}
+    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(items), desc="evaluate", unit="face",
+                                                            file=sys.stderr, disable=None) as bar:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            good, faces = [], []
+            for item, img in zip(chunk, pool.map(_read, [it.path for it in chunk])):
+                if isinstance(img, str):
+                    skipped[img] = skipped.get(img, 0) + 1
+                    continue
+                if img.shape[:2] != (size, size):
+                    raise UserError(f"{item.path}: a {img.shape[1]}x{img.shape[0]} face, but the checkpoint takes "
+                                    f"{size}x{size}; evaluate on a pre_process.py output made with --size {size}")
+                good.append(item)
+                faces.append(img)
+            if faces:
+                p_male, ages = predict(model, cfg, np.stack(faces), device, batch_size)
+                records += [_record(it, p, a) for it, p, a in zip(good, p_male, ages)]
+            bar.update(len(chunk))
+    return records, skipped
+
+
+def evaluate_photos(items: list[Labelled], model, cfg: dict, device, batch_size: int, workers: int,
+                    detector=None) -> tuple[list[dict], dict]:
+    """Detect, align and predict raw labelled photos: (records, skipped count per reason)."""
+    from tqdm import tqdm
+
+    if detector is None:
+        from face import FaceDetector
+
+        detector = FaceDetector(device=str(device))
+    size = int(cfg["size"])
+    records, skipped = [], {}
+    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(items), desc="evaluate", unit="photo",
+                                                            file=sys.stderr, disable=None) as bar:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            good, images = [], []
+            for item, img in zip(chunk, pool.map(_read, [it.path for it in chunk])):
+                if isinstance(img, str):
+                    skipped[img] = skipped.get(img, 0) + 1
+                    print(f"warning: {item.path}: {img.replace('_', ' ')}, skipped", file=sys.stderr)
+                else:
+                    good.append(item)
+                    images.append(img)
+            aligned = detect_and_align(detector, images, size)
+            kept = [(it, a) for it, a in zip(good, aligned) if a is not None]
+            if len(kept) < len(good):
+                skipped["no_face"] = skipped.get("no_face", 0) + len(good) - len(kept)
+            if kept:
+                p_male, ages = predict(model, cfg, np.stack([a["face"] for _, a in kept]), device, batch_size)
+                records += [_record(it, p, a) for (it, _), p, a in zip(kept, p_male, ages)]
+            bar.update(len(chunk))
+    return records, skipped
+
+
+def _record(item: Labelled, p_male: float, age: float) -> dict:
+    return dict(image=str(item.path), age=float(item.age), gender=int(item.gender), pred_age=float(age),
+                pred_gender=int(p_male > 0.5), p_male=float(p_male))
+
+
+# --- breakdowns --------------------------------------------------------------------------------
+
+def age_bucket(ages: np.ndarray) -> np.ndarray:
+    """Bucket index per age: 0 for 0-9, 1 for 10-19, ..., 7 for 70 and over (negative ages -> 0)."""
+    return np.clip(np.floor(np.asarray(ages, dtype=np.float64) / 10).astype(np.int64), 0, len(BUCKET_EDGES) - 1)
+
+
+def breakdown(pred_age, true_age, pred_gender, true_gender) -> dict:
+    """MAE per true-age bucket and per true gender, gender accuracy per bucket, confusion matrix.
+
+    Empty groups get n 0 and null (None) values. confusion[t][p] counts true class t predicted p.
+    """
+    pred_age, true_age = np.asarray(pred_age, np.float64), np.asarray(true_age, np.float64)
+    pred_gender, true_gender = np.asarray(pred_gender, np.int64), np.asarray(true_gender, np.int64)
+    err = np.abs(pred_age - true_age)
+    right = pred_gender == true_gender
+    bucket = age_bucket(true_age)
+
+    def stats(mask):
+        n = int(mask.sum())
+        return dict(n=n, age_mae=float(err[mask].mean()) if n else None,
+                    gender_accuracy=float(right[mask].mean()) if n else None)
+
+    confusion = np.zeros((2, 2), dtype=np.int64)
+    np.add.at(confusion, (true_gender, pred_gender), 1)
+    return dict(
+        by_age_bucket={label: stats(bucket == b) for b, label in enumerate(BUCKET_LABELS)},
+        by_gender={name: stats(true_gender == g) for g, name in enumerate(GENDERS)},
+        confusion=dict(rows="true", columns="predicted", labels=list(GENDERS), matrix=confusion.tolist()),
+    )
+
+
+def headline(pred_age, true_age, pred_gender, true_gender) -> dict:
+    """Gender accuracy, age MAE, CS(5): metrics.py's implementation, the one train.py reports."""
+    import metrics
+
+    return metrics.compute_metrics(np.asarray(pred_age, np.float64), np.asarray(true_age, np.float64),
+                                   np.asarray(pred_gender, np.int64), np.asarray(true_gender, np.int64))
+
+
+# --- outputs -----------------------------------------------------------------------------------
+
+HEADLINE_NAMES = {"gender_accuracy": ("gender accuracy", True), "age_mae": ("age MAE (years)", False),
+                  "cs5": ("CS(5)", True)}  # metrics.py's keys -> printed name, shown as a percentage
+
+
+def _fmt(v, pct=False):
+    if v is None:
+        return "-"
+    return f"{100 * v:.2f}%" if pct else f"{v:.2f}"
+
+
+def format_table(result: dict) -> str:
+    h = result["metrics"]
+    lines = [f"{result['n']} faces evaluated"
+             + (f"; skipped: {', '.join(f'{k} {v}' for k, v in sorted(result['skipped'].items()))}" if result["skipped"] else ""),
+             ""]
+    for k, v in h.items():
+        name, pct = HEADLINE_NAMES.get(k, (k, False))
+        lines.append(f"  {name:<16}{_fmt(v, pct) if isinstance(v, float) else v:>10}")
+    lines += ["", f"  {'true age':<9}{'n':>7}{'age MAE':>10}{'gender acc':>12}"]
+    for label, s in result["by_age_bucket"].items():
+        lines.append(f"  {label:<9}{s['n']:>7}{_fmt(s['age_mae']):>10}{_fmt(s['gender_accuracy'], True):>12}")
+    lines += ["", f"  {'gender':<9}{'n':>7}{'age MAE':>10}{'gender acc':>12}"]
+    for label, s in result["by_gender"].items():
+        lines.append(f"  {label:<9}{s['n']:>7}{_fmt(s['age_mae']):>10}{_fmt(s['gender_accuracy'], True):>12}")
+    m = result["confusion"]["matrix"]
+    lines += ["", "  confusion (rows: true, columns: predicted)", f"  {'':<9}{'female':>9}{'male':>9}",
+              f"  {'female':<9}{m[0][0]:>9}{m[0][1]:>9}", f"  {'male':<9}{m[1][0]:>9}{m[1][1]:>9}"]
+    return "\n".join(lines)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot(out: Path, records: list[dict], result: dict) -> list[Path]:
+    """The three PNGs: MAE by age bucket, predicted vs true age, gender accuracy by age bucket."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(BUCKET_LABELS)
+    buckets = result["by_age_bucket"]
+    counts = [buckets[b]["n"] for b in labels]
+    paths = [out / "mae_by_age.png", out / "age_scatter.png", out / "gender_acc_by_age.png"]
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = ax.bar(labels, [buckets[b]["age_mae"] or 0 for b in labels], color="#4C72B0")
+    for bar, n in zip(bars, counts):
+        ax.annotate(f"n={n}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set(xlabel="true age (years)", ylabel="age MAE (years)",
+           title=f"Age MAE by age (overall {result['metrics'].get('age_mae', float('nan')):.2f})")
+    _save(fig, paths[0])
+
+    true_age = np.array([r["age"] for r in records])
+    pred_age = np.array([r["pred_age"] for r in records])
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    few = len(records) < 1000
+    ax.scatter(true_age, pred_age, s=16 if few else 4, alpha=0.8 if few else 0.3, color="#4C72B0", edgecolors="none")
+    hi = max(100.0, float(true_age.max(initial=0)), float(pred_age.max(initial=0)))
+    lo = min(0.0, float(pred_age.min(initial=0)))
+    ax.plot([lo, hi], [lo, hi], color="#C44E52", lw=1, label="prediction = truth")
+    ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel="true age (years)", ylabel="predicted age (years)",
+           title=f"Predicted vs true age ({len(records)} faces)")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper left")
+    _save(fig, paths[1])
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    acc = [100 * (buckets[b]["gender_accuracy"] or 0) for b in labels]
+    bars = ax.bar(labels, acc, color="#55A868")
+    for bar, n in zip(bars, counts):
+        ax.annotate(f"n={n}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set(xlabel="true age (years)", ylabel="gender accuracy (%)", ylim=(0, 105),
+           title=f"Gender accuracy by age (overall {100 * result['metrics'].get('gender_accuracy', float('nan')):.2f}%)")
+    _save(fig, paths[2])
+    return paths
+
+
+def write_predictions(path: Path, records: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=("image", "age", "gender", "pred_age", "pred_gender", "p_male"),
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    atomic_write_text(path, buf.getvalue())
+
+
+def summarize(records: list[dict], skipped: dict) -> dict:
+    """metrics.json's content (less the run's settings) from the per-face records."""
+    if not records:
+        raise UserError("no face could be evaluated"
+                        + (f" (skipped: {', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))})" if skipped else ""))
+    pred_age = np.array([r["pred_age"] for r in records])
+    true_age = np.array([r["age"] for r in records])
+    pred_gender = np.array([r["pred_gender"] for r in records])
+    true_gender = np.array([r["gender"] for r in records])
+    return dict(n=len(records), photos=len(records) + sum(skipped.values()), skipped=dict(sorted(skipped.items())),
+                metrics=headline(pred_age, true_age, pred_gender, true_gender),
+                **breakdown(pred_age, true_age, pred_gender, true_gender))
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=config.CHECKPOINT, help="best.pt written by train.py (default: %(default)s)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", default=None, help=f"pre_process.py output (default: {config.DATA})")
+    src.add_argument("--utkface", default=None, help="folder of photos named age_gender_race_date.jpg")
+    src.add_argument("--csv", default=None, help="CSV with columns image,age,gender (paths relative to it)")
+    p.add_argument("--split", default="valid", help="with --data: the split to evaluate (default: %(default)s)")
+    p.add_argument("--out", default=config.EVAL_OUT, help="where metrics.json and the plots go (default: %(default)s)")
+    p.add_argument("--device", default=config.DEVICE, help="auto, cpu, cuda, cuda:N (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=config.EVAL_BATCH, help="faces per forward pass (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=config.WORKERS, help="image decoding threads (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N photos, 0 = all (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.utkface:
+        items, bad = read_utkface(Path(args.utkface))
+        source = dict(kind="utkface", path=args.utkface)
+    elif args.csv:
+        items, bad = read_csv_labels(Path(args.csv)), 0
+        source = dict(kind="csv", path=args.csv)
+    else:
+        data = args.data or config.DATA
+        items, bad = read_pre_processed(Path(data), args.split), 0
+        source = dict(kind="pre_processed", path=data, split=args.split)
+    if args.limit:
+        items = items[:args.limit]
+    device = pick_device(args.device)
+    model, cfg = load_model(args.checkpoint, device)
+    run = evaluate_aligned if source["kind"] == "pre_processed" else evaluate_photos
+    records, skipped = run(items, model, cfg, device, args.batch_size, args.workers)
+    if bad:
+        skipped["bad_name"] = bad
+    result = summarize(records, skipped)
+    out = Path(args.out)
+    write_predictions(out / "predictions.csv", records)
+    plots = plot(out, records, result)
+    result = dict(checkpoint=str(args.checkpoint), source=source, arch=cfg.get("arch"), age_loss=cfg.get("age_loss"),
+                  size=cfg.get("size"), **result, plots=[p.name for p in plots], predictions="predictions.csv")
+    write_json(out / "metrics.json", result)
+    print(format_table(result))
+    print(f"\nwrote {out / 'metrics.json'}, {out / 'predictions.csv'} and {', '.join(p.name for p in plots)}")
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,165 @@
+"""Export a checkpoint to ONNX, with the age rule inside, and check it against PyTorch.
+
+    python export.py --checkpoint runs/r18_112/best.pt --out runs/r18_112/model.onnx
+
+The ONNX graph takes `face`: float32 (N, 3, S, S), an aligned face normalised exactly as
+data_gen.preprocess does (S and the normalisation are in the model's metadata), with N free,
+and returns
+  gender_prob  (N, 2)  softmax over (female, male)
+  age          (N,)    years, the checkpoint's own prediction rule (models.predict_age) applied
+so an ONNX user needs nothing from this repository. After writing, the file is run with
+onnxruntime on random inputs of two batch sizes other than the one traced, and the largest
+difference from PyTorch is printed; above --tolerance the script exits non-zero (and the file
+is kept, for inspection, under its name with .failed appended).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+import config
+from utils import UserError, atomic_write_bytes, run_main
+
+INPUT, OUTPUTS = "face", ("gender_prob", "age")
+
+
+def wrapped(model, age_loss: str):
+    """The model plus its softmax and age rule, as one module returning (gender_prob, age)."""
+    import torch
+
+    from models import predict_age
+
+    class Exported(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, face):
+            gender_logits, age_out = self.model(face)
+            return torch.softmax(gender_logits.float(), dim=1), predict_age(age_out.float(), age_loss).float()
+
+    return Exported().eval()
+
+
+def to_onnx(module, size: int, opset: int, exporter: str) -> tuple[bytes, str]:
+    """(ONNX bytes, the exporter that made them) with a dynamic batch dimension.
+
+    torch 2.14's default is the dynamo exporter (torch.export + onnxscript, both installed and fully
+    offline); it is tried first. If it fails on some model, the TorchScript exporter
+    (dynamo=False, deprecated but still shipped) is the fallback.
+    """
+    import tempfile
+
+    import torch
+
+    example = torch.randn(2, 3, size, size)
+    tries = {"auto": ("dynamo", "torchscript"), "dynamo": ("dynamo",), "torchscript": ("torchscript",)}[exporter]
+    errors = []
+    for kind in tries:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    if kind == "dynamo":
+                        batch = torch.export.Dim("batch", min=1, max=4096)
+                        torch.onnx.export(module, (example,), str(path), dynamo=True, opset_version=opset,
+                                          input_names=[INPUT], output_names=list(OUTPUTS),
+                                          dynamic_shapes={"face": {0: batch}}, external_data=False,
+                                          verbose=False)
+                    else:
+                        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset,
+                                          input_names=[INPUT], output_names=list(OUTPUTS),
+                                          dynamic_axes={INPUT: {0: "batch"}, OUTPUTS[0]: {0: "batch"}, OUTPUTS[1]: {0: "batch"}})
+                return path.read_bytes(), kind
+            except Exception as e:  # the exporters raise many types; the next one gets its turn
+                errors.append(f"{kind}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                if len(tries) > 1:
+                    print(f"the {kind} exporter failed ({errors[-1]}); trying the next", file=sys.stderr)
+    raise UserError("ONNX export failed: " + " | ".join(errors))
+
+
+def add_metadata(data: bytes, meta: dict) -> bytes:
+    """The ONNX bytes with `meta` as metadata_props and the batch dimension named 'batch'."""
+    import onnx
+
+    proto = onnx.load_from_string(data)
+    for name, value in meta.items():
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=name, value=str(value)))
+    return proto.SerializeToString()
+
+
+def check(module, data: bytes, size: int, batches=(1, 5), seed: int = 0) -> float:
+    """Largest |onnxruntime - PyTorch| over both outputs, on random inputs of the given batch sizes."""
+    import onnxruntime as ort
+    import torch
+
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for n in batches:
+        x = torch.randn(n, 3, size, size, generator=g)
+        with torch.inference_mode():
+            expected = [t.numpy() for t in module(x)]
+        got = session.run(list(OUTPUTS), {INPUT: x.numpy()})
+        for name, e, o in zip(OUTPUTS, expected, got):
+            if o.shape != e.shape:
+                raise UserError(f"onnxruntime gave {name} of shape {o.shape} for batch {n}; PyTorch {e.shape}")
+            worst = max(worst, float(np.abs(o.astype(np.float64) - e.astype(np.float64)).max()))
+    return worst
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=config.CHECKPOINT, help="best.pt written by train.py (default: %(default)s)")
+    p.add_argument("--out", default=None, help="the .onnx file to write (default: the checkpoint's path with .onnx)")
+    p.add_argument("--opset", type=int, default=config.ONNX_OPSET, help="ONNX opset (default: %(default)s)")
+    p.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                   help="auto: dynamo, falling back to torchscript (default: %(default)s)")
+    p.add_argument("--tolerance", type=float, default=config.ONNX_TOLERANCE,
+                   help="largest allowed |onnxruntime - PyTorch| (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+
+    from evaluate import load_model
+
+    args = parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".onnx")
+    model, cfg = load_model(args.checkpoint, torch.device("cpu"))
+    size = int(cfg["size"])
+    module = wrapped(model.float(), cfg["age_loss"])
+    data, used = to_onnx(module, size, args.opset, args.exporter)
+    meta = dict(input=f"{INPUT}: float32 (N, 3, {size}, {size}), an aligned RGB face normalised as data_gen.preprocess",
+                outputs="gender_prob (N, 2): softmax over (female, male); age (N,): years",
+                size=size, arch=cfg.get("arch"), age_loss=cfg.get("age_loss"), checkpoint=str(args.checkpoint),
+                exporter=used)
+    try:
+        import data_gen
+
+        for key in ("MEAN", "STD"):
+            if hasattr(data_gen, key):
+                meta[key.lower()] = list(np.asarray(getattr(data_gen, key), dtype=float).ravel())
+    except ImportError:
+        pass
+    data = add_metadata(data, meta)
+    diff = check(module, data, size)
+    ok = diff <= args.tolerance
+    target = out if ok else out.with_name(out.name + ".failed")
+    atomic_write_bytes(target, data)
+    print(f"wrote {target} ({len(data) / 1e6:.1f} MB, {used} exporter, opset {args.opset}, batch dimension dynamic)")
+    print(f"onnxruntime vs PyTorch, batches 1 and 5: largest difference {diff:.3g} (tolerance {args.tolerance:g})")
+    if not ok:
+        raise UserError(f"the ONNX model differs from PyTorch by {diff:.3g} > --tolerance {args.tolerance:g}; "
+                        f"kept it as {target} for inspection")
+    return dict(out=str(target), exporter=used, max_diff=diff)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,40 @@
+"""Shared fixtures: the sample photos, a tiny checkpoint in train.py's format, aligned sample faces."""
+import pytest
+
+from utils import REPO
+
+SIZE = 112
+
+
+@pytest.fixture(scope="session")
+def samples():
+    """images/ with the three sample portraits (written from scikit-image / matplotlib if missing)."""
+    import demo
+
+    demo.ensure_samples(REPO / "images")
+    return REPO / "images"
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """best.pt as train.py writes it ({"model": state dict, "config": {...}}): a random ResNet-18, l1 head."""
+    import torch
+
+    import models
+
+    torch.manual_seed(0)
+    model = models.build_model("resnet18", "l1", "none")
+    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    torch.save({"model": model.state_dict(), "config": {"arch": "resnet18", "age_loss": "l1", "size": SIZE}}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def aligned_faces(samples):
+    """The central face of each sample portrait, aligned at SIZE by face.py: list of (SIZE, SIZE, 3) uint8."""
+    from face import FaceDetector, align_face, central_face
+    from utils import read_image
+
+    images = [read_image(samples / n) for n in ("astronaut.jpg", "camera.jpg", "grace_hopper.jpg")]
+    found = FaceDetector(device="cpu").detect(images)
+    return [align_face(img, f.landmarks[central_face(f, img.shape)], SIZE) for img, f in zip(images, found)]

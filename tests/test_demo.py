@@ -1,0 +1,217 @@
+"""demo.py on the real sample photos: detection, results.json, the failure cases, video, sheet, no skew."""
+import json
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import demo
+from utils import REPO, UserError, read_image
+
+SAMPLES = ("astronaut.jpg", "camera.jpg", "grace_hopper.jpg")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, samples, checkpoint):
+    """One demo.py run, as a user starts it, on the samples + a flat gray photo + a text file named .jpg."""
+    root = tmp_path_factory.mktemp("demo")
+    inp, out = root / "in", root / "out"
+    inp.mkdir()
+    for name in SAMPLES:
+        shutil.copy(samples / name, inp / name)
+    Image.new("RGB", (320, 240), (128, 128, 128)).save(inp / "gray.png")
+    (inp / "notes.jpg").write_text("this is not a photo\n")
+    (inp / "readme.txt").write_text("not an image suffix: ignored\n")
+    proc = subprocess.run([sys.executable, "demo.py", "--checkpoint", str(checkpoint), "--input", str(inp),
+                           "--output", str(out), "--device", "cpu"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    results = {e["image"].split("/")[-1]: e for e in json.loads((out / "results.json").read_text())}
+    return dict(proc=proc, inp=inp, out=out, results=results)
+
+
+def test_one_confident_face_per_portrait(run):
+    for name in SAMPLES:
+        faces = run["results"][name]["faces"]
+        assert len(faces) == 1, (name, faces)
+        assert faces[0]["score"] > 0.9
+
+
+def test_astronaut_box_where_mtcnn_puts_it(run):
+    x1, y1, x2, y2 = run["results"]["astronaut.jpg"]["faces"][0]["box"]
+    # the MTCNN reference (ipazc/mtcnn) on skimage's astronaut: x=182 y=64 w=83 h=107
+    assert abs(x1 - 182) <= 3 and abs(y1 - 64) <= 3
+    assert abs((x2 - x1) - 83) <= 3 and abs((y2 - y1) - 107) <= 3
+    marks = np.array(run["results"]["astronaut.jpg"]["faces"][0]["landmarks"])
+    assert ((marks >= [x1, y1]) & (marks <= [x2, y2])).all()  # the 5 landmarks lie inside the box
+    assert marks[0, 0] < marks[1, 0] and marks[3, 0] < marks[4, 0]  # left eye, right eye; mouth left, right
+    assert marks[:2, 1].max() < marks[2, 1] < marks[3:, 1].min()  # eyes above the nose above the mouth
+
+
+def test_results_schema_and_annotated_files(run):
+    assert list(run["results"]) == sorted(["astronaut.jpg", "camera.jpg", "grace_hopper.jpg", "gray.png", "notes.jpg"])
+    for name in SAMPLES:
+        entry = run["results"][name]
+        assert entry["image"] == str(run["inp"] / name)
+        for face in entry["faces"]:
+            assert len(face["box"]) == 4 and all(isinstance(v, float) for v in face["box"])
+            assert np.array(face["landmarks"]).shape == (5, 2)
+            assert face["gender"] in ("male", "female")
+            assert 0.5 <= face["gender_prob"] <= 1.0
+            assert isinstance(face["age"], float) and 0 <= face["age"] <= 120
+            assert f"{face['gender']}, {face['age']:.0f} ({100 * face['gender_prob']:.0f}%)" in run["proc"].stdout
+        annotated, original = read_image(run["out"] / name), read_image(run["inp"] / name)
+        assert annotated.shape == original.shape  # the same file name, the same size, boxes drawn on it
+        assert np.abs(annotated.astype(int) - original).max() > 100
+
+
+def test_no_face_is_reported_and_copied_unannotated(run):
+    assert run["results"]["gray.png"]["faces"] == []
+    assert "gray.png: no face found" in run["proc"].stdout
+    assert np.array_equal(read_image(run["out"] / "gray.png"), read_image(run["inp"] / "gray.png"))
+
+
+def test_not_an_image_is_one_line_and_the_run_goes_on(run):
+    entry = run["results"]["notes.jpg"]
+    assert "not image" in entry["error"] and entry["faces"] == []
+    errors = [line for line in run["proc"].stderr.splitlines() if "notes.jpg" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: ")
+    assert "Traceback" not in run["proc"].stderr
+    assert not (run["out"] / "notes.jpg").exists()
+    assert run["proc"].returncode == 1  # the others were written; the status says one input failed
+    assert all((run["out"] / n).is_file() for n in SAMPLES)
+
+
+def test_missing_checkpoint_subprocess(tmp_path):
+    proc = subprocess.run([sys.executable, "demo.py", "--checkpoint", str(tmp_path / "nope.pt"), "--output",
+                           str(tmp_path / "o"), "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(tmp_path / "nope.pt") in lines[0] and "train.py" in lines[0]
+    assert "make quickstart" in lines[0]
+
+
+def test_empty_folder_and_missing_input(tmp_path, checkpoint):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images in this folder"):
+        demo.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o")])
+    with pytest.raises(UserError, match="no such file or folder"):
+        demo.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / "nope.jpg"), "--output", str(tmp_path / "o")])
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    with pytest.raises(UserError, match="would overwrite the input"):
+        demo.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / "empty" / ".." / "x.png"),
+                   "--output", str(tmp_path)])
+
+
+def test_ensure_samples_rewrites_missing_photos(tmp_path, samples):
+    paths = demo.ensure_samples(tmp_path)
+    assert [p.name for p in paths] == list(SAMPLES)
+    for p in paths:  # what the committed files hold is what the packages give
+        assert np.abs(read_image(p).astype(int) - read_image(samples / p.name)).max() <= 2
+    assert (tmp_path / "grace_hopper.jpg").read_bytes() == (samples / "grace_hopper.jpg").read_bytes()
+    assert read_image(tmp_path / "camera.jpg").shape == (512, 512, 3)
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a model and keeps every input batch it is given."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.inputs = model, []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.model(x)
+
+
+def test_no_skew_between_demo_and_validation(tmp_path, samples, checkpoint):
+    """For the same aligned face, demo.py feeds the network exactly the tensor validation builds."""
+    import data_gen
+    from face import align_face
+
+    ann = demo.Annotator(str(checkpoint), "cpu", 0.9)
+    ann.model = Recorder(ann.model)
+    image = read_image(samples / "astronaut.jpg")
+    faces = ann.analyse(image)
+    assert len(faces) == 1 and len(ann.model.inputs) == 1
+    demo_tensor = ann.model.inputs[0][0]
+
+    found = ann.detector.detect([image])[0]
+    face = align_face(image, np.asarray(found.landmarks, np.float32)[0], ann.size)
+    # a lossless file the validation path reads, in pre_process.py's layout
+    data = tmp_path / "data"
+    (data / "faces" / "00").mkdir(parents=True)
+    Image.fromarray(face).save(data / "faces" / "00" / "a.png")
+    (data / "labels.csv").write_text("image,source,identity,age,gender,split\nfaces/00/a.png,00/a.jpg,1,30,0,valid\n")
+    valid_tensor = data_gen.FaceDataset(data, "valid", train=False)[0][0]
+    assert demo_tensor.dtype == valid_tensor.dtype and demo_tensor.shape == valid_tensor.shape
+    assert torch.equal(demo_tensor, valid_tensor)
+
+
+def test_all_faces_of_a_photo_in_one_batch(tmp_path, samples, checkpoint):
+    ann = demo.Annotator(str(checkpoint), "cpu", 0.9)
+    ann.model = Recorder(ann.model)
+    a, h = read_image(samples / "astronaut.jpg"), read_image(samples / "grace_hopper.jpg")
+    both = np.zeros((600, 512 + 512, 3), np.uint8)
+    both[:512, :512], both[:, 512:] = a, h  # grace_hopper is 600 x 512
+    faces = ann.analyse(both)
+    assert len(faces) == 2
+    assert [x.shape[0] for x in ann.model.inputs] == [2]
+    assert sorted(f["box"][0] < 512 for f in faces) == [False, True]
+
+
+def test_video_and_unreadable_video(tmp_path, samples, checkpoint, capsys):
+    frame = cv2.cvtColor(read_image(samples / "astronaut.jpg"), cv2.COLOR_RGB2BGR)
+    writer = cv2.VideoWriter(str(tmp_path / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 5, (512, 512))
+    for _ in range(3):
+        writer.write(frame)
+    writer.release()
+    (tmp_path / "broken.mp4").write_text("not a video")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--checkpoint", str(checkpoint), "--input", str(tmp_path / "clip.mp4"), str(tmp_path / "broken.mp4"),
+                   "--output", str(out), "--device", "cpu"])
+    assert e.value.code == 1
+    results = json.loads((out / "results.json").read_text())
+    assert results[0]["frames"] == 3 and results[0]["faces"] == 3
+    assert "cannot be opened as a video" in results[1]["error"]
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"error: {tmp_path / 'broken.mp4'}: cannot be opened as a video"]
+    cap = cv2.VideoCapture(str(out / "clip.mp4"))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    assert n == 3
+    assert not list(out.glob(".*"))  # no temp file left
+
+
+def test_sheet(tmp_path, samples, checkpoint):
+    folder = tmp_path / "utk"
+    folder.mkdir()
+    for name, age, utk_gender in zip(SAMPLES, (34, 41, 79), (1, 0, 1)):
+        shutil.copy(samples / name, folder / f"{age}_{utk_gender}_0_20170101.jpg")
+    Image.new("RGB", (100, 100), (90, 90, 90)).save(folder / "50_0_0_1.png")
+    entries = demo.main(["--checkpoint", str(checkpoint), "--sheet", str(folder), "--output", str(tmp_path / "o"),
+                         "--device", "cpu"])
+    assert [e["truth"] for e in entries] == ["female, 34", "male, 41", "male, 50", "female, 79"]
+    assert [len(e["faces"]) for e in entries] == [1, 1, 0, 1]
+    sheet = read_image(tmp_path / "o" / "sheet.png")
+    assert sheet.shape[0] > 3 * sheet.shape[1] / 4  # four rows
+
+
+def test_show_without_display(monkeypatch, capsys):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+    shower = demo.Shower(True)
+    assert not shower.on and shower.show(np.zeros((4, 4, 3), np.uint8), 0)
+    assert "no display" in capsys.readouterr().err
+    monkeypatch.setenv("DISPLAY", ":99")
+    shower = demo.Shower(True)
+    assert shower.on
+    monkeypatch.setattr(cv2, "imshow", lambda *a: (_ for _ in ()).throw(cv2.error("no GUI")))
+    assert shower.show(np.zeros((4, 4, 3), np.uint8), 0) and not shower.on  # headless OpenCV: note, go on

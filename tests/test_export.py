@@ -1,0 +1,84 @@
+"""export.py: the ONNX file runs in onnxruntime like the PyTorch model, at any batch size."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import export
+from evaluate import load_model
+from utils import UserError
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, checkpoint):
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    result = export.main(["--checkpoint", str(checkpoint), "--out", str(out)])
+    return out, result
+
+
+def test_export_reports_small_difference(exported):
+    out, result = exported
+    assert result["out"] == str(out) and out.is_file()
+    assert result["exporter"] in ("dynamo", "torchscript")
+    assert result["max_diff"] < 1e-3
+
+
+def test_onnx_matches_torch_at_other_batch_sizes(exported, checkpoint):
+    out, _ = exported
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto)
+    dim0 = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.HasField("dim_value")  # a named, free batch dimension
+    meta = {p.key: p.value for p in proto.metadata_props}
+    model, cfg = load_model(checkpoint, torch.device("cpu"))
+    assert meta["size"] == str(cfg["size"]) and meta["age_loss"] == cfg["age_loss"]
+
+    from models import predict_age
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["gender_prob", "age"]
+    s = int(cfg["size"])
+    for n in (3, 7):
+        x = torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(n))
+        prob, age = session.run(None, {"face": x.numpy()})
+        assert prob.shape == (n, 2) and age.shape == (n,)
+        with torch.inference_mode():
+            logits, age_out = model(x)  # the bare model + the repo's own rule, outside the wrapper
+            want_prob = torch.softmax(logits, 1).numpy()
+            want_age = predict_age(age_out, cfg["age_loss"]).numpy()
+        np.testing.assert_allclose(prob.sum(1), 1, atol=1e-5)
+        assert np.abs(prob - want_prob).max() < 1e-4
+        assert np.abs(age - want_age).max() < 1e-3
+
+
+def test_too_large_difference_fails(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.setattr(export, "check", lambda *a, **k: 0.5)
+    out = tmp_path / "m.onnx"
+    with pytest.raises(UserError, match="differs from PyTorch by 0.5"):
+        export.main(["--checkpoint", str(checkpoint), "--out", str(out), "--exporter", "torchscript"])
+    assert not out.exists() and (tmp_path / "m.onnx.failed").is_file()
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="not found; train one"):
+        export.main(["--checkpoint", str(tmp_path / "none.pt")])
+
+
+def test_expected_age_rule_is_inside_the_graph(tmp_path):
+    """A dex head (101 logits): the ONNX age output is already the expected age in years."""
+    import models
+
+    torch.manual_seed(1)
+    model = models.build_model("resnet18", "dex", "none").eval()
+    ckpt = tmp_path / "dex.pt"
+    torch.save({"model": model.state_dict(), "config": {"arch": "resnet18", "age_loss": "dex", "size": 112}}, ckpt)
+    result = export.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "dex.onnx")])
+    assert result["max_diff"] < 1e-3
+    session = ort.InferenceSession(str(tmp_path / "dex.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    _, age = session.run(None, {"face": x.numpy()})
+    with torch.inference_mode():
+        p = torch.softmax(model(x)[1], 1)
+    want = (p * torch.arange(101, dtype=torch.float32)).sum(1).numpy()  # sum_i p_i * i, by hand
+    assert age.shape == (2,) and np.abs(age - want).max() < 1e-3
