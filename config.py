@@ -22,6 +22,8 @@ DETECT_BATCH = 16  # photos per batched MTCNN call
 # --- models.py ---------------------------------------------------------------------------
 ARCH = "resnet18"  # resnet18 | resnet34 | resnet50
 PRETRAINED = "imagenet"  # imagenet (torchvision download) | none | PATH to a local state dict
+REGRESSION_INIT_AGE = 35.0  # l1/l2: the age output starts here (its bias) so training from scratch starts near the data
+MV_LAMBDAS = (0.2, 0.05)  # mean-variance loss weights of the mean and variance terms (Pan et al., CVPR 2018)
 
 # --- train.py ----------------------------------------------------------------------------
 OUT = "runs/r18_112"  # run directory: config.json, metrics.jsonl, last.pt, best.pt, TensorBoard
@@ -29,7 +31,8 @@ AGE_LOSS = "l1"  # l1 | l2 | ce | dex | mv (see models.py for each head and pred
 AGE_WEIGHT = 0.1  # total loss = gender CE + AGE_WEIGHT * age loss (the original: 0.1)
 BATCH_SIZE = 32  # per process; the original used 32
 EPOCHS = 30  # passes over the training split
-LR = 0.01  # peak learning rate at BATCH_SIZE; scaled linearly with the global batch
+LR = 0.01  # peak learning rate at a global batch of LR_BATCH; scaled linearly with the global batch
+LR_BATCH = 32  # lr = LR * (batch size * processes) / LR_BATCH
 MOMENTUM = 0.9  # SGD momentum
 WEIGHT_DECAY = 5e-4  # L2 on weights (not on norms and biases)
 WARMUP_EPOCHS = 1  # linear warm-up before the cosine decay
@@ -38,6 +41,9 @@ SEED = 42  # seeds the split, the cap, the init and the data order
 DEVICE = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
 AMP = True  # bf16 autocast on CUDA (ignored on the CPU unless --amp-cpu)
 COMPILE = False  # torch.compile the model (slow to start; pays off on long GPU runs)
+CHANNELS_LAST = True  # NHWC memory format for the model and its inputs (faster convolutions on GPUs and recent CPUs)
+LOG_EVERY = 20  # steps between progress-bar updates and non-finite-loss checks (each costs one host sync)
+BEST_GENDER_WEIGHT = 10.0  # best.pt minimises age_mae + this * (1 - gender_acc): 1 point of accuracy = 0.1 year
 
 # --- demo.py / evaluate.py / export.py ---------------------------------------------------
 CHECKPOINT = "runs/r18_112/best.pt"  # what demo.py, evaluate.py and export.py load

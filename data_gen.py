@@ -1,0 +1,369 @@
+"""Faces and labels for training and validation: the input normalisation, the augmentation and two loaders.
+
+Not run directly: train.py calls make_loader(), pre_process.py calls pack_split(), demo.py,
+evaluate.py and export.py call preprocess() (the validation transform, so serving sees what
+validation saw).
+
+Both loaders yield the same batches on the device: (x (N, 3, S, S) float normalised, age (N,) long
+years, gender (N,) long, 1 male 0 female), in the same seeded order (a DistributedSampler: one
+permutation per epoch, a shard per process), augmented by the same augment():
+  packed  DATA/faces_{split}.npy, every face of a split in one uint8 (N, S, S, 3) array written by
+          pack_split(); memory-mapped, batches indexed out of it, copied to the device as uint8
+          (4x less than float) and augmented there, the whole batch at once. Used when the file exists.
+  JPEG    FaceDataset: DataLoader workers decode DATA/<image> and augment each face on the CPU.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+import config
+from utils import ImageError, UserError, read_image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB; the torchvision backbones were trained with these
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LABEL_COLUMNS = ("image", "source", "identity", "age", "gender", "split")
+SPLITS = ("train", "valid")
+
+# augmentation: mild, since the faces are already aligned onto a template
+MAX_ROTATE_DEG = 10.0
+MAX_SCALE = 0.10  # zoom factor in [0.9, 1.1]
+MAX_SHIFT = 0.05  # translation, as a fraction of the side
+JITTER = 0.2  # brightness, contrast and saturation factors in [0.8, 1.2]
+
+
+# --- the input transform ---------------------------------------------------------------------
+
+def preprocess(faces: np.ndarray) -> torch.Tensor:
+    """Aligned RGB uint8 faces (N, S, S, 3), or one (S, S, 3), -> the network's input (N, 3, S, S) float32."""
+    faces = np.asarray(faces)
+    return normalize(to_unit(to_nchw(faces[None] if faces.ndim == 3 else faces)))
+
+
+def to_nchw(faces: np.ndarray) -> torch.Tensor:
+    """uint8 (N, S, S, 3) -> a uint8 tensor (N, 3, S, S), channels_last in memory.
+
+    A copy: decoded images and memory maps are read-only, which torch.from_numpy warns about.
+    """
+    return torch.tensor(faces).permute(0, 3, 1, 2)
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, S, S) -> float32 in [0, 1], keeping the memory format."""
+    return x.float().div_(255)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] (N, 3, S, S) -> ImageNet-normalised (N, 3, S, S)."""
+    mean, std = mean_std(x.device)
+    return (x - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # cached: building them per batch would be a host->device copy per batch
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+
+
+def augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random flip, rotation, zoom, shift and colour jitter per face of a [0, 1] batch (N, 3, S, S), on x's device.
+
+    The parameters are drawn on the CPU from `generator` (a few numbers per face), so a seeded
+    generator gives the same augmentation on any device.
+    """
+    n = x.shape[0]
+    u = (torch.rand(n, 8, generator=generator) * 2 - 1).to(x.device, non_blocking=True)  # (N, 8) in [-1, 1)
+    flip = torch.where(u[:, 0] < 0, -1.0, 1.0)  # (N,)
+    angle = u[:, 1] * math.radians(MAX_ROTATE_DEG)
+    scale = 1 + u[:, 2] * MAX_SCALE
+    cos, sin = angle.cos() / scale, angle.sin() / scale
+    shift = u[:, 3:5] * 2 * MAX_SHIFT  # affine_grid's coordinates span 2 per side
+    # theta maps output to input coordinates: rotation/zoom times a horizontal flip, plus the shift
+    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], dim=1),
+                         torch.stack([sin * flip, cos, shift[:, 1]], dim=1)], dim=1)  # (N, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (N, S, S, 2)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)  # (N, 3, S, S)
+    brightness, contrast, saturation = (1 + JITTER * u[:, 5:8]).T[..., None, None, None]  # 3 x (N, 1, 1, 1)
+    x = (x * brightness).clamp_(0, 1)
+    mean_gray = luminance(x).mean(dim=(2, 3), keepdim=True)  # (N, 1, 1, 1)
+    x = ((x - mean_gray) * contrast + mean_gray).clamp_(0, 1)
+    gray = luminance(x)  # (N, 1, S, S)
+    return ((x - gray) * saturation + gray).clamp_(0, 1)
+
+
+def luminance(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 grey of RGB (N, 3, S, S) -> (N, 1, S, S)."""
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+# --- labels ------------------------------------------------------------------------------------
+
+@dataclass
+class Labels:
+    """The rows of one split of labels.csv, in file order."""
+    images: list[str]  # paths relative to the data dir
+    age: np.ndarray  # (N,) int64 years
+    gender: np.ndarray  # (N,) int64, 1 male 0 female
+
+
+def read_labels(data_dir: str | os.PathLike, split: str) -> Labels:
+    """Check every row of DATA/labels.csv and return those of `split`; a bad row is a UserError naming its line."""
+    path = Path(data_dir) / "labels.csv"
+    if not path.is_file():
+        raise UserError(f"{path} not found; write it with `python pre_process.py --out {data_dir}` "
+                        "(or `make quickstart` for the built-in dataset)")
+    images, ages, genders = [], [], []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise UserError(f"{path}: line 1: empty file; expected the header {','.join(LABEL_COLUMNS)}")
+            if tuple(header) != LABEL_COLUMNS:
+                raise UserError(f"{path}: line 1: header {','.join(header)!r}; expected {','.join(LABEL_COLUMNS)}")
+            for row in reader:
+                if not row:
+                    continue
+                image, age, gender, row_split = parse_row(row, f"{path}: line {reader.line_num}")
+                if row_split == split:
+                    images.append(image)
+                    ages.append(age)
+                    genders.append(gender)
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: line {reader.line_num + 1}: not a readable CSV ({e})") from e
+    return Labels(images, np.array(ages, dtype=np.int64), np.array(genders, dtype=np.int64))
+
+
+def parse_row(row: list[str], where: str) -> tuple[str, int, int, str]:
+    if len(row) != len(LABEL_COLUMNS):
+        raise UserError(f"{where}: {len(row)} fields; expected {len(LABEL_COLUMNS)} ({','.join(LABEL_COLUMNS)})")
+    image, _source, _identity, age, gender, split = row
+    if not image:
+        raise UserError(f"{where}: empty image path")
+    if not (age.strip().isdigit() and config.MIN_AGE <= int(age) <= config.MAX_AGE):
+        raise UserError(f"{where}: age {age!r} is not an integer in {config.MIN_AGE}..{config.MAX_AGE}")
+    if gender.strip() not in ("0", "1"):
+        raise UserError(f"{where}: gender {gender!r} is not 1 (male) or 0 (female)")
+    if split not in SPLITS:
+        raise UserError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}")
+    return image, int(age), int(gender), split
+
+
+def load_split(data_dir: str | os.PathLike, split: str) -> Labels:
+    """read_labels(), refusing an empty split."""
+    labels = read_labels(data_dir, split)
+    if not labels.images:
+        raise UserError(f"{Path(data_dir) / 'labels.csv'}: no rows with split {split}; "
+                        "rerun pre_process.py with a --valid-fraction that leaves images on both sides")
+    return labels
+
+
+def head(labels: Labels, limit: int | None) -> Labels:
+    """The first `limit` rows (all for None)."""
+    return Labels(labels.images[:limit], labels.age[:limit], labels.gender[:limit])
+
+
+def read_face(path: Path) -> np.ndarray:
+    """One aligned face (S, S, 3) uint8; a missing or broken file is a UserError naming it."""
+    try:
+        return read_image(path)
+    except FileNotFoundError as e:
+        raise UserError(f"{path}: listed in labels.csv but missing; rerun pre_process.py") from e
+    except ImageError as e:
+        raise UserError(f"{e}; rerun pre_process.py to rewrite it") from e
+
+
+# --- the JPEG path -----------------------------------------------------------------------------
+
+class FaceDataset(Dataset):
+    """(x (3, S, S) float normalised, age, gender) per face of one split, decoded from the JPEGs.
+
+    train=True augments each face with augment(), seeded by (seed, epoch, index): the same face
+    gets the same augmentation in the same epoch whatever worker or process decodes it.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, split: str, train: bool, limit: int | None = None,
+                 seed: int = config.SEED):
+        self.root = Path(data_dir)
+        self.labels = head(load_split(data_dir, split), limit)
+        missing = [p for p in self.labels.images if not (self.root / p).is_file()]
+        if missing:
+            raise UserError(f"{self.root / missing[0]}: listed in labels.csv but missing "
+                            f"({len(missing)} of {len(self.labels.images)} {split} faces are); rerun pre_process.py")
+        self.train, self.seed, self.epoch = train, seed, 0
+        self.size = read_face(self.root / self.labels.images[0]).shape[0]
+
+    def __len__(self) -> int:
+        return len(self.labels.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def face(self, i: int) -> np.ndarray:
+        """The i-th face as stored, (S, S, 3) uint8."""
+        path = self.root / self.labels.images[i]
+        face = read_face(path)
+        if face.shape != (self.size, self.size, 3):
+            raise UserError(f"{path}: {face.shape[1]}x{face.shape[0]}, the other faces are {self.size}x{self.size}; "
+                            "rerun pre_process.py")
+        return face
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        x = to_unit(to_nchw(self.face(i)[None]))  # (1, 3, S, S)
+        if self.train:
+            # hash() of a tuple of ints does not depend on PYTHONHASHSEED
+            x = augment(x, torch.Generator().manual_seed(hash((self.seed, self.epoch, i))))
+        return normalize(x)[0], int(self.labels.age[i]), int(self.labels.gender[i])
+
+
+# --- loaders -----------------------------------------------------------------------------------
+
+def index_sampler(n: int, train: bool, seed: int, rank: int, world_size: int):
+    """Training: a seeded permutation per epoch (set_epoch), padded to a multiple of world_size, a shard per process.
+    Validation: every index once, in order, striped over the processes (no padding, so no face counts twice)."""
+    if train:
+        return DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    return range(rank, n, world_size)
+
+
+class JpegLoader:
+    """Batches of FaceDataset from DataLoader workers, moved to the device."""
+
+    def __init__(self, dataset: FaceDataset, batch_size: int, train: bool, device: torch.device, workers: int,
+                 seed: int, rank: int, world_size: int):
+        self.dataset, self.device, self.size = dataset, device, dataset.size
+        self.sampler = index_sampler(len(dataset), train, seed, rank, world_size)
+        # workers are forked per epoch (not persistent) so that they see the dataset's new epoch
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=train,
+                                 num_workers=workers, pin_memory=device.type == "cuda")
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for x, age, gender in self.loader:
+            yield (x.to(self.device, non_blocking=True), age.to(self.device, non_blocking=True),
+                   gender.to(self.device, non_blocking=True))
+
+
+class PackedLoader:
+    """Batches indexed out of a memory-mapped faces_{split}.npy, moved to the device as uint8 and augmented there."""
+
+    def __init__(self, faces: np.ndarray, labels: Labels, batch_size: int, train: bool, device: torch.device,
+                 seed: int, rank: int, world_size: int):
+        self.faces, self.train, self.device, self.seed, self.rank = faces, train, device, seed, rank
+        self.size = faces.shape[1]
+        self.labels = torch.from_numpy(np.stack([labels.age, labels.gender], axis=1))  # (N, 2)
+        self.sampler = index_sampler(len(faces), train, seed, rank, world_size)
+        self.batches = BatchSampler(self.sampler, batch_size, drop_last=train)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        pin = self.device.type == "cuda"  # pinned memory makes non_blocking copies truly asynchronous
+        for b, idx in enumerate(self.batches):
+            faces = torch.from_numpy(self.faces[idx])  # (B, S, S, 3) uint8, read from the memory map
+            labels = self.labels[idx]  # (B, 2)
+            if pin:
+                faces, labels = faces.pin_memory(), labels.pin_memory()
+            faces = faces.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            x = to_unit(faces.permute(0, 3, 1, 2))  # (B, 3, S, S), channels_last in memory
+            if self.train:
+                x = augment(x, torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank, b))))
+            yield normalize(x), labels[:, 0], labels[:, 1]
+
+
+def packed_path(data_dir: str | os.PathLike, split: str) -> Path:
+    return Path(data_dir) / f"faces_{split}.npy"
+
+
+def open_packed(path: Path, rows: int, data_dir: str | os.PathLike) -> np.ndarray:
+    """The memory-mapped (rows, S, S, 3) uint8 array, checked against labels.csv."""
+    try:
+        faces = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: unreadable ({e}); rebuild it with `python pre_process.py --out {data_dir} --pack-only` "
+                        "or delete it to use the JPEGs") from e
+    if faces.dtype != np.uint8 or faces.ndim != 4 or faces.shape[0] != rows or faces.shape[3] != 3 \
+            or faces.shape[1] != faces.shape[2]:
+        raise UserError(f"{path}: {faces.dtype} {tuple(faces.shape)} does not match the {rows} rows of labels.csv "
+                        f"(stale?); rebuild it with `python pre_process.py --out {data_dir} --pack-only` "
+                        "or delete it to use the JPEGs")
+    return faces
+
+
+def make_loader(data_dir: str | os.PathLike, split: str, train: bool, batch_size: int,
+                device: str | torch.device = "cpu", *, workers: int = config.NUM_WORKERS, seed: int = config.SEED,
+                rank: int = 0, world_size: int = 1, jpeg: bool = False, limit: int | None = None
+                ) -> PackedLoader | JpegLoader:
+    """Batches of one split on `device`: packed when DATA/faces_{split}.npy exists (unless jpeg), else from the JPEGs.
+
+    train: shuffle (seeded, call set_epoch(epoch) each epoch), augment, drop the last partial
+    batch; else every face once, in order. rank/world_size: this process's shard. limit: only the
+    first `limit` faces of the split.
+    """
+    device = torch.device(device)
+    packed = packed_path(data_dir, split)
+    if packed.is_file() and not jpeg:
+        labels = load_split(data_dir, split)
+        faces = open_packed(packed, len(labels.images), data_dir)
+        labels = head(labels, limit)
+        return PackedLoader(faces[:len(labels.images)], labels, batch_size, train, device, seed, rank, world_size)
+    dataset = FaceDataset(data_dir, split, train, limit, seed)
+    return JpegLoader(dataset, batch_size, train, device, workers, seed, rank, world_size)
+
+
+# --- packing -----------------------------------------------------------------------------------
+
+def pack_split(data_dir: str | os.PathLike, split: str, workers: int = config.WORKERS) -> Path | None:
+    """Write DATA/faces_{split}.npy from the split's JPEGs, atomically; None (nothing written) for an empty split."""
+    root = Path(data_dir)
+    labels = read_labels(root, split)
+    if not labels.images:
+        return None
+    out = packed_path(root, split)
+    first = read_face(root / labels.images[0])
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        faces = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(labels.images), *first.shape))
+        paths = [root / p for p in labels.images]
+        with ThreadPoolExecutor(max(1, workers)) as pool:  # Pillow decodes with the GIL released
+            for i, (path, face) in enumerate(tqdm(zip(paths, pool.map(read_face, paths)), total=len(paths),
+                                                  desc=f"pack {split}", unit="face")):
+                if face.shape != first.shape:
+                    raise UserError(f"{path}: {face.shape[1]}x{face.shape[0]}, the first face is "
+                                    f"{first.shape[1]}x{first.shape[0]}; rerun pre_process.py")
+                faces[i] = face
+        faces.flush()
+        del faces  # unmap before the rename
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out

@@ -1,0 +1,158 @@
+"""data_gen.py: the input transform, the labels checks, packing, and the packed loader against the JPEG one.
+
+Also holds make_fake_data(), the tiny learnable data dir that test_train.py trains on.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data_gen
+from data_gen import IMAGENET_MEAN, IMAGENET_STD, augment, make_loader, pack_split, preprocess
+from utils import UserError, read_image, write_jpeg
+
+
+def fake_face(age: int, gender: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A face-sized picture whose labels show: a top band whose grey rises with age, a red (male) or blue tint."""
+    face = rng.integers(40, 90, (size, size, 3)).astype(np.uint8)  # (S, S, 3) noise as background
+    face[: size // 3] = int(40 + 2 * age)  # the band
+    face[size // 3:, :, 0 if gender else 2] += 120  # the tint
+    return face
+
+
+def make_fake_data(root, n_train: int = 48, n_valid: int = 16, size: int = 32, pack: bool = False, seed: int = 0):
+    """A data dir as pre_process.py writes it: faces/00/*.jpg, labels.csv, summary.json (and the packed arrays)."""
+    rng = np.random.default_rng(seed)
+    rows = ["image,source,identity,age,gender,split"]
+    for i in range(n_train + n_valid):
+        age, gender = int(rng.integers(10, 80)), i % 2
+        write_jpeg(root / "faces" / "00" / f"{i}.jpg", fake_face(age, gender, size, rng))
+        rows.append(f"faces/00/{i}.jpg,00/{i}.jpg,nm{i},{age},{gender},{'train' if i < n_train else 'valid'}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    (root / "summary.json").write_text(json.dumps({"size": size}))
+    if pack:
+        for split in ("train", "valid"):
+            pack_split(root, split)
+    return root
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_fake_data(tmp_path / "data", n_train=12, n_valid=7, pack=True)
+
+
+def batches(loader):
+    xs, ages, genders = zip(*loader)
+    return torch.cat(xs), torch.cat(ages), torch.cat(genders)
+
+
+# --- the transform ------------------------------------------------------------------------------
+
+def test_preprocess_is_the_imagenet_normalisation():
+    faces = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    manual = (faces.astype(np.float64) / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)  # (N, S, S, 3)
+    x = preprocess(faces)
+    assert x.shape == (2, 3, 8, 8) and x.dtype == torch.float32
+    assert torch.allclose(x, torch.from_numpy(manual.transpose(0, 3, 1, 2)).float(), atol=1e-6)
+    assert torch.equal(preprocess(faces[1]), x[1:])  # one face (S, S, 3) -> a batch of one
+
+
+def test_validation_input_is_the_demo_input(data):
+    """What validation feeds the network equals preprocess() of the same JPEG, on both paths."""
+    first = preprocess(read_image(data / "faces/00/12.jpg"))  # the first valid face
+    for jpeg in (True, False):
+        x, _, _ = next(iter(make_loader(data, "valid", False, 4, workers=0, jpeg=jpeg)))
+        assert torch.equal(x[:1], first)
+
+
+def test_packed_equals_jpeg(data):
+    packed = make_loader(data, "valid", False, 3, jpeg=False)
+    jpeg = make_loader(data, "valid", False, 3, workers=1, jpeg=True)
+    assert type(packed).__name__ == "PackedLoader" and type(jpeg).__name__ == "JpegLoader"
+    assert len(packed) == len(jpeg) == 3  # 7 faces, the last batch partial
+    for a, b in zip(batches(packed), batches(jpeg)):
+        assert torch.equal(a, b)
+    # training: the same seeded order (checked through the labels) on both paths, a new one per epoch
+    orders = []
+    for jpeg_path in (False, True):
+        loader = make_loader(data, "train", True, 4, workers=0, jpeg=jpeg_path, seed=3)
+        loader.set_epoch(2)
+        orders.append(batches(loader)[1])
+    assert torch.equal(orders[0], orders[1]) and len(orders[0]) == 12
+    loader.set_epoch(3)
+    assert not torch.equal(batches(loader)[1], orders[1])
+
+
+def test_shards_cover_the_split(data):
+    valid = [batches(make_loader(data, "valid", False, 2, rank=r, world_size=2))[1] for r in (0, 1)]
+    assert sorted(torch.cat(valid).tolist()) == sorted(batches(make_loader(data, "valid", False, 2))[1].tolist())
+    train = [make_loader(data, "train", True, 2, rank=r, world_size=2) for r in (0, 1)]
+    assert len(train[0]) == len(train[1]) == 3  # 12 faces, 6 per process
+
+
+def test_augment_keeps_shapes_and_ranges():
+    x = torch.rand(16, 3, 32, 32)
+    y = augment(x, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert y.min() >= 0 and y.max() <= 1
+    assert not torch.allclose(y, x, atol=0.05)  # it does something
+    assert abs(y.mean() - x.mean()) < 0.1  # but mildly
+    assert torch.equal(y, augment(x, torch.Generator().manual_seed(0)))  # seeded
+    assert torch.equal(augment(x.to(memory_format=torch.channels_last), torch.Generator().manual_seed(0)), y)
+
+
+def test_augmented_batches_stay_in_range(data):
+    lo = (0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    hi = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    for jpeg in (False, True):
+        loader = make_loader(data, "train", True, 4, workers=0, jpeg=jpeg)
+        x, age, gender = next(iter(loader))
+        assert x.shape == (4, 3, 32, 32) and age.dtype == gender.dtype == torch.long
+        per_channel = x.transpose(0, 1).reshape(3, -1)  # (3, N*S*S)
+        assert (per_channel.min(1).values >= lo - 1e-5).all() and (per_channel.max(1).values <= hi + 1e-5).all()
+
+
+# --- packing and the checks ------------------------------------------------------------------------
+
+def test_pack_split_writes_the_faces(tmp_path):
+    data = make_fake_data(tmp_path, n_train=5, n_valid=2)
+    assert pack_split(data, "valid") == data / "faces_valid.npy"
+    faces = np.load(data / "faces_valid.npy", mmap_mode="r")
+    assert faces.shape == (2, 32, 32, 3) and faces.dtype == np.uint8
+    assert np.array_equal(faces[1], read_image(data / "faces/00/6.jpg"))
+    assert sorted(p.name for p in data.iterdir()) == ["faces", "faces_valid.npy", "labels.csv", "summary.json"]
+
+
+def test_stale_pack_is_refused(data):
+    np.save(data / "faces_valid.npy", np.zeros((3, 32, 32, 3), np.uint8))  # labels.csv has 7 valid rows
+    with pytest.raises(UserError, match="faces_valid.npy.*7 rows.*--pack-only"):
+        make_loader(data, "valid", False, 4)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("", "line 1: empty file"),
+    ("image,age,gender\n", "line 1: header"),
+    ("image,source,identity,age,gender,split\nfaces/00/0.jpg,s,i,30,1,train\nfaces/00/1.jpg,s,i,abc,1,train\n",
+     "line 3: age 'abc'"),
+    ("image,source,identity,age,gender,split\nfaces/00/0.jpg,s,i,101,1,train\n", "line 2: age '101'"),
+    ("image,source,identity,age,gender,split\nfaces/00/0.jpg,s,i,30,1,train\n\nfaces/00/1.jpg,s,i,30,m,train\n",
+     "line 4: gender 'm'"),
+    ("image,source,identity,age,gender,split\nfaces/00/0.jpg,s,i,30,1,test\n", "line 2: split 'test'"),
+    ("image,source,identity,age,gender,split\nfaces/00/0.jpg,s,30,1,train\n", "line 2: 5 fields"),
+])
+def test_malformed_labels_name_the_line(tmp_path, text, match):
+    (tmp_path / "labels.csv").write_text(text)
+    with pytest.raises(UserError, match=match):
+        data_gen.FaceDataset(tmp_path, "train", train=False)
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(UserError, match="labels.csv not found.*pre_process.py"):
+        make_loader(tmp_path, "train", True, 4)
+    data = make_fake_data(tmp_path / "d", n_train=3, n_valid=0)
+    (data / "faces/00/1.jpg").unlink()
+    with pytest.raises(UserError, match=r"faces/00/1.jpg: listed in labels.csv but missing \(1 of 3"):
+        make_loader(data, "train", True, 4, jpeg=True)
+    with pytest.raises(UserError, match="no rows with split valid"):
+        make_loader(data, "valid", False, 4)

@@ -1,0 +1,359 @@
+"""Train the age-and-gender network on a pre-processed data dir (pre_process.py's output).
+
+    python train.py --data data/imdb_112 --out runs/r18_112
+    torchrun --nproc_per_node=8 train.py --data data/imdb_112 --out runs/r18_112   # DDP, a shard per process
+    python train.py --data data/imdb_112 --out runs/r18_112 --resume runs/r18_112/last.pt
+
+Every epoch trains on the train split, validates on the valid split and writes, in OUT:
+  config.json    the resolved settings, the git commit and the torch version (at the start)
+  metrics.jsonl  one line per epoch: epoch, gender_acc, age_mae, cs5, train_loss, val_loss, score,
+                 lr, seconds, train_images_per_s
+  last.pt        the latest epoch: model, optimizer, scheduler, epoch, best, config, metrics
+  best.pt        the same for the epoch with the lowest score = age_mae + BEST_GENDER_WEIGHT *
+                 (1 - gender_acc), so 1 point of gender accuracy is worth 0.1 year of MAE (default)
+  tb/            TensorBoard scalars: tensorboard --logdir OUT/tb
+Checkpoints hold plain values and state dicts only: torch.load(path, weights_only=True) reads them.
+A fresh run (no --resume) over an existing OUT starts its metrics.jsonl and tb/ over.
+`python train.py --help` lists every option with its default (all from config.py).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import config
+from data_gen import make_loader
+from metrics import MetricSums
+from models import AGE_LOSSES, ARCHS, build_model, predict_age, total_loss
+from utils import (UserError, append_jsonl, atomic_torch_save, atomic_write_text, git_commit, pick_device, read_jsonl,
+                   run_main, seed_everything, write_json)
+
+# settings a checkpoint cannot be resumed under if they change: they change the model or its input
+RESUME_MUST_MATCH = ("arch", "age_loss", "size")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--data", default=config.DATA, help="pre-processed data dir with labels.csv (default: %(default)s)")
+    p.add_argument("--out", default=config.OUT, help="run directory (default: %(default)s)")
+    p.add_argument("--arch", default=config.ARCH, choices=ARCHS, help="backbone (default: %(default)s)")
+    p.add_argument("--pretrained", default=config.PRETRAINED,
+                   help="imagenet (torchvision download), none, or PATH to a local backbone state dict (default: %(default)s)")
+    p.add_argument("--age-loss", default=config.AGE_LOSS, choices=AGE_LOSSES,
+                   help="age head and loss, see models.py (default: %(default)s)")
+    p.add_argument("--age-weight", type=float, default=config.AGE_WEIGHT,
+                   help="loss = gender CE + this * age loss (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=config.BATCH_SIZE, help="images per step per process (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=config.EPOCHS, help="total epochs, counting resumed ones (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=config.LR,
+                   help=f"peak learning rate at a global batch of {config.LR_BATCH}, scaled linearly (default: %(default)s)")
+    p.add_argument("--momentum", type=float, default=config.MOMENTUM, help="SGD momentum (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=config.WEIGHT_DECAY,
+                   help="on weights, not on norms and biases (default: %(default)s)")
+    p.add_argument("--warmup-epochs", type=float, default=config.WARMUP_EPOCHS,
+                   help="linear warm-up, then cosine decay to 0, per step (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=config.NUM_WORKERS,
+                   help="DataLoader workers of the JPEG path, per process (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=config.SEED, help="init, data order and augmentation (default: %(default)s)")
+    p.add_argument("--device", default=config.DEVICE, help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=config.AMP,
+                   help="bf16 autocast on CUDA (default: %(default)s)")
+    p.add_argument("--amp-cpu", action="store_true", help="bf16 autocast on the CPU too (default: off)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=config.CHANNELS_LAST,
+                   help="NHWC memory format (default: %(default)s)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=config.COMPILE,
+                   help="torch.compile the model (default: %(default)s)")
+    p.add_argument("--jpeg", action="store_true",
+                   help="decode the JPEGs even where faces_{split}.npy exists (default: off; for comparisons)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use only the first N faces of each split (default: all; for smoke tests)")
+    p.add_argument("--resume", default=None, help="continue from this last.pt (default: none, a fresh run)")
+    p.add_argument("--log-every", type=int, default=config.LOG_EVERY,
+                   help="steps between progress updates and non-finite-loss checks (default: %(default)s)")
+    p.add_argument("--best-gender-weight", type=float, default=config.BEST_GENDER_WEIGHT,
+                   help="best.pt minimises age_mae + this * (1 - gender_acc) (default: %(default)s)")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "epochs", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+# --- processes, devices, precision -------------------------------------------------------------
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device): torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) or a single process."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(device_name)
+    if world > 1:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return rank, world, device
+
+
+def memory_format_of(args: argparse.Namespace) -> torch.memory_format:
+    return torch.channels_last if args.channels_last else torch.contiguous_format
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Give every process rank 0's BatchNorm statistics, so that all validate the model rank 0 saves.
+
+    DDP broadcasts them only at the start of each training forward; each process's last batch then moved its own.
+    """
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+# --- optimisation -----------------------------------------------------------------------------
+
+def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with weight decay on the weights only: decaying norm scales and biases only hurts."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD([{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+                            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+                           lr=lr, momentum=momentum)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per step: linear warm-up to the peak lr, then cosine decay to 0 at total_steps."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --- one epoch --------------------------------------------------------------------------------
+
+def train_one_epoch(model, loader, optimizer, scheduler, autocast, args, epoch: int, world: int, device: torch.device,
+                    writer) -> tuple[float, float]:
+    """(mean training loss over all processes, images/s over all processes).
+
+    writer: rank 0's TensorBoard writer; None on the other ranks, which show no bar either.
+    """
+    model.train()
+    memory_format = memory_format_of(args)
+    loss_sum = torch.zeros((), device=device)  # kept on the device: reading it is a host sync
+    nonfinite = torch.zeros((), device=device)
+    seen, start = 0, time.perf_counter()
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{args.epochs} train", unit="step", disable=writer is None,
+               leave=False, dynamic_ncols=True)
+    for step, (x, age, gender) in enumerate(loader, 1):
+        x = x.contiguous(memory_format=memory_format)  # (B, 3, S, S)
+        with autocast():
+            gender_logits, age_out = model(x)  # (B, 2), (B, 1 | 101)
+        loss = total_loss(gender_logits, age_out, gender, age, args.age_loss, args.age_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * x.shape[0]
+        nonfinite += loss.detach().isfinite().logical_not()
+        seen += x.shape[0]
+        if step % args.log_every == 0 or step == len(loader):
+            stop_if_nonfinite(nonfinite, epoch, step, args.out)
+            running, images_per_s = loss_sum.item() / seen, seen * world / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{running:.4f}", img_s=f"{images_per_s:.0f}")
+            bar.update(step - bar.n)
+            if writer is not None:
+                writer.add_scalar("train/running_loss", running, (epoch - 1) * len(loader) + step)
+    bar.close()
+    totals = all_reduce_sum(torch.stack([loss_sum.double(), loss_sum.new_full((), seen, dtype=torch.float64)]))
+    total_loss_sum, total_seen = totals.tolist()  # the host sync that ends the epoch's clock
+    return total_loss_sum / total_seen, total_seen / (time.perf_counter() - start)
+
+
+def stop_if_nonfinite(nonfinite: torch.Tensor, epoch: int, step: int, out: str) -> None:
+    """Raise when any process saw a nan/inf loss; all processes check at the same steps, so they stop together."""
+    if all_reduce_sum(nonfinite.clone()).item():
+        raise UserError(f"the training loss became nan or inf in epoch {epoch}, by step {step}; stopped, nothing saved "
+                        f"from this epoch ({Path(out) / 'last.pt'} holds the last good one, if any); "
+                        "lower --lr or --age-weight")
+
+
+@torch.inference_mode()
+def validate(net, loader, autocast, args, device: torch.device, show_bar: bool) -> dict:
+    """gender_accuracy, age_mae, cs5, loss over the whole valid split (the sum of every process's stripe).
+
+    net is the model without its DDP wrapper: the stripes differ in length, and DDP's forward
+    would wait for the other processes.
+    """
+    net.eval()
+    memory_format = memory_format_of(args)
+    sums = MetricSums(device)
+    for x, age, gender in tqdm(loader, desc="valid", unit="step", disable=not show_bar, leave=False, dynamic_ncols=True):
+        with autocast():
+            gender_logits, age_out = net(x.contiguous(memory_format=memory_format))  # (B, 2), (B, 1 | 101)
+        loss = total_loss(gender_logits, age_out, gender, age, args.age_loss, args.age_weight)
+        sums.update(predict_age(age_out, args.age_loss), age, gender_logits.argmax(dim=1), gender, loss)
+    sums.all_reduce()
+    return sums.compute()
+
+
+# --- files ------------------------------------------------------------------------------------
+
+def load_resume(path: str) -> dict:
+    if not Path(path).is_file():
+        raise UserError(f"--resume {path}: not found; it is the last.pt of an earlier run (OUT/last.pt)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file; the message says which
+        raise UserError(f"--resume {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+
+
+def check_resumable(saved: dict, now: dict, path: str) -> None:
+    diffs = [f"{k} {saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in RESUME_MUST_MATCH if saved.get(k) != now[k]]
+    if diffs:
+        raise UserError(f"--resume {path}: settings differ: {'; '.join(diffs)}; "
+                        "use the checkpoint's settings, or start a fresh run in another --out")
+
+
+def start_logs(out: Path, ckpt: dict | None) -> None:
+    """Resume: metrics.jsonl keeps the epochs before the checkpoint's plus its own line (epochs then continue).
+    Fresh run: metrics.jsonl and the TensorBoard events start empty."""
+    log = out / "metrics.jsonl"
+    if ckpt is None:
+        records = []
+        for events in (out / "tb").glob("events.out.tfevents.*"):
+            events.unlink()
+    else:
+        earlier = read_jsonl(log) if log.is_file() else []
+        records = [r for r in earlier if r["epoch"] < ckpt["epoch"]] + [ckpt["metrics"]]
+    atomic_write_text(log, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))  # append_jsonl's format
+
+
+def resolved_config(args: argparse.Namespace, size: int, world: int, device: torch.device, amp: bool) -> dict:
+    """What config.json and the checkpoints record: every option plus what was derived (plain values only)."""
+    return dict(vars(args), size=size, world_size=world, global_batch=args.batch_size * world,
+                peak_lr=args.lr * args.batch_size * world / config.LR_BATCH, device_used=str(device), amp_enabled=amp,
+                git_commit=git_commit(), torch=str(torch.__version__))
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train; returns the best epoch's metrics (on every process)."""
+    args = parse_args(argv)
+    rank, world, device = init_distributed(args.device)
+    try:
+        return train(args, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
+    master = rank == 0  # only it prints bars and writes files
+    out = Path(args.out)
+    seed_everything(args.seed)
+    ckpt = load_resume(args.resume) if args.resume else None
+    loader_args = dict(batch_size=args.batch_size, device=device, workers=args.workers, seed=args.seed, rank=rank,
+                       world_size=world, jpeg=args.jpeg, limit=args.limit)
+    train_loader = make_loader(args.data, "train", True, **loader_args)
+    valid_loader = make_loader(args.data, "valid", False, **loader_args)
+    if len(train_loader) == 0:
+        raise UserError(f"--batch-size {args.batch_size}: larger than this process's share of the training faces; "
+                        "lower it (or --nproc_per_node)")
+    amp = args.amp and (device.type == "cuda" or args.amp_cpu)
+    cfg = resolved_config(args, train_loader.size, world, device, amp)
+    if ckpt is not None:
+        check_resumable(ckpt["config"], cfg, args.resume)
+        if ckpt["epoch"] >= args.epochs:
+            raise UserError(f"--resume {args.resume}: already trained {ckpt['epoch']} epochs; pass --epochs above that")
+
+    memory_format = memory_format_of(args)
+    raw = build_model(args.arch, args.age_loss, "none" if ckpt else args.pretrained).to(device, memory_format=memory_format)
+    optimizer = make_optimizer(raw, cfg["peak_lr"], args.momentum, args.weight_decay)
+    steps = len(train_loader)
+    scheduler = warmup_cosine(optimizer, max(1, round(args.warmup_epochs * steps)), args.epochs * steps)
+    start_epoch, best = 1, None
+    if ckpt is not None:
+        raw.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, best = ckpt["epoch"] + 1, ckpt["best"]
+    net = torch.compile(raw) if args.compile else raw
+    model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=amp)
+    torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
+
+    writer = None
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", cfg)
+        start_logs(out, ckpt)
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+        print(f"training {args.arch}/{args.age_loss} on {device} x{world}, {len(train_loader)} steps of "
+              f"{cfg['global_batch']} per epoch, peak lr {cfg['peak_lr']:g}, {'bf16' if amp else 'fp32'}"
+              f"{', resuming at epoch ' + str(start_epoch) if ckpt else ''}")
+    try:
+        for epoch in range(start_epoch, args.epochs + 1):
+            started = time.perf_counter()
+            train_loader.set_epoch(epoch)
+            train_loss, images_per_s = train_one_epoch(model, train_loader, optimizer, scheduler, autocast, args, epoch,
+                                                       world, device, writer)
+            sync_buffers(raw)
+            m = validate(net, valid_loader, autocast, args, device, show_bar=master)
+            record = dict(epoch=epoch, gender_acc=m["gender_accuracy"], age_mae=m["age_mae"], cs5=m["cs5"],
+                          train_loss=train_loss, val_loss=m["loss"],
+                          score=m["age_mae"] + args.best_gender_weight * (1 - m["gender_accuracy"]),
+                          lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - started,
+                          train_images_per_s=images_per_s)
+            improved = best is None or record["score"] < best["score"]
+            if improved:
+                best = {k: record[k] for k in ("epoch", "score", "gender_acc", "age_mae", "cs5")}
+            if master:
+                save_epoch(out, writer, record, improved, best, cfg, raw, optimizer, scheduler)
+    finally:
+        if writer is not None:
+            writer.close()
+    if master:
+        print(f"best: epoch {best['epoch']}, validation gender accuracy {100 * best['gender_acc']:.2f}%, "
+              f"age MAE {best['age_mae']:.2f} years ({out / 'best.pt'})")
+    return best
+
+
+def save_epoch(out: Path, writer, record: dict, improved: bool, best: dict, cfg: dict, raw, optimizer, scheduler) -> None:
+    """Checkpoints first, then the metrics line: a resume repairs the log from the checkpoint (start_logs)."""
+    ckpt = dict(model=raw.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                epoch=record["epoch"], best=best, config=cfg, metrics=record)
+    atomic_torch_save(ckpt, out / "last.pt")
+    if improved:
+        atomic_torch_save(ckpt, out / "best.pt")
+    append_jsonl(out / "metrics.jsonl", record)
+    for key, value in record.items():
+        if key != "epoch":
+            writer.add_scalar(f"epoch/{key}", value, record["epoch"])
+    writer.flush()
+    tqdm.write(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, valid loss {record['val_loss']:.4f}, "
+               f"gender acc {100 * record['gender_acc']:.2f}%, age MAE {record['age_mae']:.2f}, CS(5) "
+               f"{100 * record['cs5']:.1f}%{' (best)' if improved else ''}, {record['seconds']:.0f}s, "
+               f"{record['train_images_per_s']:.0f} img/s")
+
+
+if __name__ == "__main__":
+    run_main(main)
