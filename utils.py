@@ -38,12 +38,16 @@ def run_main(main: Callable[[], Any]) -> None:
 
 # --- atomic writes: a killed process leaves the old file or the new one, never half of one ---
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # the only way to read the umask is to set it
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to a temp file beside `path`, fsync it, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file what open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
