@@ -284,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     splits = assign_split(meta.identity[chosen], args.split, args.valid_fraction, args.seed)
     print(f"{name}: {len(meta.full_path)} photos, {int(keep.sum())} pass the filters, {len(chosen)} after the cap")
 
+    for stale in (out / "faces").rglob(".*.tmp"):  # left by a run killed mid-write
+        stale.unlink()
     targets = [out / face_path(meta.full_path[i]) for i in chosen]
     todo = [(root / meta.full_path[i], t) for i, t in zip(chosen, targets) if not t.is_file()]
     if len(todo) < len(chosen):
