@@ -315,7 +315,7 @@ def breakdown(pred_age, true_age, pred_gender, true_gender) -> dict:
     def stats(mask):
         n = int(mask.sum())
         return dict(n=n, age_mae=float(err[mask].mean()) if n else None,
-                    gender_accuracy=float(right[mask].mean()) if n else None)
+                    gender_acc=float(right[mask].mean()) if n else None)
 
     confusion = np.zeros((2, 2), dtype=np.int64)
     np.add.at(confusion, (true_gender, pred_gender), 1)
@@ -336,7 +336,7 @@ def headline(pred_age, true_age, pred_gender, true_gender) -> dict:
 
 # --- outputs -----------------------------------------------------------------------------------
 
-HEADLINE_NAMES = {"gender_accuracy": ("gender accuracy", True), "age_mae": ("age MAE (years)", False),
+HEADLINE_NAMES = {"gender_acc": ("gender accuracy", True), "age_mae": ("age MAE (years)", False),
                   "cs5": ("CS(5)", True)}  # metrics.py's keys -> printed name, shown as a percentage
 
 
@@ -356,10 +356,10 @@ def format_table(result: dict) -> str:
         lines.append(f"  {name:<16}{_fmt(v, pct) if isinstance(v, float) else v:>10}")
     lines += ["", f"  {'true age':<9}{'n':>7}{'age MAE':>10}{'gender acc':>12}"]
     for label, s in result["by_age_bucket"].items():
-        lines.append(f"  {label:<9}{s['n']:>7}{_fmt(s['age_mae']):>10}{_fmt(s['gender_accuracy'], True):>12}")
+        lines.append(f"  {label:<9}{s['n']:>7}{_fmt(s['age_mae']):>10}{_fmt(s['gender_acc'], True):>12}")
     lines += ["", f"  {'gender':<9}{'n':>7}{'age MAE':>10}{'gender acc':>12}"]
     for label, s in result["by_gender"].items():
-        lines.append(f"  {label:<9}{s['n']:>7}{_fmt(s['age_mae']):>10}{_fmt(s['gender_accuracy'], True):>12}")
+        lines.append(f"  {label:<9}{s['n']:>7}{_fmt(s['age_mae']):>10}{_fmt(s['gender_acc'], True):>12}")
     m = result["confusion"]["matrix"]
     lines += ["", "  confusion (rows: true, columns: predicted)", f"  {'':<9}{'female':>9}{'male':>9}",
               f"  {'female':<9}{m[0][0]:>9}{m[0][1]:>9}", f"  {'male':<9}{m[1][0]:>9}{m[1][1]:>9}"]
@@ -411,12 +411,12 @@ def plot(out: Path, records: list[dict], result: dict) -> list[Path]:
     _save(fig, paths[1])
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    acc = [100 * (buckets[b]["gender_accuracy"] or 0) for b in labels]
+    acc = [100 * (buckets[b]["gender_acc"] or 0) for b in labels]
     bars = ax.bar(labels, acc, color="#55A868")
     for bar, n in zip(bars, counts):
         ax.annotate(f"n={n}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
     ax.set(xlabel="true age (years)", ylabel="gender accuracy (%)", ylim=(0, 105),
-           title=f"Gender accuracy by age (overall {100 * result['metrics'].get('gender_accuracy', float('nan')):.2f}%)")
+           title=f"Gender accuracy by age (overall {100 * result['metrics'].get('gender_acc', float('nan')):.2f}%)")
     _save(fig, paths[2])
     return paths
 

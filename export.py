@@ -23,6 +23,7 @@ import numpy as np
 
 import config
 from utils import UserError, atomic_write_bytes, run_main
+from data_gen import IMAGENET_MEAN, IMAGENET_STD
 
 INPUT, OUTPUTS = "face", ("gender_prob", "age")
 
@@ -139,15 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     meta = dict(input=f"{INPUT}: float32 (N, 3, {size}, {size}), an aligned RGB face normalised as data_gen.preprocess",
                 outputs="gender_prob (N, 2): softmax over (female, male); age (N,): years",
                 size=size, arch=cfg.get("arch"), age_loss=cfg.get("age_loss"), checkpoint=str(args.checkpoint),
-                exporter=used)
-    try:
-        import data_gen
-
-        for key in ("MEAN", "STD"):
-            if hasattr(data_gen, key):
-                meta[key.lower()] = list(np.asarray(getattr(data_gen, key), dtype=float).ravel())
-    except ImportError:
-        pass
+                exporter=used, mean=[float(v) for v in IMAGENET_MEAN], std=[float(v) for v in IMAGENET_STD])
     data = add_metadata(data, meta)
     diff = check(module, data, size)
     ok = diff <= args.tolerance

@@ -1,7 +1,7 @@
 """The metrics, one implementation for train.py (validation) and evaluate.py (test sets).
 
 Not run directly.
-  gender_accuracy  share of faces whose predicted gender (argmax of the 2 logits) is right
+  gender_acc  share of faces whose predicted gender (argmax of the 2 logits) is right
   age_mae          mean |predicted age - true age| in years
   cs5              cumulative score CS(5): share of faces with |age error| <= 5 years
 compute_metrics() works on numpy arrays of raw predictions (evaluate.py adds its breakdowns from the
@@ -19,12 +19,12 @@ CS_K = 5  # years of tolerance of the cumulative score
 
 def compute_metrics(pred_age: np.ndarray, true_age: np.ndarray, pred_gender: np.ndarray, true_gender: np.ndarray,
                     k: int = CS_K) -> dict:
-    """{gender_accuracy, age_mae, cs<k>} over N faces; ages in years, genders 0/1, all arrays (N,)."""
+    """{gender_acc, age_mae, cs<k>} over N faces; ages in years, genders 0/1, all arrays (N,)."""
     err = np.abs(np.asarray(pred_age, np.float64) - np.asarray(true_age, np.float64))
     if err.size == 0:
         raise ValueError("no predictions to score")
     right = np.asarray(pred_gender) == np.asarray(true_gender)
-    return {"gender_accuracy": float(right.mean()), "age_mae": float(err.mean()), f"cs{k}": float((err <= k).mean())}
+    return {"gender_acc": float(right.mean()), "age_mae": float(err.mean()), f"cs{k}": float((err <= k).mean())}
 
 
 class MetricSums:
@@ -52,9 +52,9 @@ class MetricSums:
             dist.all_reduce(self.sums)
 
     def compute(self) -> dict:
-        """{gender_accuracy, age_mae, cs<k>, loss}: one host sync."""
+        """{gender_acc, age_mae, cs<k>, loss}: one host sync."""
         s = dict(zip(self.FIELDS, self.sums.tolist()))
         if s["n"] == 0:
             raise ValueError("no predictions to score")
-        return {"gender_accuracy": s["gender_right"] / s["n"], "age_mae": s["abs_err"] / s["n"],
+        return {"gender_acc": s["gender_right"] / s["n"], "age_mae": s["abs_err"] / s["n"],
                 f"cs{self.k}": s["within_k"] / s["n"], "loss": s["loss"] / s["n"]}

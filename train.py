@@ -195,7 +195,7 @@ def stop_if_nonfinite(nonfinite: torch.Tensor, epoch: int, step: int, out: str) 
 
 @torch.inference_mode()
 def validate(net, loader, autocast, args, device: torch.device, show_bar: bool) -> dict:
-    """gender_accuracy, age_mae, cs5, loss over the whole valid split (the sum of every process's stripe).
+    """gender_acc, age_mae, cs5, loss over the whole valid split (the sum of every process's stripe).
 
     net is the model without its DDP wrapper: the stripes differ in length, and DDP's forward
     would wait for the other processes.
@@ -318,9 +318,9 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                                                        world, device, writer)
             sync_buffers(raw)
             m = validate(net, valid_loader, autocast, args, device, show_bar=master)
-            record = dict(epoch=epoch, gender_acc=m["gender_accuracy"], age_mae=m["age_mae"], cs5=m["cs5"],
+            record = dict(epoch=epoch, gender_acc=m["gender_acc"], age_mae=m["age_mae"], cs5=m["cs5"],
                           train_loss=train_loss, val_loss=m["loss"],
-                          score=m["age_mae"] + args.best_gender_weight * (1 - m["gender_accuracy"]),
+                          score=m["age_mae"] + args.best_gender_weight * (1 - m["gender_acc"]),
                           lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - started,
                           train_images_per_s=images_per_s)
             improved = best is None or record["score"] < best["score"]

@@ -39,13 +39,13 @@ def test_breakdown_by_hand():
     pred_gender = np.array([0, 0, 0, 1, 0, 1])  # right, wrong, right, right, wrong, wrong
     b = ev.breakdown(pred_age, true_age, pred_gender, true_gender)
     by = b["by_age_bucket"]
-    assert by["0-9"] == dict(n=2, age_mae=1.0, gender_accuracy=0.5)
-    assert by["20-29"] == dict(n=2, age_mae=5.5, gender_accuracy=1.0)
-    assert by["70+"] == dict(n=2, age_mae=8.0, gender_accuracy=0.0)
-    assert by["10-19"] == dict(n=0, age_mae=None, gender_accuracy=None)
+    assert by["0-9"] == dict(n=2, age_mae=1.0, gender_acc=0.5)
+    assert by["20-29"] == dict(n=2, age_mae=5.5, gender_acc=1.0)
+    assert by["70+"] == dict(n=2, age_mae=8.0, gender_acc=0.0)
+    assert by["10-19"] == dict(n=0, age_mae=None, gender_acc=None)
     assert list(by) == list(ev.BUCKET_LABELS)
-    assert b["by_gender"]["female"] == dict(n=3, age_mae=pytest.approx(12 / 3), gender_accuracy=pytest.approx(2 / 3))
-    assert b["by_gender"]["male"] == dict(n=3, age_mae=pytest.approx(17 / 3), gender_accuracy=pytest.approx(1 / 3))
+    assert b["by_gender"]["female"] == dict(n=3, age_mae=pytest.approx(12 / 3), gender_acc=pytest.approx(2 / 3))
+    assert b["by_gender"]["male"] == dict(n=3, age_mae=pytest.approx(17 / 3), gender_acc=pytest.approx(1 / 3))
     # rows true (female, male), columns predicted (female, male)
     assert b["confusion"]["matrix"] == [[2, 1], [2, 1]]
 
@@ -83,7 +83,7 @@ def check_against_predictions(out, expected_n):
         rows = list(csv.DictReader(f))
     assert m["n"] == len(rows) == expected_n
     h = by_hand(rows)
-    assert m["metrics"]["gender_accuracy"] == pytest.approx(h["acc"])
+    assert m["metrics"]["gender_acc"] == pytest.approx(h["acc"])
     assert m["metrics"]["age_mae"] == pytest.approx(h["mae"], abs=1e-6)
     assert m["metrics"]["cs5"] == pytest.approx(h["cs5"])
     for r, e, ok in zip(rows, h["err"], h["right"]):
@@ -92,7 +92,7 @@ def check_against_predictions(out, expected_n):
                    if min(int(float(r2["age"]) // 10), 7) == min(int(float(r["age"]) // 10), 7)]
         assert bucket["n"] == len(members)
         assert bucket["age_mae"] == pytest.approx(sum(x for x, _ in members) / len(members), abs=1e-6)
-        assert bucket["gender_accuracy"] == pytest.approx(sum(y for _, y in members) / len(members))
+        assert bucket["gender_acc"] == pytest.approx(sum(y for _, y in members) / len(members))
     conf = np.zeros((2, 2), int)
     for r in rows:
         conf[int(r["gender"]), int(r["pred_gender"])] += 1
@@ -163,12 +163,12 @@ def test_known_outputs(tmp_path, samples, checkpoint, monkeypatch):
     m = ev.main(["--checkpoint", str(checkpoint), "--utkface", str(folder), "--out", str(out), "--device", "cpu"])
     # errors 4, 3, 41; gender right only for the man
     assert m["metrics"]["age_mae"] == pytest.approx(48 / 3)
-    assert m["metrics"]["gender_accuracy"] == pytest.approx(1 / 3)
+    assert m["metrics"]["gender_acc"] == pytest.approx(1 / 3)
     assert m["metrics"]["cs5"] == pytest.approx(2 / 3)
-    assert m["by_age_bucket"]["30-39"] == dict(n=1, age_mae=4.0, gender_accuracy=0.0)
-    assert m["by_age_bucket"]["40-49"] == dict(n=1, age_mae=3.0, gender_accuracy=1.0)
-    assert m["by_age_bucket"]["70+"] == dict(n=1, age_mae=41.0, gender_accuracy=0.0)
-    assert m["by_gender"]["female"] == dict(n=2, age_mae=22.5, gender_accuracy=0.0)
+    assert m["by_age_bucket"]["30-39"] == dict(n=1, age_mae=4.0, gender_acc=0.0)
+    assert m["by_age_bucket"]["40-49"] == dict(n=1, age_mae=3.0, gender_acc=1.0)
+    assert m["by_age_bucket"]["70+"] == dict(n=1, age_mae=41.0, gender_acc=0.0)
+    assert m["by_gender"]["female"] == dict(n=2, age_mae=22.5, gender_acc=0.0)
     assert m["confusion"]["matrix"] == [[0, 2], [0, 1]]
     with open(out / "predictions.csv") as f:
         assert [float(r["p_male"]) for r in csv.DictReader(f)] == pytest.approx([0.8] * 3)

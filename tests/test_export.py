@@ -1,4 +1,6 @@
 """export.py: the ONNX file runs in onnxruntime like the PyTorch model, at any batch size."""
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -33,6 +35,8 @@ def test_onnx_matches_torch_at_other_batch_sizes(exported, checkpoint):
     meta = {p.key: p.value for p in proto.metadata_props}
     model, cfg = load_model(checkpoint, torch.device("cpu"))
     assert meta["size"] == str(cfg["size"]) and meta["age_loss"] == cfg["age_loss"]
+    from data_gen import IMAGENET_MEAN, IMAGENET_STD
+    assert json.loads(meta["mean"]) == list(IMAGENET_MEAN) and json.loads(meta["std"]) == list(IMAGENET_STD)
 
     from models import predict_age
 

@@ -121,7 +121,7 @@ TRUE_GENDER = np.array([1, 1, 1, 0, 0])  # 3 of 5 right
 
 def test_metrics_by_hand():
     m = compute_metrics(PRED_AGE, TRUE_AGE, PRED_GENDER, TRUE_GENDER)
-    assert m == {"gender_accuracy": pytest.approx(0.6), "age_mae": pytest.approx(17.5 / 5), "cs5": pytest.approx(0.6)}
+    assert m == {"gender_acc": pytest.approx(0.6), "age_mae": pytest.approx(17.5 / 5), "cs5": pytest.approx(0.6)}
     assert compute_metrics(PRED_AGE, TRUE_AGE, PRED_GENDER, TRUE_GENDER, k=1)["cs1"] == pytest.approx(0.4)
     with pytest.raises(ValueError):
         compute_metrics([], [], [], [])
