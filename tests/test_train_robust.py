@@ -1,0 +1,70 @@
+"""train.py killed mid-run: SIGKILL then --resume ends where an uninterrupted run ends; Ctrl-C says what was saved."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from test_data_gen import make_fake_data
+from utils import REPO, read_jsonl
+
+EPOCHS = 3
+TIMING = ("seconds", "train_images_per_s")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_fake_data(tmp_path_factory.mktemp("data"), n_train=192, n_valid=16, pack=True)
+
+
+def command(data, out, *extra):
+    return [sys.executable, "train.py", "--data", str(data), "--out", str(out), "--pretrained", "none",
+            "--device", "cpu", "--batch-size", "16", "--workers", "0", "--epochs", str(EPOCHS), *extra]
+
+
+def start_and_wait_for_epoch_1(data, out):
+    proc = subprocess.Popen(command(data, out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    log = out / "metrics.jsonl"  # its first line comes after epoch 1's checkpoints
+    while not (log.exists() and log.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    return proc
+
+
+def without_timing(log):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in log]
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(data, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(command(data, whole), cwd=REPO, check=True, capture_output=True)
+    proc = start_and_wait_for_epoch_1(data, killed)
+    time.sleep(0.2)  # into epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(killed / "last.pt", weights_only=True)  # never half-written
+    assert saved["epoch"] < EPOCHS, "the kill must land before the run ends"
+    subprocess.run(command(data, killed, "--resume", str(killed / "last.pt")), cwd=REPO, check=True,
+                   capture_output=True)
+    resumed, straight = read_jsonl(killed / "metrics.jsonl"), read_jsonl(whole / "metrics.jsonl")
+    assert [r["epoch"] for r in resumed] == list(range(1, EPOCHS + 1))
+    for mine, theirs in zip(without_timing(resumed), without_timing(straight)):
+        assert mine == pytest.approx(theirs, abs=1e-5)
+    a, b = (torch.load(d / "best.pt", weights_only=True) for d in (killed, whole))
+    assert a["epoch"] == b["epoch"]
+    for key, value in b["model"].items():
+        assert torch.allclose(a["model"][key].float(), value.float(), atol=1e-5), key
+
+
+def test_ctrl_c_stops_cleanly_and_says_what_was_saved(data, tmp_path):
+    proc = start_and_wait_for_epoch_1(data, tmp_path)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert f"holds epoch 1; go on with --resume {tmp_path / 'last.pt'}" in err
+    assert "Traceback" not in err
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
