@@ -1,0 +1,27 @@
+"""The README's first command, `make quickstart`, end to end in a temp folder: it must learn."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from utils import REPO, read_jsonl
+
+
+def test_make_quickstart_learns_and_annotates(tmp_path):
+    venv = Path(sys.executable).parent.parent  # the venv running the tests (make test made it)
+    r = subprocess.run(["make", "quickstart", f"VENV={venv}", f"QS_CROP={tmp_path}/crop", f"QS_DATA={tmp_path}/data",
+                        f"QS_RUN={tmp_path}/run"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    readme = (REPO / "README.md").read_text()
+    assert "make quickstart" in readme.split("```bash")[1]  # the README's first command is this one
+    best = min(read_jsonl(tmp_path / "run" / "metrics.jsonl"), key=lambda m: m["score"])
+    assert best["gender_acc"] >= 0.95 and best["age_mae"] <= 6, best
+    assert "best: epoch" in r.stdout
+    ev = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    # evaluate.py agrees with train.py; train validated under bf16 autocast, evaluate runs fp32
+    assert abs(ev["metrics"]["age_mae"] - best["age_mae"]) < 0.05
+    assert ev["metrics"]["gender_acc"] == best["gender_acc"]
+    results = json.loads((tmp_path / "run" / "demo" / "results.json").read_text())
+    assert sorted(Path(e["image"]).name for e in results) == ["astronaut.jpg", "camera.jpg", "grace_hopper.jpg"]
+    assert all(len(e["faces"]) == 1 for e in results)
+    assert all((tmp_path / "run" / "demo" / Path(e["image"]).name).is_file() for e in results)
