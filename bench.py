@@ -200,6 +200,35 @@ def cpu_busy(seconds: float = 1.0) -> float | None:
     return 1 - (idle1 - idle0) / max(total1 - total0, 1)
 
 
+class OthersMeter:
+    """How much of the machine other processes used while we ran: /proc/stat's busy time minus our own
+    CPU time (this process and its waited-for children: DataLoader workers, pool workers, the peer)."""
+
+    def __init__(self):
+        self.start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                values = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        t = os.times()
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = (sum(values) - values[3] - values[4]) / tick  # seconds of CPU, all cores
+        return busy, t.user + t.system + t.children_user + t.children_system, time.perf_counter()
+
+    def share(self) -> float | None:
+        """Share of all cores' time that other processes used since the start (0..1), None off Linux."""
+        end = self._read()
+        if self.start is None or end is None:
+            return None
+        wall = (end[2] - self.start[2]) * (os.cpu_count() or 1)
+        others = (end[0] - self.start[0]) - (end[1] - self.start[1])
+        return min(max(others / max(wall, 1e-9), 0.0), 1.0)
+
+
 def load_note(busy: float | None = None) -> dict:
     """How busy the machine was before we started: timings taken on a busy machine mean little."""
     note = {"cpu_count": os.cpu_count()}
@@ -538,6 +567,10 @@ def table(res: dict) -> str:
     if res["peer_skipped"]:
         lines.append(f"  peer skipped: {res['peer_skipped']}")
     lines.append("  ratios: tuned/naive, batched/per-image, peer ms/our ms (above 1: ours is faster)")
+    share = res["machine"].get("others_share_during_run")
+    if share is not None and share > 0.1 and not s["quick"]:
+        lines.append(f"  WARNING: other processes used {100 * share:.0f}% of the CPU during this run: these timings "
+                     "are skewed; rerun when the machine is quiet")
     if res.get("grid"):
         lines.append(f"train grid (tuned, bf16, channels_last, batch {s['grid_batch']}"
                      f"{', compiled' if s['compile'] else ''}, random faces in memory):")
@@ -552,6 +585,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
     machine = warn_if_busy(args.quick)
+    others = OthersMeter()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -573,6 +607,9 @@ def main(argv: list[str] | None = None) -> dict:
         grid = phase("grid", bench_grid, args, tmp, device) if args.grid else None
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    share = others.share()
+    if share is not None:
+        machine["others_share_during_run"] = round(share, 3)
     res = dict(
         train_speedup=quotient(train_res["tuned_images_per_s"], train_res["naive_images_per_s"]),
         train_tuned_images_per_s=train_res["tuned_images_per_s"],

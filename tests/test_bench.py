@@ -42,6 +42,7 @@ def test_every_measure_is_a_positive_number(run):
     for key in PEER_KEYS:
         assert key in res
     assert res["device"] == "cpu" and res["torch"] and res["device_name"].startswith("cpu")
+    assert 0 <= res["machine"]["others_share_during_run"] <= 1  # how much else ran: a skewed run says so
     s = res["settings"]
     for key in ("steps", "warmup", "repeats", "batch_size", "naive_batch", "detect_batch", "preprocess_photos",
                 "infer_repeat", "size"):
