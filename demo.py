@@ -31,8 +31,8 @@ import cv2
 import numpy as np
 
 import config
-from evaluate import (IMAGE_SUFFIXES, Labelled, detect_and_align, list_images, load_model, predict, read_csv_labels,
-                      read_utkface)
+from evaluate import IMAGE_SUFFIXES, Labelled, list_images, load_model, predict, read_csv_labels, read_utkface
+from face import detect_and_align
 from utils import REPO, ImageError, UserError, atomic_write_bytes, pick_device, read_image, run_main, write_json
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")

@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 import config
-from utils import (ImageError, UserError, atomic_write_bytes, atomic_write_text, pick_device, read_image, run_main,
+from face import detect_and_align
+from utils import (UserError, atomic_write_bytes, atomic_write_text, pick_device, read_image_or_reason, run_main,
                    write_json)
 
 GENDERS = ("female", "male")  # index = class id: 0 female, 1 male (as in labels.csv)
@@ -195,36 +196,6 @@ def read_pre_processed(data: Path, split: str) -> list[Labelled]:
             for image, age, gender in zip(labels.images, labels.age, labels.gender)]
 
 
-def _read(path: Path) -> np.ndarray | str:
-    """The RGB image, or the reason it cannot be used (empty, not_image, truncated, missing_file)."""
-    try:
-        return read_image(path)
-    except ImageError as e:
-        return e.reason
-    except FileNotFoundError:
-        return "missing_file"
-
-
-def detect_and_align(detector, images: list[np.ndarray], size: int) -> list[dict | None]:
-    """Per photo: the central face (face.central_face) aligned with face.align_face, or None.
-
-    Each dict: face (size, size, 3) uint8, box (4,), landmarks (5, 2), score.
-    """
-    from face import align_face, central_face
-
-    found = detector.detect(images) if images else []
-    out = []
-    for img, faces in zip(images, found):
-        i = central_face(faces, img.shape)
-        if i is None:
-            out.append(None)
-            continue
-        marks = np.asarray(faces.landmarks[i], dtype=np.float32)
-        out.append(dict(face=align_face(img, marks, size), box=np.asarray(faces.boxes[i], dtype=np.float32),
-                        landmarks=marks, score=float(np.asarray(faces.scores)[i])))
-    return out
-
-
 # --- the two kinds of evaluation -------------------------------------------------------------
 
 def evaluate_aligned(items: list[Labelled], model, cfg: dict, device, batch_size: int, workers: int
@@ -239,7 +210,7 @@ def evaluate_aligned(items: list[Labelled], model, cfg: dict, device, batch_size
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             good, faces = [], []
-            for item, img in zip(chunk, pool.map(_read, [it.path for it in chunk])):
+            for item, img in zip(chunk, pool.map(read_image_or_reason, [it.path for it in chunk])):
                 if isinstance(img, str):
                     skipped[img] = skipped.get(img, 0) + 1
                     continue
@@ -271,7 +242,7 @@ def evaluate_photos(items: list[Labelled], model, cfg: dict, device, batch_size:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             good, images = [], []
-            for item, img in zip(chunk, pool.map(_read, [it.path for it in chunk])):
+            for item, img in zip(chunk, pool.map(read_image_or_reason, [it.path for it in chunk])):
                 if isinstance(img, str):
                     skipped[img] = skipped.get(img, 0) + 1
                     print(f"warning: {item.path}: {img.replace('_', ' ')}, skipped", file=sys.stderr)

@@ -709,3 +709,27 @@ def center_landmarks(image_shape: Sequence[int], size: int) -> np.ndarray:
     side = math.sqrt(h * w) / (1.0 + 2.0 * IMDB_MARGIN)
     corner = np.array([(w - side) / 2, (h - side) / 2])
     return (template(size).astype(np.float64) * (side / size) + corner).astype(np.float32)
+
+
+def detect_and_align(detector: FaceDetector, images: list[np.ndarray], size: int,
+                     center_fallback: bool = False) -> list[dict | None]:
+    """Per photo: the central face (central_face) aligned with align_face, or None where none is found.
+
+    Each dict: face (size, size, 3) uint8, box (4,) or None, landmarks (5, 2), score. With
+    center_fallback a photo without a face gets the central region its 40% margin implies
+    (center_landmarks), box None and score 0.
+    """
+    found = detector.detect(images) if images else []
+    out: list[dict | None] = []
+    for img, faces in zip(images, found):
+        i = central_face(faces, img.shape)
+        if i is None and not center_fallback:
+            out.append(None)
+            continue
+        if i is None:
+            marks, box, score = center_landmarks(img.shape, size), None, 0.0
+        else:
+            marks = np.asarray(faces.landmarks[i], dtype=np.float32)
+            box, score = np.asarray(faces.boxes[i], dtype=np.float32), float(np.asarray(faces.scores)[i])
+        out.append(dict(face=align_face(img, marks, size), box=box, landmarks=marks, score=score))
+    return out

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import config
-from utils import (ImageError, UserError, atomic_write_bytes, atomic_write_text, pick_device, read_image, run_main,
+from utils import (UserError, atomic_write_bytes, atomic_write_text, pick_device, read_image_or_reason, run_main,
                    write_json, write_jpeg)
 
 FIELDS = ("dob", "photo_taken", "full_path", "gender", "face_score", "second_face_score")
@@ -149,29 +149,19 @@ def face_path(full_path: str) -> str:
     return str(Path("faces") / Path(full_path).with_suffix(".jpg"))
 
 
-def decode(path: Path) -> np.ndarray | str:
-    """Worker job: the RGB photo, or the drop reason when it is not a usable image."""
-    try:
-        return read_image(path)
-    except ImageError as e:
-        return e.reason
-    except FileNotFoundError:
-        return "missing_file"
-
-
 def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: str, workers: int,
               batch: int, quality: int) -> dict:
     """Detect, align and write every (source, target) pair; returns dropped count per reason."""
     import torch
     from tqdm import tqdm
 
-    from face import FaceDetector, align_face, center_landmarks, central_face
+    from face import FaceDetector, detect_and_align
 
     detector = FaceDetector(device=device)
     dropped: dict[str, int] = {}
     ctx = mp.get_context("spawn")  # fork after torch threads start can deadlock
     with ctx.Pool(workers) if workers > 0 else _InlinePool() as pool, tqdm(total=len(todo), desc="align", unit="face") as bar:
-        photos = pool.imap(decode, [src for src, _ in todo], chunksize=8)
+        photos = pool.imap(read_image_or_reason, [src for src, _ in todo], chunksize=8)
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]
             decoded = [next(photos) for _ in chunk]
@@ -180,14 +170,12 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
                 if isinstance(img, str):
                     dropped[img] = dropped.get(img, 0) + 1
             with torch.inference_mode():
-                found = detector.detect([img for _, img in good]) if good else []
-            for ((_, dst), img), faces in zip(good, found):
-                i = central_face(faces, img.shape)
-                if i is None and fallback == "drop":
+                aligned = detect_and_align(detector, [img for _, img in good], size, fallback == "center")
+            for ((_, dst), _), face in zip(good, aligned):
+                if face is None:
                     dropped["no_face"] = dropped.get("no_face", 0) + 1
-                    continue
-                marks = faces.landmarks[i] if i is not None else center_landmarks(img.shape, size)
-                write_jpeg(dst, align_face(img, marks, size), quality)
+                else:
+                    write_jpeg(dst, face["face"], quality)
             bar.update(len(chunk))
     return dropped
 

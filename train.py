@@ -311,7 +311,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         print(f"training {args.arch}/{args.age_loss} on {device} x{world}, {len(train_loader)} steps of "
               f"{cfg['global_batch']} per epoch, peak lr {cfg['peak_lr']:g}, {'bf16' if amp else 'fp32'}"
               f"{', resuming at epoch ' + str(start_epoch) if ckpt else ''}")
-    epoch = saved = start_epoch - 1  # saved: the last epoch whose checkpoint is on disk
+    epoch, began = start_epoch, time.time()
     try:
         for epoch in range(start_epoch, args.epochs + 1):
             started = time.perf_counter()
@@ -330,12 +330,13 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                 best = {k: record[k] for k in ("epoch", "score", "gender_acc", "age_mae", "cs5")}
             if master:
                 save_epoch(out, writer, record, improved, best, cfg, raw, optimizer, scheduler)
-                saved = epoch
     except KeyboardInterrupt:
         if master:  # what a user needs after Ctrl-C: what is safe on disk and how to go on
+            last = out / "last.pt"  # ask the disk: Ctrl-C can land between the save and anything after it
+            ours = last.is_file() and (ckpt is not None or last.stat().st_mtime >= began)
             print(f"\ninterrupted in epoch {epoch}: " + (
-                f"{out / 'last.pt'} holds epoch {saved}; go on with --resume {out / 'last.pt'}" if saved >= 1
-                else "no epoch finished, nothing saved"), file=sys.stderr)
+                f"{last} holds epoch {torch.load(last, weights_only=True)['epoch']}; go on with --resume {last}"
+                if ours else "no epoch finished, nothing saved"), file=sys.stderr)
         raise
     finally:
         if writer is not None:

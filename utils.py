@@ -120,6 +120,19 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
+def read_image_or_reason(path: str | os.PathLike) -> np.ndarray | str:
+    """read_image, but a file that can't be used gives its reason (empty, not_image, truncated, missing_file).
+
+    For loops over many photos, where one bad file is counted and skipped, not fatal.
+    """
+    try:
+        return read_image(path)
+    except ImageError as e:
+        return e.reason
+    except FileNotFoundError:
+        return "missing_file"
+
+
 def write_jpeg(path: str | os.PathLike, rgb: np.ndarray, quality: int = 95) -> None:
     """Atomically write an RGB uint8 array as JPEG."""
     buf = io.BytesIO()
