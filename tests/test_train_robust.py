@@ -62,7 +62,10 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(data, tmp_pa
 def test_ctrl_c_stops_cleanly_and_says_what_was_saved(data, tmp_path):
     proc = start_and_wait_for_epoch_1(data, tmp_path)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never leave a training process behind a failed test
     tail = err[-2000:]
     assert proc.returncode == 130, tail
     on_disk = torch.load(tmp_path / "last.pt", weights_only=True)["epoch"]
