@@ -198,46 +198,14 @@ def read_pre_processed(data: Path, split: str) -> list[Labelled]:
 
 # --- the two kinds of evaluation -------------------------------------------------------------
 
-def evaluate_aligned(items: list[Labelled], model, cfg: dict, device, batch_size: int, workers: int
-                     ) -> tuple[list[dict], dict]:
-    """Predict pre-aligned faces: (records, skipped count per reason)."""
+def read_batches(items: list[Labelled], batch_size: int, workers: int, unit: str, skipped: dict):
+    """Yield (items, RGB images) per batch, decoded in threads, with a progress bar.
+
+    Files that are not usable images are counted in `skipped` by reason and left out.
+    """
     from tqdm import tqdm
 
-    size = int(cfg["size"])
-    records, skipped = [], {}
-    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(items), desc="evaluate", unit="face",
-                                                            file=sys.stderr, disable=None) as bar:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            good, faces = [], []
-            for item, img in zip(chunk, pool.map(read_image_or_reason, [it.path for it in chunk])):
-                if isinstance(img, str):
-                    skipped[img] = skipped.get(img, 0) + 1
-                    continue
-                if img.shape[:2] != (size, size):
-                    raise UserError(f"{item.path}: a {img.shape[1]}x{img.shape[0]} face, but the checkpoint takes "
-                                    f"{size}x{size}; evaluate on a pre_process.py output made with --size {size}")
-                good.append(item)
-                faces.append(img)
-            if faces:
-                p_male, ages = predict(model, cfg, np.stack(faces), device, batch_size)
-                records += [_record(it, p, a) for it, p, a in zip(good, p_male, ages)]
-            bar.update(len(chunk))
-    return records, skipped
-
-
-def evaluate_photos(items: list[Labelled], model, cfg: dict, device, batch_size: int, workers: int,
-                    detector=None) -> tuple[list[dict], dict]:
-    """Detect, align and predict raw labelled photos: (records, skipped count per reason)."""
-    from tqdm import tqdm
-
-    if detector is None:
-        from face import FaceDetector
-
-        detector = FaceDetector(device=str(device))
-    size = int(cfg["size"])
-    records, skipped = [], {}
-    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(items), desc="evaluate", unit="photo",
+    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(items), desc="evaluate", unit=unit,
                                                             file=sys.stderr, disable=None) as bar:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
@@ -249,14 +217,43 @@ def evaluate_photos(items: list[Labelled], model, cfg: dict, device, batch_size:
                 else:
                     good.append(item)
                     images.append(img)
-            aligned = detect_and_align(detector, images, size)
-            kept = [(it, a) for it, a in zip(good, aligned) if a is not None]
-            if len(kept) < len(good):
-                skipped["no_face"] = skipped.get("no_face", 0) + len(good) - len(kept)
-            if kept:
-                p_male, ages = predict(model, cfg, np.stack([a["face"] for _, a in kept]), device, batch_size)
-                records += [_record(it, p, a) for (it, _), p, a in zip(kept, p_male, ages)]
+            yield good, images
             bar.update(len(chunk))
+
+
+def evaluate_aligned(items: list[Labelled], model, cfg: dict, device, batch_size: int, workers: int
+                     ) -> tuple[list[dict], dict]:
+    """Predict pre-aligned faces: (records, skipped count per reason)."""
+    size = int(cfg["size"])
+    records, skipped = [], {}
+    for good, faces in read_batches(items, batch_size, workers, "face", skipped):
+        for item, img in zip(good, faces):
+            if img.shape[:2] != (size, size):
+                raise UserError(f"{item.path}: a {img.shape[1]}x{img.shape[0]} face, but the checkpoint takes "
+                                f"{size}x{size}; evaluate on a pre_process.py output made with --size {size}")
+        if faces:
+            p_male, ages = predict(model, cfg, np.stack(faces), device, batch_size)
+            records += [_record(it, p, a) for it, p, a in zip(good, p_male, ages)]
+    return records, skipped
+
+
+def evaluate_photos(items: list[Labelled], model, cfg: dict, device, batch_size: int, workers: int,
+                    detector=None) -> tuple[list[dict], dict]:
+    """Detect, align and predict raw labelled photos: (records, skipped count per reason)."""
+    if detector is None:
+        from face import FaceDetector
+
+        detector = FaceDetector(device=str(device))
+    size = int(cfg["size"])
+    records, skipped = [], {}
+    for good, images in read_batches(items, batch_size, workers, "photo", skipped):
+        aligned = detect_and_align(detector, images, size)
+        kept = [(it, a) for it, a in zip(good, aligned) if a is not None]
+        if len(kept) < len(good):
+            skipped["no_face"] = skipped.get("no_face", 0) + len(good) - len(kept)
+        if kept:
+            p_male, ages = predict(model, cfg, np.stack([a["face"] for _, a in kept]), device, batch_size)
+            records += [_record(it, p, a) for (it, _), p, a in zip(kept, p_male, ages)]
     return records, skipped
 
 
