@@ -392,18 +392,11 @@ def bench_grid(args: argparse.Namespace, tmp: Path, device: torch.device) -> lis
 # --- pre-processing ------------------------------------------------------------------------------
 
 def align_photos(detector, photos: list[np.ndarray], batch: int, size: int) -> int:
-    """pre_process.align_all's work on decoded photos, batch photos per detect call: faces aligned."""
-    from face import align_face, central_face
+    """pre_process.align_all's work (face.detect_and_align) on decoded photos, batch photos a call: faces aligned."""
+    from face import detect_and_align
 
-    aligned = 0
-    for start in range(0, len(photos), batch):
-        chunk = photos[start:start + batch]
-        for img, faces in zip(chunk, detector.detect(chunk)):
-            i = central_face(faces, img.shape)
-            if i is not None:
-                align_face(img, faces.landmarks[i], size)
-                aligned += 1
-    return aligned
+    return sum(face is not None for start in range(0, len(photos), batch)
+               for face in detect_and_align(detector, photos[start:start + batch], size))
 
 
 def bench_preprocess(args: argparse.Namespace, data: Path, photos_dir: Path, device: torch.device, size: int) -> dict:

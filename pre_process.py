@@ -152,7 +152,6 @@ def face_path(full_path: str) -> str:
 def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: str, workers: int,
               batch: int, quality: int) -> dict:
     """Detect, align and write every (source, target) pair; returns dropped count per reason."""
-    import torch
     from tqdm import tqdm
 
     from face import FaceDetector, detect_and_align
@@ -169,8 +168,7 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
             for img in decoded:
                 if isinstance(img, str):
                     dropped[img] = dropped.get(img, 0) + 1
-            with torch.inference_mode():
-                aligned = detect_and_align(detector, [img for _, img in good], size, fallback == "center")
+            aligned = detect_and_align(detector, [img for _, img in good], size, fallback == "center")
             for ((_, dst), _), face in zip(good, aligned):
                 if face is None:
                     dropped["no_face"] = dropped.get("no_face", 0) + 1
@@ -290,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         dataset=name, photos=len(meta.full_path), kept=len(rows), dropped=dropped,
         train=sum(r["split"] == "train" for r in rows), valid=sum(r["split"] == "valid" for r in rows),
         male=sum(r["gender"] == 1 for r in rows), female=sum(r["gender"] == 0 for r in rows),
-        size=args.size, settings={k: v for k, v in vars(args).items()}))
+        size=args.size, settings=vars(args)))
     write_labels(out, rows)
     if args.pack:
         pack(out)

@@ -163,7 +163,8 @@ def write_mat(path: Path, fields: dict, celeb_names: list[str]) -> None:
     """Save the struct in imdb.mat's layout: 1x1 struct `imdb`, every field a 1xN array or cell."""
     def cell(values):  # a 1xN MATLAB cell array
         arr = np.empty((1, len(values)), dtype=object)
-        arr[0, :] = values if not isinstance(values[0], np.ndarray) else [v for v in values]
+        for i, v in enumerate(values):  # one by one: numpy would stack equal-shaped arrays into one
+            arr[0, i] = v
         return arr
 
     struct = {

@@ -1,4 +1,4 @@
-"""Helpers shared by every script: errors, atomic writes, images, seeding, devices, meters.
+"""Helpers shared by every script: errors, atomic writes, images, seeding, devices, code version.
 
 Not run directly.
 """
@@ -173,17 +173,3 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
 
-
-class AverageMeter:
-    """Running mean of a value, weighted by batch size."""
-
-    def __init__(self) -> None:
-        self.sum, self.count = 0.0, 0
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.sum += float(value) * n
-        self.count += n
-
-    @property
-    def avg(self) -> float:
-        return self.sum / max(self.count, 1)
