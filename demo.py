@@ -120,13 +120,13 @@ def display_available() -> bool:
 class Annotator:
     """Detector + model: faces of a photo with their predictions, and drawing them."""
 
-    def __init__(self, checkpoint: str, device: str, min_score: float):
+    def __init__(self, checkpoint: str, device: str, min_score: float, min_face: int = config.DEMO_MIN_FACE):
         from face import FaceDetector
 
         self.device = pick_device(device)
         self.model, self.cfg = load_model(checkpoint, self.device)
         self.size = int(self.cfg["size"])
-        self.detector = FaceDetector(device=str(self.device))
+        self.detector = FaceDetector(device=str(self.device), min_face_size=min_face)
         self.min_score = min_score
 
     def analyse(self, image: np.ndarray) -> list[dict]:
@@ -363,13 +363,17 @@ def make_sheet(source: Path, ann: Annotator, out: Path, rows: int) -> list[dict]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=config.CHECKPOINT, help="best.pt written by train.py (default: %(default)s)")
+    p.add_argument("--checkpoint", default=config.CHECKPOINT,
+                   help="best.pt written by train.py, or a .onnx written by export.py (onnxruntime on the CPU: "
+                        "faster there) (default: %(default)s)")
     p.add_argument("--input", nargs="+", default=None,
                    help=f"image files, folders, a video file or a webcam index (default: the samples in {config.IMAGES}/)")
     p.add_argument("--output", default=config.DEMO_OUT, help="where the annotated photos go (default: %(default)s)")
     p.add_argument("--device", default=config.DEVICE, help="auto, cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--min-score", type=float, default=config.DEMO_MIN_SCORE,
                    help="ignore detections whose MTCNN score is below this (default: %(default)s)")
+    p.add_argument("--min-face", type=int, default=config.DEMO_MIN_FACE,
+                   help="smallest face looked for, in pixels (MTCNN's min_face_size) (default: %(default)s)")
     p.add_argument("--show", action="store_true", help="also show each result in a window (when a display exists)")
     p.add_argument("--max-frames", type=int, default=0, help="video/webcam: stop after N frames, 0 = all (default: %(default)s)")
     p.add_argument("--sheet", default=None, metavar="FOLDER_OR_CSV",
@@ -385,13 +389,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         source = Path(args.sheet)
         if not source.exists():
             raise UserError(f"--sheet {source}: no such file or folder")
-        ann = Annotator(args.checkpoint, args.device, args.min_score)
+        ann = Annotator(args.checkpoint, args.device, args.min_score, args.min_face)
         return make_sheet(source, ann, out_dir / "sheet.png", args.sheet_rows)
     inputs = collect_inputs(args.input or [os.path.relpath(REPO / config.IMAGES)])
     for kind, value in inputs:
         if kind == "image" and (out_dir.resolve() / value.name) == value.resolve():
             raise UserError(f"--output {out_dir}: would overwrite the input {value}; choose another folder")
-    ann = Annotator(args.checkpoint, args.device, args.min_score)
+    ann = Annotator(args.checkpoint, args.device, args.min_score, args.min_face)
     shower = Shower(args.show)
     results, used = [], set()
     out_dir.mkdir(parents=True, exist_ok=True)

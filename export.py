@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     from evaluate import load_model
 
     args = parse_args(argv)
+    if Path(args.checkpoint).suffix.lower() == ".onnx":
+        raise UserError(f"--checkpoint {args.checkpoint}: already ONNX; export.py reads a best.pt written by train.py")
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".onnx")
     model, cfg = load_model(args.checkpoint, torch.device("cpu"))
     size = int(cfg["size"])

@@ -461,7 +461,17 @@ class _Batch:
         upper = tl + (tr - tl) * lx
         lower = bl + (br - bl) * lx
         out = torch.where(inside[..., None], upper + (lower - upper) * ly, torch.zeros((), device=boxes.device))
-        return out.permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
+        return out.permute(0, 3, 1, 2)  # (N, 3, S, S), channels_last in memory
+
+
+def tile_side(rects: list[tuple[int, float, int, int]]) -> int:
+    """Smallest side of a P-Net tile: _TILE, or less where all pyramid levels fit in one smaller tile.
+
+    P-Net's cost is the tile's area, so a small photo (or a large min_face_size) must not pay for a
+    mostly empty 384 x 384 canvas; the 1.3 leaves room for the shelf packing's waste.
+    """
+    area = sum(hs * ws for _, _, hs, ws in rects)
+    return min(_TILE, math.ceil(math.sqrt(1.3 * area) / 2) * 2)
 
 
 def _pack(rects: list[tuple[int, int]], min_side: int) -> tuple[int, int, list[tuple[int, int, int]]]:
@@ -508,6 +518,8 @@ class FaceDetector:
         self.thresholds = tuple(float(t) for t in thresholds)
         self.scale_factor = scale_factor
         self.pnet, self.rnet, self.onet = (m.to(self.device) for m in load_mtcnn())
+        # R-Net and O-Net see NHWC crops (_Batch.crops): 2x and 1.3x faster on a CPU than NCHW
+        self.rnet, self.onet = (m.to(memory_format=torch.channels_last) for m in (self.rnet, self.onet))
 
     @staticmethod
     def _as_rgb(image: np.ndarray) -> np.ndarray:
@@ -565,7 +577,7 @@ class FaceDetector:
         empty = torch.zeros((0, 4), device=dev), torch.zeros((0,), dtype=torch.long, device=dev)
         if not rects:
             return empty
-        tile_h, tile_w, where = _pack([(hs, ws) for _, _, hs, ws in rects], _TILE)
+        tile_h, tile_w, where = _pack([(hs, ws) for _, _, hs, ws in rects], tile_side(rects))
         out_h, out_w = _pnet_out(tile_h), _pnet_out(tile_w)
         n_tiles = max(t for t, _, _ in where) + 1
         budget = min(_MAX_CANVAS_PIXELS, _CPU_CANVAS_PIXELS) if dev.type == "cpu" else _MAX_CANVAS_PIXELS

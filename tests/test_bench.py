@@ -13,9 +13,9 @@ import pytest
 import bench
 from utils import REPO
 
-NUMBERS = ("train_speedup", "train_tuned_images_per_s", "train_naive_images_per_s", "preprocess_speedup",
-           "preprocess_batched_faces_per_s", "preprocess_per_image_faces_per_s", "infer_ms_per_image", "threads",
-           "seconds")
+NUMBERS = ("train_speedup", "train_tuned_images_per_s", "train_naive_images_per_s", "train_naive_packed_images_per_s",
+           "preprocess_speedup", "preprocess_batched_faces_per_s", "preprocess_per_image_faces_per_s",
+           "infer_ms_per_image", "infer_torch_ms_per_image", "threads", "seconds")
 PEER_KEYS = ("peer_infer_ms_per_image", "infer_speedup_vs_peer", "peer_skipped", "peer")
 
 
@@ -65,11 +65,17 @@ def test_ratios_are_the_quotients_of_the_raw_numbers(run):
 def test_modes_ran_as_described(run):
     res, _, _ = run
     naive, tuned = res["details"]["train"]["naive"][0], res["details"]["train"]["tuned"][0]
+    naive_packed = res["details"]["train"]["naive_packed"][0]
     assert (naive["loader"], naive["bf16"], naive["channels_last"]) == ("JpegLoader", False, False)
+    assert (naive_packed["loader"], naive_packed["bf16"], naive_packed["batch"]) == ("PackedLoader", False,
+                                                                                     naive["batch"])
     assert (tuned["loader"], tuned["bf16"], tuned["channels_last"]) == ("PackedLoader", True, True)
     assert naive["images"] == res["settings"]["steps"] * res["settings"]["naive_batch"]
     pre = res["details"]["preprocess"]
     assert pre["batched"][0]["faces"] == pre["per_image"][0]["faces"] > 0  # the same photos, the same faces
+    faces = res["details"]["infer_faces_per_photo"]
+    assert faces["ours"] == faces["ours_torch"] and sum(faces["ours"]) >= 3  # ONNX and PyTorch: the same faces
+    assert res["settings"]["min_face"] == bench.PEER_MIN_FACE
 
 
 def test_peer_missing_is_reported_as_skipped(run):

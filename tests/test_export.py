@@ -86,3 +86,47 @@ def test_expected_age_rule_is_inside_the_graph(tmp_path):
         p = torch.softmax(model(x)[1], 1)
     want = (p * torch.arange(101, dtype=torch.float32)).sum(1).numpy()  # sum_i p_i * i, by hand
     assert age.shape == (2,) and np.abs(age - want).max() < 1e-3
+
+
+def test_demo_and_evaluate_take_the_onnx_file(exported, checkpoint, samples, tmp_path):
+    """--checkpoint model.onnx: the same faces and predictions as the .pt it came from."""
+    import demo
+
+    out, _ = exported
+    runs = {}
+    for name, path in (("pt", checkpoint), ("onnx", out)):
+        runs[name] = demo.main(["--checkpoint", str(path), "--input", str(samples / "astronaut.jpg"),
+                                str(samples / "grace_hopper.jpg"), "--output", str(tmp_path / name), "--device", "cpu"])
+    faces = {name: [f for r in res for f in r["faces"]] for name, res in runs.items()}
+    assert len(faces["onnx"]) == len(faces["pt"]) == 2
+    for a, b in zip(faces["onnx"], faces["pt"]):
+        assert a["box"] == b["box"] and a["gender"] == b["gender"]
+        assert abs(a["age"] - b["age"]) < 0.02 and abs(a["gender_prob"] - b["gender_prob"]) < 2e-4
+
+    from evaluate import OnnxModel, predict
+
+    faces_u8 = np.random.default_rng(0).integers(0, 256, (5, 112, 112, 3), dtype=np.uint8)
+    onnx_model, cfg = load_model(out, torch.device("cpu"))
+    assert isinstance(onnx_model, OnnxModel) and cfg["size"] == 112 and cfg["age_loss"] == "l1"
+    torch_model, torch_cfg = load_model(checkpoint, torch.device("cpu"))
+    p1, a1 = predict(onnx_model, cfg, faces_u8, "cpu", batch_size=2)  # batches of 2, 2, 1
+    p2, a2 = predict(torch_model, torch_cfg, faces_u8, "cpu")
+    assert p1.shape == a1.shape == (5,)
+    np.testing.assert_allclose(p1, p2, atol=1e-4)
+    np.testing.assert_allclose(a1, a2, atol=1e-3)
+
+
+def test_an_onnx_file_not_from_export_is_refused(tmp_path, exported):
+    out, _ = exported
+    bare = onnx.load(str(out))
+    del bare.metadata_props[:]
+    plain = tmp_path / "plain.onnx"
+    onnx.save(bare, str(plain))
+    with pytest.raises(UserError, match="not an export.py model"):
+        load_model(plain, torch.device("cpu"))
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(UserError, match="onnxruntime cannot load it"):
+        load_model(junk, torch.device("cpu"))
+    with pytest.raises(UserError, match="already ONNX"):
+        export.main(["--checkpoint", str(out)])

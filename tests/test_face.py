@@ -118,6 +118,31 @@ def test_small_memory_caps_change_nothing(detector, images, alone, monkeypatch):
         np.testing.assert_allclose(b.landmarks, a.landmarks, atol=1e-3)
 
 
+def test_small_photos_get_a_small_tile_and_the_same_faces(detector, images, alone, monkeypatch):
+    """A pyramid that fits a tile smaller than _TILE is run on that (P-Net's cost is the tile's area);
+    the faces are those of the full 384 x 384 tile."""
+    small = np.ascontiguousarray(images[3][::2, ::2])  # ~200 px: its whole pyramid fits ~ 200 x 200
+    rects = [(0, s, int(small.shape[0] * s), int(small.shape[1] * s)) for s in face.pyramid_scales(*small.shape[:2])]
+    side = face.tile_side(rects)
+    assert max(r[2] for r in rects) <= side < face._TILE
+    assert face.tile_side(rects * 50) == face._TILE  # many levels: the full tile
+    fitted = detector.detect([small])[0]
+    monkeypatch.setattr(face, "tile_side", lambda rects: face._TILE)
+    full = detector.detect([small])[0]
+    assert len(fitted) == len(full) >= 1
+    np.testing.assert_allclose(fitted.boxes, full.boxes, atol=1e-3)
+    np.testing.assert_allclose(fitted.landmarks, full.landmarks, atol=1e-3)
+
+
+def test_a_larger_min_face_finds_the_same_portrait_faces(images, alone):
+    """demo.py's --min-face: the portraits' faces (57 px and up) are found from 40 px, as from 20."""
+    coarse = face.FaceDetector(device="cpu", min_face_size=40).detect(images[:3])
+    for a, b in zip(alone[:3], coarse):
+        best = int(np.argmax(b.scores))
+        assert b.scores[best] > 0.9
+        assert np.abs(b.boxes[best] - a.boxes[0]).max() < 0.1 * (a.boxes[0][2] - a.boxes[0][0])
+
+
 def test_no_face(detector):
     gray = np.full((240, 320, 3), 128, np.uint8)
     tiny = np.zeros((8, 8, 3), np.uint8)  # below P-Net's 12 px window at every scale
