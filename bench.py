@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--detect-batch", type=int, default=config.DETECT_BATCH,
                    help="photos per batched MTCNN call (default: %(default)s)")
     p.add_argument("--preprocess-photos", type=int, default=None,
-                   help="built-in crops detected and aligned per mode and round (default: 64, quick 8)")
+                   help="built-in crops detected and aligned per mode and round (default: 192, quick 8)")
     p.add_argument("--infer-crops", type=int, default=None,
                    help="built-in crops added to the 3 sample portraits for inference (default: 3, quick 1)")
     p.add_argument("--infer-repeat", type=int, default=None, help="timed predictions per photo (default: 10, quick 1)")
@@ -136,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q = args.quick
     defaults = dict(steps=2 if q else 20, warmup=1 if q else 3, repeats=1 if q else 2,
                     batch_size=8 if q else (256 if cuda else 64), naive_batch=4 if q else NAIVE_BATCH,
-                    preprocess_photos=8 if q else 64, infer_crops=1 if q else 3, infer_repeat=1 if q else 10,
+                    preprocess_photos=8 if q else 192, infer_crops=1 if q else 3, infer_repeat=1 if q else 10,
                     grid=cuda, grid_batch=2 if q else (256 if cuda else 16))
     for name, value in defaults.items():
         if getattr(args, name) is None:

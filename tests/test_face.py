@@ -321,9 +321,13 @@ def test_center_landmarks_crop_the_central_square(shape):
 
 @pytest.mark.parametrize("k,s,same,size", [(2, 2, True, 35), (2, 2, True, 8), (3, 2, True, 22), (3, 2, True, 46),
                                            (3, 2, False, 9), (3, 2, False, 21), (3, 2, True, 7)])
-def test_keras_max_pool_matches_padded_max_pool(k, s, same, size):
-    """Against torch's max-pool with TF's "same" padding (after-side, as the sizes here need) as a -inf pad."""
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_keras_max_pool_matches_padded_max_pool(k, s, same, size, channels_last):
+    """Against torch's max-pool with TF's "same" padding (after-side, as the sizes here need) as a -inf pad;
+    NCHW takes the strided-view path, NHWC torch's layer where TF pads after the input only."""
     x = torch.randn(2, 3, size, size + 1, generator=torch.Generator().manual_seed(0))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     ref = x
     if same:
         pads = []
