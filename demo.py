@@ -379,7 +379,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sheet", default=None, metavar="FOLDER_OR_CSV",
                    help="instead: a labelled UTKFace folder or image,age,gender CSV -> OUTPUT/sheet.png")
     p.add_argument("--sheet-rows", type=int, default=config.SHEET_ROWS, help="photos in the sheet (default: %(default)s)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.min_face < 12:
+        p.error(f"--min-face {args.min_face}: must be at least 12 (MTCNN's window; smaller faces would mean upsampling)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

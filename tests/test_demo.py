@@ -107,6 +107,13 @@ def test_empty_folder_and_missing_input(tmp_path, checkpoint):
                    "--output", str(tmp_path)])
 
 
+def test_min_face_below_mtcnns_window_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.parse_args(["--min-face", "8"])
+    assert e.value.code == 2 and "at least 12" in capsys.readouterr().err
+    assert demo.parse_args(["--min-face", "12"]).min_face == 12
+
+
 def test_ensure_samples_rewrites_missing_photos(tmp_path, samples):
     paths = demo.ensure_samples(tmp_path)
     assert [p.name for p in paths] == list(SAMPLES)
