@@ -2,6 +2,7 @@
 
     python demo.py --checkpoint runs/r18_112/best.pt --input images --output out/demo
     python demo.py --input a.jpg b.png photos/       # files and folders, mixed
+    python demo.py --checkpoint runs/r18_112/best.onnx  # export.py's ONNX model: ~2x faster on a CPU
     python demo.py --input clip.mp4                   # -> OUT/clip.mp4, every frame annotated
     python demo.py --input 0 --show                   # webcam 0 -> OUT/webcam0.mp4, until q or Ctrl-C
     python demo.py --sheet data/UTKFace               # labelled photos -> OUT/sheet.png
