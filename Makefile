@@ -29,7 +29,8 @@ quickstart: venv
 	$(PY) pre_process.py --root $(QS_CROP) --out $(QS_DATA) --size 112 --device cpu
 	$(PY) train.py --data $(QS_DATA) --out $(QS_RUN) --pretrained none --device cpu --epochs $(QS_EPOCHS) --amp-cpu
 	$(PY) evaluate.py --checkpoint $(QS_RUN)/best.pt --data $(QS_DATA) --out $(QS_RUN)/eval --device cpu
-	$(PY) demo.py --checkpoint $(QS_RUN)/best.pt --input images --output $(QS_RUN)/demo --device cpu
+	$(PY) export.py --checkpoint $(QS_RUN)/best.pt --out $(QS_RUN)/best.onnx
+	$(PY) demo.py --checkpoint $(QS_RUN)/best.onnx --input images --output $(QS_RUN)/demo --device cpu
 
 # speed against the baselines (bench.py), on the CPU; the peer package lives in a venv of its own
 PEER := .venv-peer

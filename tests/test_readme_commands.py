@@ -21,6 +21,7 @@ def test_make_quickstart_learns_and_annotates(tmp_path):
     # evaluate.py agrees with train.py; train validated under bf16 autocast, evaluate runs fp32
     assert abs(ev["metrics"]["age_mae"] - best["age_mae"]) < 0.05
     assert ev["metrics"]["gender_acc"] == best["gender_acc"]
+    assert (tmp_path / "run" / "best.onnx").is_file()  # the demo ran on the exported model
     results = json.loads((tmp_path / "run" / "demo" / "results.json").read_text())
     assert sorted(Path(e["image"]).name for e in results) == ["astronaut.jpg", "camera.jpg", "grace_hopper.jpg"]
     assert all(len(e["faces"]) == 1 for e in results)
