@@ -14,8 +14,8 @@ import bench
 from utils import REPO
 
 NUMBERS = ("train_speedup", "train_tuned_images_per_s", "train_naive_images_per_s", "train_naive_packed_images_per_s",
-           "preprocess_speedup", "preprocess_batched_faces_per_s", "preprocess_per_image_faces_per_s",
-           "infer_ms_per_image", "infer_torch_ms_per_image", "threads", "seconds")
+           "train_tuned_bare_images_per_s", "train_ceiling", "preprocess_speedup", "preprocess_batched_faces_per_s",
+           "preprocess_per_image_faces_per_s", "infer_ms_per_image", "infer_torch_ms_per_image", "threads", "seconds")
 PEER_KEYS = ("peer_infer_ms_per_image", "infer_speedup_vs_peer", "peer_skipped", "peer")
 
 
@@ -54,6 +54,8 @@ def test_ratios_are_the_quotients_of_the_raw_numbers(run):
     res, _, _ = run
     assert res["train_speedup"] == pytest.approx(res["train_tuned_images_per_s"] / res["train_naive_images_per_s"],
                                                  rel=1e-12)
+    assert res["train_ceiling"] == pytest.approx(res["train_tuned_bare_images_per_s"] / res["train_naive_images_per_s"],
+                                                 rel=1e-12)
     assert res["preprocess_speedup"] == pytest.approx(
         res["preprocess_batched_faces_per_s"] / res["preprocess_per_image_faces_per_s"], rel=1e-12)
     for key, target in bench.TARGETS.items():
@@ -65,7 +67,8 @@ def test_ratios_are_the_quotients_of_the_raw_numbers(run):
 def test_modes_ran_as_described(run):
     res, _, _ = run
     naive, tuned = res["details"]["train"]["naive"][0], res["details"]["train"]["tuned"][0]
-    naive_packed = res["details"]["train"]["naive_packed"][0]
+    naive_packed, bare = res["details"]["train"]["naive_packed"][0], res["details"]["train"]["tuned_bare"][0]
+    assert (bare["loader"], bare["bf16"], bare["batch"]) == ("SameBatch", True, tuned["batch"])
     assert (naive["loader"], naive["bf16"], naive["channels_last"]) == ("JpegLoader", False, False)
     assert (naive_packed["loader"], naive_packed["bf16"], naive_packed["batch"]) == ("PackedLoader", False,
                                                                                      naive["batch"])
