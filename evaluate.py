@@ -48,6 +48,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 import numpy as np
 
 import config
+from export import INPUT, OUTPUTS
 from face import detect_and_align
 from utils import (UserError, atomic_write_bytes, atomic_write_text, pick_device, read_image_or_reason, run_main,
                    write_json)
@@ -121,8 +122,6 @@ class OnnxModel:
 
     def __call__(self, x: "torch.Tensor") -> tuple[np.ndarray, np.ndarray]:
         """x (N, 3, S, S) normalised, on the CPU -> (gender_prob (N, 2), age in years (N,))."""
-        from export import INPUT, OUTPUTS
-
         prob, age = self.session.run(list(OUTPUTS), {INPUT: x.contiguous().numpy()})
         return prob, age
 
