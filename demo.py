@@ -32,9 +32,11 @@ import cv2
 import numpy as np
 
 import config
-from evaluate import IMAGE_SUFFIXES, Labelled, list_images, load_model, predict, read_csv_labels, read_utkface
+from evaluate import (IMAGE_SUFFIXES, Labelled, list_images, load_model, predict, predicted_gender, read_csv_labels,
+                      read_utkface)
 from face import detect_and_align
-from utils import REPO, ImageError, UserError, atomic_write_bytes, pick_device, read_image, run_main, write_json
+from utils import (REPO, ImageError, UserError, atomic_write_bytes, jpeg_bytes, pick_device, pyplot, read_image,
+                   run_main, save_figure, write_json)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 COLOURS = {"female": (230, 60, 140), "male": (40, 120, 240)}  # RGB, box and label background
@@ -46,13 +48,13 @@ LANDMARK_COLOUR = (60, 220, 60)
 def _astronaut() -> bytes:
     import skimage.data
 
-    return _jpeg(skimage.data.astronaut())
+    return jpeg_bytes(skimage.data.astronaut())
 
 
 def _camera() -> bytes:
     import skimage.data
 
-    return _jpeg(skimage.data.camera())  # grayscale; read_image makes it RGB
+    return jpeg_bytes(skimage.data.camera())  # grayscale; read_image makes it RGB
 
 
 def _grace_hopper() -> bytes:
@@ -63,14 +65,6 @@ def _grace_hopper() -> bytes:
 
 
 SAMPLES = {"astronaut.jpg": _astronaut, "camera.jpg": _camera, "grace_hopper.jpg": _grace_hopper}
-
-
-def _jpeg(array: np.ndarray, quality: int = 95) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
 
 
 def ensure_samples(folder: str | Path = config.IMAGES) -> list[Path]:
@@ -145,12 +139,17 @@ class Annotator:
         p_male, ages = predict(self.model, self.cfg, aligned, self.device, batch_size=len(keep))  # one batch
         out = []
         for i, p, age in zip(keep, p_male, ages):
-            male = bool(p > 0.5)
+            gender, gender_prob = gender_of(p)
             out.append(dict(box=[round(float(v), 2) for v in boxes[i]], score=round(float(scores[i]), 4),
                             landmarks=[[round(float(x), 2), round(float(y), 2)] for x, y in marks[i]],
-                            gender="male" if male else "female", gender_prob=round(float(p if male else 1 - p), 4),
-                            age=round(float(age), 2)))
+                            gender=gender, gender_prob=round(gender_prob, 4), age=round(float(age), 2)))
         return out
+
+
+def gender_of(p_male: float) -> tuple[str, float]:
+    """("male" | "female", the probability of that gender) from P(male), by evaluate.predicted_gender's rule."""
+    male = bool(predicted_gender(p_male))
+    return ("male" if male else "female"), float(p_male if male else 1 - p_male)
 
 
 def label(face: dict) -> str:
@@ -308,11 +307,6 @@ def make_sheet(source: Path, ann: Annotator, out: Path, rows: int) -> list[dict]
 
     The prediction is green when its gender is right and its age within 5 years, red otherwise.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     items: list[Labelled] = read_csv_labels(source)[:rows] if source.is_file() else read_utkface(source)[0][:rows]
     entries, table = [], []
     for item in items:
@@ -328,16 +322,15 @@ def make_sheet(source: Path, ann: Annotator, out: Path, rows: int) -> list[dict]
             entries.append(dict(image=str(item.path), truth=truth, faces=[]))
             continue
         p_male, ages = predict(ann.model, ann.cfg, found["face"][None], ann.device, 1)
-        male = bool(p_male[0] > 0.5)
-        face = dict(box=found["box"].tolist(), gender="male" if male else "female",
-                    gender_prob=float(p_male[0] if male else 1 - p_male[0]), age=float(ages[0]))
+        gender, gender_prob = gender_of(p_male[0])
+        face = dict(box=found["box"].tolist(), gender=gender, gender_prob=gender_prob, age=float(ages[0]))
         marked = draw(image, [dict(face, landmarks=found["landmarks"].tolist())], labels=False)
         right = (face["gender"] == "male") == bool(item.gender) and abs(face["age"] - item.age) <= 5
         table.append((marked, found["face"], label(face), truth, "#2a7d2a" if right else "#b22222"))
         entries.append(dict(image=str(item.path), truth=truth, faces=[face]))
     if not table:
         raise UserError(f"--sheet {source}: none of its photos could be read")
-    fig, axes = plt.subplots(len(table), 4, figsize=(10, 2.6 * len(table)), squeeze=False)
+    fig, axes = pyplot().subplots(len(table), 4, figsize=(10, 2.6 * len(table)), squeeze=False)
     for ax, title in zip(axes[0], ("photo", "aligned", "prediction", "truth")):
         ax.set_title(title)
     for row, (photo, face, pred, truth, colour) in zip(axes, table):
@@ -351,11 +344,7 @@ def make_sheet(source: Path, ann: Annotator, out: Path, rows: int) -> list[dict]
             ax.set_yticks([])
             for s in ax.spines.values():
                 s.set_visible(ax in row[:2])
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(out, buf.getvalue())
+    save_figure(fig, out, dpi=90)
     print(f"wrote {out} ({len(table)} rows)")
     return entries
 

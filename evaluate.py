@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import math
 import os
@@ -50,8 +49,8 @@ import numpy as np
 import config
 from export import INPUT, OUTPUTS
 from face import detect_and_align
-from utils import (UserError, atomic_write_bytes, atomic_write_text, pick_device, read_image_or_reason, run_main,
-                   write_json)
+from utils import (UserError, pick_device, pyplot, read_image_or_reason, run_main, save_figure,
+                   write_csv, write_json)
 
 GENDERS = ("female", "male")  # index = class id: 0 female, 1 male (as in labels.csv)
 BUCKET_EDGES = (0, 10, 20, 30, 40, 50, 60, 70)  # lower bounds; the last bucket is open: 70+
@@ -314,7 +313,7 @@ def evaluate_photos(items: list[Labelled], model, cfg: dict, device, batch_size:
 
 def _record(item: Labelled, p_male: float, age: float) -> dict:
     return dict(image=str(item.path), age=float(item.age), gender=int(item.gender), pred_age=float(age),
-                pred_gender=int(p_male > 0.5), p_male=float(p_male))
+                pred_gender=int(predicted_gender(p_male)), p_male=float(p_male))
 
 
 # --- breakdowns --------------------------------------------------------------------------------
@@ -363,6 +362,11 @@ HEADLINE_NAMES = {"gender_acc": ("gender accuracy", True), "age_mae": ("age MAE 
                   "cs5": ("CS(5)", True)}  # metrics.py's keys -> printed name, shown as a percentage
 
 
+def format_counts(skipped: dict) -> str:
+    """'reason n, reason n' in reason order."""
+    return ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))
+
+
 def _fmt(v, pct=False):
     if v is None:
         return "-"
@@ -371,8 +375,7 @@ def _fmt(v, pct=False):
 
 def format_table(result: dict) -> str:
     h = result["metrics"]
-    lines = [f"{result['n']} faces evaluated"
-             + (f"; skipped: {', '.join(f'{k} {v}' for k, v in sorted(result['skipped'].items()))}" if result["skipped"] else ""),
+    lines = [f"{result['n']} faces evaluated" + (f"; skipped: {format_counts(result['skipped'])}" if result["skipped"] else ""),
              ""]
     for k, v in h.items():
         name, pct = HEADLINE_NAMES.get(k, (k, False))
@@ -389,23 +392,9 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def plot(out: Path, records: list[dict], result: dict) -> list[Path]:
     """The three PNGs: MAE by age bucket, predicted vs true age, gender accuracy by age bucket."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = list(BUCKET_LABELS)
     buckets = result["by_age_bucket"]
     counts = [buckets[b]["n"] for b in labels]
@@ -417,7 +406,7 @@ def plot(out: Path, records: list[dict], result: dict) -> list[Path]:
         ax.annotate(f"n={n}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
     ax.set(xlabel="true age (years)", ylabel="age MAE (years)",
            title=f"Age MAE by age (overall {result['metrics'].get('age_mae', float('nan')):.2f})")
-    _save(fig, paths[0])
+    save_figure(fig, paths[0])
 
     true_age = np.array([r["age"] for r in records])
     pred_age = np.array([r["pred_age"] for r in records])
@@ -431,7 +420,7 @@ def plot(out: Path, records: list[dict], result: dict) -> list[Path]:
            title=f"Predicted vs true age ({len(records)} faces)")
     ax.set_aspect("equal")
     ax.legend(loc="upper left")
-    _save(fig, paths[1])
+    save_figure(fig, paths[1])
 
     fig, ax = plt.subplots(figsize=(8, 4))
     acc = [100 * (buckets[b]["gender_acc"] or 0) for b in labels]
@@ -440,24 +429,18 @@ def plot(out: Path, records: list[dict], result: dict) -> list[Path]:
         ax.annotate(f"n={n}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
     ax.set(xlabel="true age (years)", ylabel="gender accuracy (%)", ylim=(0, 105),
            title=f"Gender accuracy by age (overall {100 * result['metrics'].get('gender_acc', float('nan')):.2f}%)")
-    _save(fig, paths[2])
+    save_figure(fig, paths[2])
     return paths
 
 
 def write_predictions(path: Path, records: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=("image", "age", "gender", "pred_age", "pred_gender", "p_male"),
-                            lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(records)
-    atomic_write_text(path, buf.getvalue())
+    write_csv(path, ("image", "age", "gender", "pred_age", "pred_gender", "p_male"), records)
 
 
 def summarize(records: list[dict], skipped: dict) -> dict:
     """metrics.json's content (less the run's settings) from the per-face records."""
     if not records:
-        raise UserError("no face could be evaluated"
-                        + (f" (skipped: {', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))})" if skipped else ""))
+        raise UserError("no face could be evaluated" + (f" (skipped: {format_counts(skipped)})" if skipped else ""))
     pred_age = np.array([r["pred_age"] for r in records])
     true_age = np.array([r["age"] for r in records])
     pred_gender = np.array([r["pred_gender"] for r in records])

@@ -16,9 +16,7 @@ killed run loses nothing and a rerun ends with the same files. `--pack-only` pac
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
-import io
 import multiprocessing as mp
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +24,10 @@ from pathlib import Path
 import numpy as np
 
 import config
-from utils import (UserError, atomic_write_bytes, atomic_write_text, pick_device, read_image_or_reason, run_main,
-                   write_json, write_jpeg)
+from utils import (UserError, pick_device, pyplot, read_image_or_reason, run_main, save_figure, write_csv, write_json,
+                   write_jpeg)
 
 FIELDS = ("dob", "photo_taken", "full_path", "gender", "face_score", "second_face_score")
-LABEL_COLUMNS = ("image", "source", "identity", "age", "gender", "split")
 
 
 @dataclass
@@ -194,29 +191,18 @@ class _InlinePool:
 # --- 3. outputs ------------------------------------------------------------------------------
 
 def write_labels(out: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=LABEL_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "labels.csv", buf.getvalue())
+    from data_gen import LABEL_COLUMNS  # the reader's columns; imported here: data_gen loads torch
+
+    write_csv(out / "labels.csv", LABEL_COLUMNS, rows)
 
 
 def plot_ages(path: Path, ages: np.ndarray, per_age: int) -> None:
     """Bar chart of photos per age, like the one in the original README."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = pyplot().subplots(figsize=(10, 4))
     counts = np.bincount(ages, minlength=config.MAX_AGE + 1)
     ax.bar(np.arange(len(counts)), counts, width=1.0, color="#4C72B0")
     ax.set(xlabel="age (years)", ylabel="photos", title=f"Age distribution after the cap ({len(ages)} photos, at most {per_age} per age)")
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def pack(out: Path) -> None:

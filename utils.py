@@ -4,6 +4,7 @@ Not run directly.
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -77,6 +78,34 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: list[dict]) -> None:
+    """Atomically write rows (dicts keyed by columns) as CSV with a header line, "\n" line ends."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: figures are only ever saved here, never shown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
+    """Atomically write a matplotlib figure as PNG (tight layout) and close it."""
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=dpi)
+    pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     import torch
 
@@ -133,11 +162,16 @@ def read_image_or_reason(path: str | os.PathLike) -> np.ndarray | str:
         return "missing_file"
 
 
-def write_jpeg(path: str | os.PathLike, rgb: np.ndarray, quality: int = 95) -> None:
-    """Atomically write an RGB uint8 array as JPEG."""
+def jpeg_bytes(rgb: np.ndarray, quality: int = 95) -> bytes:
+    """An RGB (or gray) uint8 array encoded as JPEG."""
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_jpeg(path: str | os.PathLike, rgb: np.ndarray, quality: int = 95) -> None:
+    """Atomically write an RGB uint8 array as JPEG."""
+    atomic_write_bytes(path, jpeg_bytes(rgb, quality))
 
 
 # --- reproducibility and devices -----------------------------------------------------------
