@@ -199,21 +199,29 @@ class TimedSteps:
         return self.end - self.start
 
 
+def in_turn(names: list[str], r: int) -> list[str]:
+    """The order of round r: as given in even rounds, reversed in odd ones, so each side's share of
+    going first (warmer caches, cooler CPU) evens out over pairs of rounds."""
+    return names[::-1] if r % 2 else list(names)
+
+
 def quotient(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(total, idle + iowait) clock ticks of all cores since boot, from /proc/stat (Linux)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return sum(values), values[3] + values[4]
+
+
 def cpu_busy(seconds: float = 1.0) -> float | None:
     """Share of the machine's CPU time spent busy over the next `seconds` (Linux /proc/stat), else None."""
-    def ticks() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
-
     try:
-        total0, idle0 = ticks()
+        total0, idle0 = cpu_ticks()
         time.sleep(seconds)
-        total1, idle1 = ticks()
+        total1, idle1 = cpu_ticks()
     except (OSError, ValueError, IndexError):
         return None
     return 1 - (idle1 - idle0) / max(total1 - total0, 1)
@@ -229,13 +237,11 @@ class OthersMeter:
     @staticmethod
     def _read() -> tuple[float, float, float] | None:
         try:
-            with open("/proc/stat") as f:
-                values = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
+            total, idle = cpu_ticks()
+        except (OSError, ValueError, IndexError):
             return None
         t = os.times()
-        tick = os.sysconf("SC_CLK_TCK")
-        busy = (sum(values) - values[3] - values[4]) / tick  # seconds of CPU, all cores
+        busy = (total - idle) / os.sysconf("SC_CLK_TCK")  # seconds of CPU, all cores
         return busy, t.user + t.system + t.children_user + t.children_system, time.perf_counter()
 
     def share(self) -> float | None:
@@ -334,21 +340,18 @@ def train_args(data: Path, out: Path, batch: int, tuned: bool, compile_: bool, w
 def time_training(loader, targs: argparse.Namespace, device: torch.device, warmup: int, steps: int,
                   arch: str = "resnet18") -> dict:
     """Images/s of train.train_one_epoch over `steps` batches of loader, after `warmup` untimed ones."""
-    import functools
-
     import train
     from models import build_model
 
     seed_everything(config.SEED)
     memory_format = train.memory_format_of(targs)
     raw = build_model(arch, targs.age_loss, "none").to(device, memory_format=memory_format)
-    optimizer = train.make_optimizer(raw, config.LR * targs.batch_size / config.LR_BATCH, targs.momentum,
+    optimizer = train.make_optimizer(raw, targs.lr * targs.batch_size / config.LR_BATCH, targs.momentum,
                                      targs.weight_decay)
     timed = TimedSteps(loader, warmup, steps, device)
     scheduler = train.warmup_cosine(optimizer, len(timed), 10 * len(timed))  # small steps: no divergence
     model = torch.compile(raw) if targs.compile else raw
-    amp = targs.amp and (device.type == "cuda" or targs.amp_cpu)
-    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=amp)
+    amp, autocast = train.make_autocast(targs, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
@@ -380,7 +383,7 @@ def bench_train(args: argparse.Namespace, data: Path, tmp: Path, device: torch.d
     }
     rounds = {name: [] for name in modes}
     for r in range(args.repeats):
-        for name in list(modes)[::-1 if r % 2 else 1]:
+        for name in in_turn(list(modes), r):
             targs = modes[name]
             loader = make_loader(data, "train", True, targs.batch_size, device, workers=targs.workers,
                                  jpeg=targs.jpeg)
@@ -463,7 +466,7 @@ def bench_preprocess(args: argparse.Namespace, data: Path, photos_dir: Path, dev
             align_photos(detector, warm, batch, size)
     rounds = {name: [] for name in modes}
     for r in range(args.repeats):
-        for name in (("per_image", "batched") if r % 2 == 0 else ("batched", "per_image")):
+        for name in in_turn(["per_image", "batched"], r):
             sync(device)
             t = time.perf_counter()
             faces = align_photos(detector, photos, modes[name], size)
@@ -583,11 +586,12 @@ def bench_infer(args: argparse.Namespace, data: Path, photos_dir: Path, device: 
     names = [*models, *([] if why_not else ["peer"])]
     rounds = {name: [] for name in names}
     for r in range(args.repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # each takes its turn going first
+        for name in in_turn(names, r):
             if name == "peer":
                 res = time_peer(args.peer_python, photos, max(1, args.warmup), args.infer_repeat)
             else:
-                res = time_ours_apart(models[name], photos, device, args.min_face, max(1, args.warmup), args.infer_repeat)
+                res = time_ours_apart(models[name], photos, device, args.min_face, max(1, args.warmup),
+                                      args.infer_repeat)
             res["ms_per_image"] = mean_ms(res)
             rounds[name].append(res)
             print(f"  inference {name:10s} round {r + 1}: {res['ms_per_image']:.1f} ms/photo", flush=True)
@@ -704,8 +708,9 @@ def main(argv: list[str] | None = None) -> dict:
                       steps=args.steps, warmup=args.warmup, repeats=args.repeats, batch_size=args.batch_size,
                       naive_batch=args.naive_batch, workers=args.workers, detect_batch=args.detect_batch,
                       preprocess_photos=pre_res["photos"], infer_photos=infer_res["photos"],
-                      infer_repeat=args.infer_repeat, min_face=args.min_face, checkpoint=infer_res["checkpoint"], grid_batch=args.grid_batch,
-                      compile=args.compile, tuned="packed uint8 memmap + batch augmentation, channels_last, bf16 autocast",
+                      infer_repeat=args.infer_repeat, min_face=args.min_face, checkpoint=infer_res["checkpoint"],
+                      grid_batch=args.grid_batch, compile=args.compile,
+                      tuned="packed uint8 memmap + batch augmentation, channels_last, bf16 autocast",
                       naive="JPEG per sample (FaceDataset + DataLoader), fp32, NCHW"),
         details=dict(train=train_res["rounds"], preprocess=pre_res["rounds"], infer=infer_res["rounds"],
                      infer_faces_per_photo=infer_res["faces_per_photo"]),

@@ -148,6 +148,7 @@ def keras_max_pool(x: torch.Tensor, k: int, s: int, same: bool) -> torch.Tensor:
         out = -(-length // s) if same else (length - k) // s + 1
         outs.append(out)
         pads.append(max((out - 1) * s + k - length, 0) if same else 0)
+    # (one channel reads as both layouts: such a tensor keeps the strided path)
     if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 and all(p // 2 == 0 for p in pads):
         y = F.max_pool2d(x, k, s, ceil_mode=same)
         if list(y.shape[2:]) == outs:  # ceil_mode drops a window that would start in the padding

@@ -109,6 +109,12 @@ def memory_format_of(args: argparse.Namespace) -> torch.memory_format:
     return torch.channels_last if args.channels_last else torch.contiguous_format
 
 
+def make_autocast(args: argparse.Namespace, device: torch.device) -> tuple[bool, functools.partial]:
+    """(amp on?, a torch.autocast factory): bf16 on CUDA with --amp, on the CPU only with --amp-cpu too."""
+    amp = args.amp and (device.type == "cuda" or args.amp_cpu)
+    return amp, functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=amp)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -277,7 +283,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     if len(train_loader) == 0:
         raise UserError(f"--batch-size {args.batch_size}: larger than this process's share of the training faces; "
                         "lower it (or --nproc_per_node)")
-    amp = args.amp and (device.type == "cuda" or args.amp_cpu)
+    amp, autocast = make_autocast(args, device)
     cfg = resolved_config(args, train_loader.size, world, device, amp)
     if ckpt is not None:
         check_resumable(ckpt["config"], cfg, args.resume)
@@ -297,7 +303,6 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         start_epoch, best = ckpt["epoch"] + 1, ckpt["best"]
     net = torch.compile(raw) if args.compile else raw
     model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
-    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=amp)
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
 
     writer = None
