@@ -345,17 +345,17 @@ def time_training(loader, targs: argparse.Namespace, device: torch.device, warmu
 
     seed_everything(config.SEED)
     memory_format = train.memory_format_of(targs)
+    train.resolve_batch(targs, 1, device)
     raw = build_model(arch, targs.age_loss, "none").to(device, memory_format=memory_format)
-    optimizer = train.make_optimizer(raw, targs.lr * targs.batch_size / config.LR_BATCH, targs.momentum,
-                                     targs.weight_decay)
+    optimizer = train.make_optimizer(raw, targs.peak_lr, targs.momentum, targs.weight_decay)
     timed = TimedSteps(loader, warmup, steps, device)
-    scheduler = train.warmup_cosine(optimizer, len(timed), 10 * len(timed))  # small steps: no divergence
-    model = torch.compile(raw) if targs.compile else raw
+    model = train.wrap_model(raw, targs, 1, device)
     amp, autocast = train.make_autocast(targs, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
-    train.train_one_epoch(model, timed, optimizer, scheduler, autocast, targs, 1, 1, device, None)
+    # one epoch of one warm-up epoch: the lr only ramps up over the timed steps, so nothing diverges
+    train.train_one_epoch(model, raw.loss, timed, optimizer, autocast, targs, 1, 1, device, None)
     images = steps * targs.batch_size
     out = dict(images=images, seconds=timed.seconds, images_per_s=images / timed.seconds, batch=targs.batch_size,
                bf16=amp, channels_last=targs.channels_last, compile=targs.compile)
@@ -497,7 +497,8 @@ def random_checkpoint(path: Path, size: int) -> Path:
 
     torch.manual_seed(0)
     model = build_model("resnet18", "l1", "none")
-    torch.save({"model": model.state_dict(), "config": {"arch": "resnet18", "age_loss": "l1", "size": size}}, path)
+    torch.save({"model": model.state_dict(), "model_args": model.model_args,
+                "config": {"arch": "resnet18", "age_loss": "l1", "size": size}}, path)
     return path
 
 

@@ -22,14 +22,15 @@ DETECT_BATCH = 16  # photos per batched MTCNN call
 # --- models.py ---------------------------------------------------------------------------
 ARCH = "resnet18"  # resnet18 | resnet34 | resnet50
 PRETRAINED = "imagenet"  # imagenet (torchvision download) | none | PATH to a local state dict
-REGRESSION_INIT_AGE = 35.0  # l1/l2: the age output starts here (its bias) so training from scratch starts near the data
+AGE_MEAN, AGE_STD = 35.0, 15.0  # l1/l2 heads predict (age - AGE_MEAN) / AGE_STD: unit-scale targets keep l2 stable at large lr
 MV_LAMBDAS = (0.2, 0.05)  # mean-variance loss weights of the mean and variance terms (Pan et al., CVPR 2018)
 
 # --- train.py ----------------------------------------------------------------------------
 OUT = "runs/r18_112"  # run directory: config.json, metrics.jsonl, last.pt, best.pt, TensorBoard
 AGE_LOSS = "l1"  # l1 | l2 | ce | dex | mv (see models.py for each head and prediction rule)
 AGE_WEIGHT = 0.1  # total loss = gender CE + AGE_WEIGHT * age loss (the original: 0.1)
-BATCH_SIZE = 32  # per process; the original used 32
+BATCH_SIZE_CUDA = 256  # per process on a GPU: a fraction of a big card's memory (ResNet-50 at 224: ~11 GiB); lr scales with it
+BATCH_SIZE_CPU = 32  # per process on the CPU, and the original's batch
 EPOCHS = 30  # passes over the training split
 LR = 0.01  # peak learning rate at a global batch of LR_BATCH; scaled linearly with the global batch
 LR_BATCH = 32  # lr = LR * (batch size * processes) / LR_BATCH
@@ -41,6 +42,8 @@ SEED = 42  # seeds the split, the cap, the init and the data order
 DEVICE = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
 AMP = True  # bf16 autocast on CUDA (ignored on the CPU unless --amp-cpu)
 COMPILE = False  # torch.compile the model (slow to start; pays off on long GPU runs)
+COMPILE_MODE = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+PREFETCH = 2  # packed loader: batches gathered, copied and augmented in a background thread ahead of the step
 CHANNELS_LAST = True  # NHWC memory format for the model and its inputs (faster convolutions on GPUs and recent CPUs)
 LOG_EVERY = 20  # steps between progress-bar updates and non-finite-loss checks (each costs one host sync)
 BEST_GENDER_WEIGHT = 10.0  # best.pt minimises age_mae + this * (1 - gender_acc): 1 point of accuracy = 0.1 year

@@ -8,16 +8,21 @@ Both loaders yield the same batches on the device: (x (N, 3, S, S) float normali
 years, gender (N,) long, 1 male 0 female), in the same seeded order (a DistributedSampler: one
 permutation per epoch, a shard per process), augmented by the same augment():
   packed  DATA/faces_{split}.npy, every face of a split in one uint8 (N, S, S, 3) array written by
-          pack_split(); memory-mapped, batches indexed out of it, copied to the device as uint8
-          (4x less than float) and augmented there, the whole batch at once. Used when the file exists.
+          pack_split(); memory-mapped, batches gathered out of it into reused (pinned, on CUDA)
+          buffers, copied to the device as uint8 (4x less than float) on a side stream and augmented
+          there, the whole batch at once; with prefetch > 0 a background thread does all of it ahead
+          of the training step. Used when the file exists.
   JPEG    FaceDataset: DataLoader workers decode DATA/<image> and augment each face on the CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import math
 import os
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,16 +270,22 @@ class JpegLoader:
 
 
 class PackedLoader:
-    """Batches indexed out of a memory-mapped faces_{split}.npy, moved to the device as uint8 and augmented there."""
+    """Batches gathered out of a memory-mapped faces_{split}.npy, moved to the device as uint8 and augmented there.
+
+    prefetch > 0: a background thread prepares up to that many batches ahead of the consumer (the
+    gather and, on CUDA, the copy and augmentation on a side stream), so the training step never
+    waits for them; the batches are the same as with prefetch 0, which prepares each on demand.
+    """
 
     def __init__(self, faces: np.ndarray, labels: Labels, batch_size: int, train: bool, device: torch.device,
-                 seed: int, rank: int, world_size: int):
+                 seed: int, rank: int, world_size: int, prefetch: int = 0):
         self.faces, self.train, self.device, self.seed, self.rank = faces, train, device, seed, rank
-        self.size = faces.shape[1]
+        self.size, self.batch_size, self.prefetch = faces.shape[1], batch_size, prefetch
         self.labels = torch.from_numpy(np.stack([labels.age, labels.gender], axis=1))  # (N, 2)
         self.sampler = index_sampler(len(faces), train, seed, rank, world_size)
         self.batches = BatchSampler(self.sampler, batch_size, drop_last=train)
         self.epoch = 0
+        self.slots: list[Slot] = []  # the staging buffers, kept across epochs
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -285,18 +296,86 @@ class PackedLoader:
             self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        pin = self.device.type == "cuda"  # pinned memory makes non_blocking copies truly asynchronous
-        for b, idx in enumerate(self.batches):
-            faces = torch.from_numpy(self.faces[idx])  # (B, S, S, 3) uint8, read from the memory map
-            labels = self.labels[idx]  # (B, 2)
-            if pin:
-                faces, labels = faces.pin_memory(), labels.pin_memory()
-            faces = faces.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            x = to_unit(faces.permute(0, 3, 1, 2))  # (B, 3, S, S), channels_last in memory
-            if self.train:
-                x = augment(x, torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank, b))))
-            yield normalize(x), labels[:, 0], labels[:, 1]
+        cuda = self.device.type == "cuda"
+        batches = self.prepared() if self.prefetch == 0 else in_background(self.prepared(), self.prefetch)
+        for x, age, gender, ready in batches:
+            if cuda:  # made on the side stream: wait for it, and tell the allocator it is used on this one
+                stream = torch.cuda.current_stream(self.device)
+                stream.wait_event(ready)
+                for t in (x, age, gender):
+                    t.record_stream(stream)
+            yield x, age, gender
+
+    def prepared(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.cuda.Event | None]]:
+        """(x, age, gender, the event that marks them ready or None) per batch, in order, made in the calling thread."""
+        cuda = self.device.type == "cuda"
+        if not self.slots:  # one more than can be in flight, so a slot is refilled only after its copy was issued
+            self.slots = [Slot(self.batch_size, self.faces.shape[1:], cuda) for _ in range(self.prefetch + 2)]
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            for b, idx in enumerate(self.batches):
+                slot = self.slots[b % len(self.slots)]
+                faces, labels = slot.fill(self.faces, self.labels, idx)  # (B, S, S, 3) uint8, (B, 2) int64
+                faces = faces.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True, copy=True)  # a copy on the CPU too: the slot is reused
+                slot.copied = stream.record_event() if cuda else None
+                x = to_unit(faces.permute(0, 3, 1, 2))  # (B, 3, S, S), channels_last in memory
+                if self.train:
+                    x = augment(x, torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank, b))))
+                x = normalize(x)
+                yield x, labels[:, 0], labels[:, 1], stream.record_event() if cuda else None
+
+
+class Slot:
+    """A reused staging buffer for one batch: faces (B, S, S, 3) uint8 and labels (B, 2), pinned for CUDA copies."""
+
+    def __init__(self, batch_size: int, face_shape: tuple[int, ...], pin: bool):
+        self.faces = torch.empty((batch_size, *face_shape), dtype=torch.uint8, pin_memory=pin)
+        self.labels = torch.empty((batch_size, 2), dtype=torch.int64, pin_memory=pin)
+        self.copied: torch.cuda.Event | None = None  # the last copy out of this slot
+
+    def fill(self, faces: np.ndarray, labels: torch.Tensor, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch idx gathered into this slot: views (n, S, S, 3), (n, 2)."""
+        if self.copied is not None:
+            self.copied.synchronize()  # the device may still be reading the previous batch out of it
+        n = len(idx)
+        # mode clip writes straight into out (raise would stage a copy); the sampler's indices are all in range
+        np.take(faces, idx, axis=0, out=self.faces.numpy()[:n], mode="clip")
+        torch.index_select(labels, 0, torch.as_tensor(idx), out=self.labels[:n])
+        return self.faces[:n], self.labels[:n]
+
+
+def in_background(items: Iterator, depth: int) -> Iterator:
+    """items, produced by a background thread up to `depth` ahead; its exceptions are raised here, in order.
+
+    Leaving early (break, an exception in the consumer) stops the thread after its current item.
+    """
+    done, stop = object(), threading.Event()
+    q: queue.Queue = queue.Queue(maxsize=depth)
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # handed to the consumer, which raises it
+            q.put(e)
+
+    thread = threading.Thread(target=produce, name="packed-loader", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # empty the queue so that a put blocked on it returns
+            with contextlib.suppress(queue.Empty):
+                q.get(timeout=0.01)
+        thread.join()
 
 
 def packed_path(data_dir: str | os.PathLike, split: str) -> Path:
@@ -320,13 +399,13 @@ def open_packed(path: Path, rows: int, data_dir: str | os.PathLike) -> np.ndarra
 
 def make_loader(data_dir: str | os.PathLike, split: str, train: bool, batch_size: int,
                 device: str | torch.device = "cpu", *, workers: int = config.NUM_WORKERS, seed: int = config.SEED,
-                rank: int = 0, world_size: int = 1, jpeg: bool = False, limit: int | None = None
-                ) -> PackedLoader | JpegLoader:
+                rank: int = 0, world_size: int = 1, jpeg: bool = False, limit: int | None = None,
+                prefetch: int = 0) -> PackedLoader | JpegLoader:
     """Batches of one split on `device`: packed when DATA/faces_{split}.npy exists (unless jpeg), else from the JPEGs.
 
     train: shuffle (seeded, call set_epoch(epoch) each epoch), augment, drop the last partial
     batch; else every face once, in order. rank/world_size: this process's shard. limit: only the
-    first `limit` faces of the split.
+    first `limit` faces of the split. prefetch: batches the packed loader prepares ahead, in a thread.
     """
     device = torch.device(device)
     packed = packed_path(data_dir, split)
@@ -334,7 +413,8 @@ def make_loader(data_dir: str | os.PathLike, split: str, train: bool, batch_size
         labels = load_split(data_dir, split)
         faces = open_packed(packed, len(labels.images), data_dir)
         labels = head(labels, limit)
-        return PackedLoader(faces[:len(labels.images)], labels, batch_size, train, device, seed, rank, world_size)
+        return PackedLoader(faces[:len(labels.images)], labels, batch_size, train, device, seed, rank, world_size,
+                            prefetch)
     dataset = FaceDataset(data_dir, split, train, limit, seed)
     return JpegLoader(dataset, batch_size, train, device, workers, seed, rank, world_size)
 

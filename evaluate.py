@@ -134,7 +134,6 @@ def predict(model, cfg: dict, faces: np.ndarray, device, batch_size: int = 64) -
     import torch
 
     from data_gen import preprocess
-    from models import predict_age
 
     p_male, ages = [], []
     with torch.inference_mode():
@@ -146,7 +145,7 @@ def predict(model, cfg: dict, faces: np.ndarray, device, batch_size: int = 64) -
             else:
                 gender_logits, age_out = model(x.to(device))
                 p = torch.softmax(gender_logits.float(), dim=1)[:, 1].cpu().numpy()
-                age = predict_age(age_out.float(), cfg["age_loss"]).float().cpu().numpy()
+                age = model.predict_age(age_out).cpu().numpy()
             p_male.append(p)
             ages.append(age)
     if not p_male:

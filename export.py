@@ -28,11 +28,9 @@ from data_gen import IMAGENET_MEAN, IMAGENET_STD
 INPUT, OUTPUTS = "face", ("gender_prob", "age")
 
 
-def wrapped(model, age_loss: str):
+def wrapped(model):
     """The model plus its softmax and age rule, as one module returning (gender_prob, age)."""
     import torch
-
-    from models import predict_age
 
     class Exported(torch.nn.Module):
         def __init__(self):
@@ -41,7 +39,7 @@ def wrapped(model, age_loss: str):
 
         def forward(self, face):
             gender_logits, age_out = self.model(face)
-            return torch.softmax(gender_logits.float(), dim=1), predict_age(age_out.float(), age_loss).float()
+            return torch.softmax(gender_logits.float(), dim=1), self.model.predict_age(age_out)
 
     return Exported().eval()
 
@@ -137,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".onnx")
     model, cfg = load_model(args.checkpoint, torch.device("cpu"))
     size = int(cfg["size"])
-    module = wrapped(model.float(), cfg["age_loss"])
+    module = wrapped(model.float())
     data, used = to_onnx(module, size, args.opset, args.exporter)
     meta = dict(input=f"{INPUT}: float32 (N, 3, {size}, {size}), an aligned RGB face normalised as data_gen.preprocess",
                 outputs="gender_prob (N, 2): softmax over (female, male); age (N,): years",

@@ -1,10 +1,11 @@
 """The network (a ResNet backbone with a gender head and an age head), the age losses and their prediction rules.
 
 Not run directly: train.py builds and trains the model, demo.py / evaluate.py / export.py load it with
-load_checkpoint() and turn its age output into years with predict_age().
+load_checkpoint() and turn its age output into years with model.predict_age().
 
 Age losses (`kind`) and what the age head outputs:
-  l1, l2  1 value, the age in years (regression); prediction = that value
+  l1, l2  1 value, the standardised age (years - AGE_MEAN) / AGE_STD (regression); loss: |error| or
+          error^2 in those units; prediction = AGE_MEAN + AGE_STD * that value
   ce      101 logits over ages 0..100, cross-entropy; prediction = the most likely age (argmax)
   dex     101 logits, cross-entropy (DEX, Rothe et al.); prediction = the expected age sum_i p_i * i
   mv      101 logits, mean-variance loss (Pan et al., CVPR 2018): cross-entropy + l1 * mean loss
@@ -25,35 +26,84 @@ from utils import UserError
 ARCHS = ("resnet18", "resnet34", "resnet50")
 AGE_LOSSES = ("l1", "l2", "ce", "dex", "mv")
 REGRESSION = ("l1", "l2")
-NUM_AGES = config.MAX_AGE - config.MIN_AGE + 1  # age classes of ce/dex/mv: one per year
 
 
 class AgeGenderNet(nn.Module):
-    """ResNet features, average-pooled, feeding two linear heads: gender (2 logits) and age (1 or NUM_AGES)."""
+    """ResNet features, average-pooled, feeding two linear heads: gender (2 logits) and age (1 or one per year).
 
-    def __init__(self, arch: str, age_loss: str):
+    model_args (saved in every checkpoint) rebuild it: arch, age_loss, the age range of the class
+    heads and the standardisation of the regression heads, which predict (age - age_mean) / age_std:
+    a target of unit scale keeps l2's gradients small at the large learning rates of big batches.
+    """
+
+    def __init__(self, arch: str, age_loss: str, min_age: int = config.MIN_AGE, max_age: int = config.MAX_AGE,
+                 age_mean: float = config.AGE_MEAN, age_std: float = config.AGE_STD):
         super().__init__()
         if arch not in ARCHS:
             raise UserError(f"--arch {arch}: unknown; choose one of {', '.join(ARCHS)}")
         if age_loss not in AGE_LOSSES:
             raise UserError(f"--age-loss {age_loss}: unknown; choose one of {', '.join(AGE_LOSSES)}")
+        self.model_args = dict(arch=arch, age_loss=age_loss, min_age=min_age, max_age=max_age, age_mean=age_mean,
+                               age_std=age_std)
+        self.kind, self.min_age, self.age_mean, self.age_std = age_loss, min_age, age_mean, age_std
+        self.register_buffer("ages", torch.arange(min_age, max_age + 1, dtype=torch.float32), persistent=False)
         self.backbone = getattr(torchvision.models, arch)(weights=None)
         features = self.backbone.fc.in_features
         self.backbone.fc = nn.Identity()  # the heads below replace the ImageNet classifier
         self.gender_head = nn.Linear(features, 2)
-        self.age_head = nn.Linear(features, 1 if age_loss in REGRESSION else NUM_AGES)
-        if age_loss in REGRESSION:
-            # from scratch the output would start near 0 years and L1 moves it by lr per step: start near the data
-            nn.init.constant_(self.age_head.bias, config.REGRESSION_INIT_AGE)
+        self.age_head = nn.Linear(features, 1 if age_loss in REGRESSION else len(self.ages))
+        if age_loss in REGRESSION:  # a fresh head predicts age_mean for every face, then learns from there
+            nn.init.zeros_(self.age_head.weight)
+            nn.init.zeros_(self.age_head.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.backbone(x)  # (N, C) pooled features
-        return self.gender_head(f), self.age_head(f)  # (N, 2), (N, 1 | NUM_AGES)
+        f = self.backbone(x)  # (N, C) pooled features, bf16 under autocast
+        # the heads in fp32 whatever the autocast: an argmax over 101 bf16 logits ties towards the youngest
+        # class, and validation must see the outputs evaluate.py sees
+        with torch.autocast(x.device.type, enabled=False):
+            f = f.float()
+            return self.gender_head(f), self.age_head(f)  # (N, 2), (N, 1 | num ages) float32
+
+    def predict_age(self, age_out: torch.Tensor) -> torch.Tensor:
+        """Predicted age in years (N,) float32 from the age head's output, by the rule of its loss."""
+        age_out = age_out.float()
+        if self.kind in REGRESSION:
+            return age_out[:, 0] * self.age_std + self.age_mean
+        if self.kind == "ce":
+            return (age_out.argmax(dim=1) + self.min_age).float()
+        return age_out.softmax(dim=1) @ self.ages  # dex, mv: the expected age
+
+    def age_loss(self, age_out: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
+        """Mean age loss over the batch; age_out (N, 1 | num ages), age (N,) integer years.
+
+        l1/l2 compare standardised ages, so l1 is the error in units of age_std years, l2 its square.
+        """
+        age_out = age_out.float()
+        if self.kind in REGRESSION:
+            loss = F.l1_loss if self.kind == "l1" else F.mse_loss
+            return loss(age_out[:, 0], (age.float() - self.age_mean) / self.age_std)
+        ce = F.cross_entropy(age_out, age.long() - self.min_age)
+        if self.kind in ("ce", "dex"):
+            return ce
+        p = age_out.softmax(dim=1)  # (N, num ages)
+        mean = p @ self.ages  # (N,)
+        variance = (p * (self.ages[None, :] - mean[:, None]) ** 2).sum(dim=1)  # (N,)
+        mean_loss = 0.5 * ((mean - age.float()) ** 2).mean()
+        lambda_mean, lambda_var = config.MV_LAMBDAS
+        return ce + lambda_mean * mean_loss + lambda_var * variance.mean()
+
+    def loss(self, gender_logits: torch.Tensor, age_out: torch.Tensor, gender: torch.Tensor, age: torch.Tensor,
+             age_weight: float) -> torch.Tensor:
+        """The training objective, in fp32: gender cross-entropy + age_weight * age loss (a scalar)."""
+        return F.cross_entropy(gender_logits.float(), gender) + age_weight * self.age_loss(age_out, age)
 
 
-def build_model(arch: str, age_loss: str, pretrained: str = "none") -> AgeGenderNet:
-    """A fresh model; pretrained: "imagenet" (torchvision download), "none" (random init) or a local state dict PATH."""
-    model = AgeGenderNet(arch, age_loss)
+def build_model(arch: str, age_loss: str, pretrained: str = "none", **head) -> AgeGenderNet:
+    """A fresh model; pretrained: "imagenet" (torchvision download), "none" (random init) or a local state dict PATH.
+
+    head: AgeGenderNet's age-head settings (min_age, max_age, age_mean, age_std), config.py's by default.
+    """
+    model = AgeGenderNet(arch, age_loss, **head)
     if pretrained == "imagenet":
         load_backbone(model, imagenet_state_dict(arch), f"torchvision's ImageNet {arch} weights")
     elif pretrained != "none":
@@ -88,51 +138,6 @@ def load_backbone(model: AgeGenderNet, state: dict, source: str) -> None:
                         f"({len(missing)} keys missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
 
 
-# --- losses and predictions ------------------------------------------------------------------
-
-def age_loss(age_out: torch.Tensor, age_target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mean age loss over the batch; age_out (N, 1 | NUM_AGES), age_target (N,) integer years."""
-    age_out = age_out.float()  # softmax and squared years overflow bf16's precision
-    if kind in REGRESSION:
-        loss = F.l1_loss if kind == "l1" else F.mse_loss
-        return loss(age_out[:, 0], age_target.float())
-    classes = age_target.long() - config.MIN_AGE  # (N,)
-    ce = F.cross_entropy(age_out, classes)
-    if kind in ("ce", "dex"):
-        return ce
-    if kind != "mv":
-        raise ValueError(f"unknown age loss {kind!r}")
-    p = age_out.softmax(dim=1)  # (N, NUM_AGES)
-    ages = age_axis(age_out)  # (NUM_AGES,)
-    mean = p @ ages  # (N,)
-    variance = (p * (ages[None, :] - mean[:, None]) ** 2).sum(dim=1)  # (N,)
-    mean_loss = 0.5 * ((mean - age_target.float()) ** 2).mean()
-    lambda_mean, lambda_var = config.MV_LAMBDAS
-    return ce + lambda_mean * mean_loss + lambda_var * variance.mean()
-
-
-def predict_age(age_out: torch.Tensor, kind: str) -> torch.Tensor:
-    """Predicted age in years (N,) float from the age head's output, by the rule of the loss it was trained with."""
-    if kind in REGRESSION:
-        return age_out[:, 0].float()
-    if kind == "ce":
-        return (age_out.argmax(dim=1) + config.MIN_AGE).float()
-    if kind in ("dex", "mv"):
-        return age_out.float().softmax(dim=1) @ age_axis(age_out)
-    raise ValueError(f"unknown age loss {kind!r}")
-
-
-def age_axis(age_out: torch.Tensor) -> torch.Tensor:
-    """The age in years of each class, (NUM_AGES,) float32 on age_out's device."""
-    return torch.arange(config.MIN_AGE, config.MAX_AGE + 1, device=age_out.device, dtype=torch.float32)
-
-
-def total_loss(gender_logits: torch.Tensor, age_out: torch.Tensor, gender: torch.Tensor, age: torch.Tensor,
-               kind: str, age_weight: float) -> torch.Tensor:
-    """The training objective: gender cross-entropy + age_weight * age loss (a scalar)."""
-    return F.cross_entropy(gender_logits.float(), gender) + age_weight * age_loss(age_out, age, kind)
-
-
 # --- checkpoints -------------------------------------------------------------------------------
 
 def load_checkpoint(path: str | Path, device: str | torch.device) -> tuple[AgeGenderNet, dict]:
@@ -142,7 +147,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device) -> tuple[AgeGe
         raise UserError(f"checkpoint {path} not found; train one with `python train.py --out DIR` (writes DIR/best.pt) "
                         "or run `make quickstart` (writes runs/quickstart/best.pt)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = ckpt["config"]
-    model = build_model(cfg["arch"], cfg["age_loss"], "none")
+    model = AgeGenderNet(**model_args_of(ckpt))
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), cfg
+    return model.to(device).eval(), ckpt["config"]
+
+
+def model_args_of(ckpt: dict) -> dict:
+    """The AgeGenderNet arguments a train.py checkpoint was written with."""
+    cfg = ckpt["config"]
+    # checkpoints from before model_args: the regression heads predicted years, unstandardised
+    return ckpt.get("model_args", dict(arch=cfg["arch"], age_loss=cfg["age_loss"], age_mean=0.0, age_std=1.0))

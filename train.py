@@ -8,12 +8,14 @@ Every epoch trains on the train split, validates on the valid split and writes, 
   config.json    the resolved settings, the git commit and the torch version (at the start)
   metrics.jsonl  one line per epoch: epoch, gender_acc, age_mae, cs5, train_loss, val_loss, score,
                  lr, seconds, train_images_per_s
-  last.pt        the latest epoch: model, optimizer, scheduler, epoch, best, config, metrics
+  last.pt        the latest epoch: model, model_args, optimizer, epoch, best, config, metrics
   best.pt        the same for the epoch with the lowest score = age_mae + BEST_GENDER_WEIGHT *
                  (1 - gender_acc), so 1 point of gender accuracy is worth 0.1 year of MAE (default)
   tb/            TensorBoard scalars: tensorboard --logdir OUT/tb
 Checkpoints hold plain values and state dicts only: torch.load(path, weights_only=True) reads them.
 A fresh run (no --resume) over an existing OUT starts its metrics.jsonl and tb/ over.
+The learning rate is a function of the epochs done (warm-up, then cosine): a run resumed with another
+batch size, GPU count or --epochs continues at the same point of the run with the current settings.
 `python train.py --help` lists every option with its default (all from config.py).
 """
 from __future__ import annotations
@@ -35,12 +37,14 @@ from tqdm import tqdm
 import config
 from data_gen import make_loader
 from metrics import MetricSums
-from models import AGE_LOSSES, ARCHS, build_model, predict_age, total_loss
+from models import AGE_LOSSES, ARCHS, AgeGenderNet, build_model, model_args_of
 from utils import (UserError, append_jsonl, atomic_torch_save, atomic_write_text, git_commit, pick_device, read_jsonl,
                    run_main, seed_everything, write_json)
 
 # settings a checkpoint cannot be resumed under if they change: they change the model or its input
 RESUME_MUST_MATCH = ("arch", "age_loss", "size")
+# settings a resume may change: the learning rate then follows the schedule they make (schedule_changes says how)
+SCHEDULE_KEYS = ("global_batch", "lr", "warmup_epochs", "epochs", "momentum", "weight_decay")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="age head and loss, see models.py (default: %(default)s)")
     p.add_argument("--age-weight", type=float, default=config.AGE_WEIGHT,
                    help="loss = gender CE + this * age loss (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=config.BATCH_SIZE, help="images per step per process (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per step per process (default: {config.BATCH_SIZE_CUDA} on CUDA, "
+                        f"{config.BATCH_SIZE_CPU} on the CPU; 32 is the original's)")
     p.add_argument("--epochs", type=int, default=config.EPOCHS, help="total epochs, counting resumed ones (default: %(default)s)")
     p.add_argument("--lr", type=float, default=config.LR,
                    help=f"peak learning rate at a global batch of {config.LR_BATCH}, scaled linearly (default: %(default)s)")
@@ -75,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="NHWC memory format (default: %(default)s)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=config.COMPILE,
                    help="torch.compile the model (default: %(default)s)")
+    p.add_argument("--compile-mode", default=config.COMPILE_MODE, choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile mode; reduce-overhead captures CUDA graphs (default: %(default)s)")
+    p.add_argument("--prefetch", type=int, default=config.PREFETCH,
+                   help="packed loader: batches prepared ahead in a background thread, 0 for none (default: %(default)s)")
     p.add_argument("--jpeg", action="store_true",
                    help="decode the JPEGs even where faces_{split}.npy exists (default: off; for comparisons)")
     p.add_argument("--limit", type=int, default=None,
@@ -86,8 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="best.pt minimises age_mae + this * (1 - gender_acc) (default: %(default)s)")
     args = p.parse_args(argv)
     for name in ("batch_size", "epochs", "log_every"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.prefetch < 0:
+        p.error("--prefetch must be 0 or more")
     return args
 
 
@@ -96,13 +108,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     """(rank, world_size, device): torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) or a single process."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(device_name)
+    device = process_device(pick_device(device_name), world, int(os.environ.get("LOCAL_RANK", 0)))
     if world > 1:
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return rank, world, device
+
+
+def process_device(device: torch.device, world: int, local_rank: int) -> torch.device:
+    """Under torchrun each process takes the GPU of its LOCAL_RANK; one GPU named for all would fail in NCCL."""
+    if world == 1 or device.type != "cuda":
+        return device
+    if device.index is not None:
+        raise UserError(f"--device {device} under torchrun: every process would use that one GPU; pass --device cuda "
+                        "(process N takes cuda:N) and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    return torch.device("cuda", local_rank)
+
+
+def wrap_model(raw: torch.nn.Module, args: argparse.Namespace, world: int, device: torch.device) -> torch.nn.Module:
+    """DDP around the model, then torch.compile around DDP, so the compiled backward overlaps the all-reduce."""
+    model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else raw
+    return torch.compile(model, mode=args.compile_mode) if args.compile else model
 
 
 def memory_format_of(args: argparse.Namespace) -> torch.memory_format:
@@ -134,30 +161,43 @@ def sync_buffers(model: torch.nn.Module) -> None:
 # --- optimisation -----------------------------------------------------------------------------
 
 def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    """SGD with weight decay on the weights only: decaying norm scales and biases only hurts."""
+    """SGD with weight decay on the weights only: decaying norm scales and biases only hurts.
+
+    Fused on CUDA (one kernel for the whole update); the CPU gets the default foreach update.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = next(iter(params)).device.type == "cuda" or None
     return torch.optim.SGD([{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
                             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-                           lr=lr, momentum=momentum)
+                           lr=lr, momentum=momentum, fused=fused)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per step: linear warm-up to the peak lr, then cosine decay to 0 at total_steps."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1 + math.cos(math.pi * progress))
+def lr_at(epochs_done: float, peak_lr: float, warmup_epochs: float, epochs: int) -> float:
+    """The learning rate after `epochs_done` (fractional) epochs: linear warm-up to the peak, then cosine to 0.
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    A function of the share of the run done, not of a step count, so a resumed run with another
+    batch size or process count continues at the same point.
+    """
+    if epochs_done < warmup_epochs:
+        return peak_lr * epochs_done / warmup_epochs
+    decay = epochs - warmup_epochs  # may be 0: a run that only warms up ends at the peak
+    progress = min(1.0, (epochs_done - warmup_epochs) / decay) if decay > 0 else 0.0
+    return peak_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 # --- one epoch --------------------------------------------------------------------------------
 
-def train_one_epoch(model, loader, optimizer, scheduler, autocast, args, epoch: int, world: int, device: torch.device,
+def train_one_epoch(model, loss_fn, loader, optimizer, autocast, args, epoch: int, world: int, device: torch.device,
                     writer) -> tuple[float, float]:
     """(mean training loss over all processes, images/s over all processes).
 
+    model: the network as trained (DDP, compiled); loss_fn: AgeGenderNet.loss of the model inside.
+    Each step's lr is the schedule at the middle of that step (lr_at with args' peak_lr).
     writer: rank 0's TensorBoard writer; None on the other ranks, which show no bar either.
     """
     model.train()
@@ -170,12 +210,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, autocast, args, epoch: 
     for step, (x, age, gender) in enumerate(loader, 1):
         x = x.contiguous(memory_format=memory_format)  # (B, 3, S, S)
         with autocast():
-            gender_logits, age_out = model(x)  # (B, 2), (B, 1 | 101)
-        loss = total_loss(gender_logits, age_out, gender, age, args.age_loss, args.age_weight)
+            gender_logits, age_out = model(x)  # (B, 2), (B, 1 | 101), float32
+        loss = loss_fn(gender_logits, age_out, gender, age, args.age_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        set_lr(optimizer, lr_at(epoch - 1 + (step - 0.5) / len(loader), args.peak_lr, args.warmup_epochs, args.epochs))
         optimizer.step()
-        scheduler.step()
         loss_sum += loss.detach() * x.shape[0]
         nonfinite += loss.detach().isfinite().logical_not()
         seen += x.shape[0]
@@ -201,20 +241,20 @@ def stop_if_nonfinite(nonfinite: torch.Tensor, epoch: int, step: int, out: str) 
 
 
 @torch.inference_mode()
-def validate(net, loader, autocast, args, device: torch.device, show_bar: bool) -> dict:
+def validate(raw: AgeGenderNet, loader, args, device: torch.device, show_bar: bool) -> dict:
     """gender_acc, age_mae, cs5, loss over the whole valid split (the sum of every process's stripe).
 
-    net is the model without its DDP wrapper: the stripes differ in length, and DDP's forward
-    would wait for the other processes.
+    raw is the model without DDP (the stripes differ in length, and DDP's forward would wait for
+    the other processes) nor compile (eval mode would compile a second graph), in fp32: the
+    numbers that choose best.pt are the ones evaluate.py reproduces.
     """
-    net.eval()
+    raw.eval()
     memory_format = memory_format_of(args)
     sums = MetricSums(device)
     for x, age, gender in tqdm(loader, desc="valid", unit="step", disable=not show_bar, leave=False, dynamic_ncols=True):
-        with autocast():
-            gender_logits, age_out = net(x.contiguous(memory_format=memory_format))  # (B, 2), (B, 1 | 101)
-        loss = total_loss(gender_logits, age_out, gender, age, args.age_loss, args.age_weight)
-        sums.update(predict_age(age_out, args.age_loss), age, gender_logits.argmax(dim=1), gender, loss)
+        gender_logits, age_out = raw(x.contiguous(memory_format=memory_format))  # (B, 2), (B, 1 | 101)
+        loss = raw.loss(gender_logits, age_out, gender, age, args.age_weight)
+        sums.update(raw.predict_age(age_out), age, gender_logits.argmax(dim=1), gender, loss)
     sums.all_reduce()
     return sums.compute()
 
@@ -237,6 +277,17 @@ def check_resumable(saved: dict, now: dict, path: str) -> None:
                         "use the checkpoint's settings, or start a fresh run in another --out")
 
 
+def schedule_changes(saved: dict, now: dict, done: int) -> str | None:
+    """What a resume under other optimisation settings does, in words; None when nothing changed."""
+    diffs = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in SCHEDULE_KEYS if saved.get(k) != now[k]]
+    if not diffs:
+        return None
+    before = lr_at(done, saved["peak_lr"], saved["warmup_epochs"], saved["epochs"])
+    after = lr_at(done, now["peak_lr"], now["warmup_epochs"], now["epochs"])
+    return (f"resuming after epoch {done} with {'; '.join(diffs)}: the schedule is recomputed for the new settings "
+            f"at the same point of the run, so the learning rate goes from {before:g} to {after:g}")
+
+
 def start_logs(out: Path, ckpt: dict | None) -> None:
     """Resume: metrics.jsonl keeps the epochs before the checkpoint's plus its own line (epochs then continue).
     Fresh run: metrics.jsonl and the TensorBoard events start empty."""
@@ -251,11 +302,17 @@ def start_logs(out: Path, ckpt: dict | None) -> None:
     atomic_write_text(log, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))  # append_jsonl's format
 
 
+def resolve_batch(args: argparse.Namespace, world: int, device: torch.device) -> None:
+    """Fill in the device's default batch size and the peak lr it scales to (args.peak_lr)."""
+    if args.batch_size is None:
+        args.batch_size = config.BATCH_SIZE_CUDA if device.type == "cuda" else config.BATCH_SIZE_CPU
+    args.peak_lr = args.lr * args.batch_size * world / config.LR_BATCH
+
+
 def resolved_config(args: argparse.Namespace, size: int, world: int, device: torch.device, amp: bool) -> dict:
     """What config.json and the checkpoints record: every option plus what was derived (plain values only)."""
-    return dict(vars(args), size=size, world_size=world, global_batch=args.batch_size * world,
-                peak_lr=args.lr * args.batch_size * world / config.LR_BATCH, device_used=str(device), amp_enabled=amp,
-                git_commit=git_commit(), torch=str(torch.__version__))
+    return dict(vars(args), size=size, world_size=world, global_batch=args.batch_size * world, device_used=str(device),
+                amp_enabled=amp, git_commit=git_commit(), torch=str(torch.__version__))
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -275,9 +332,10 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     master = rank == 0  # only it prints bars and writes files
     out = Path(args.out)
     seed_everything(args.seed)
+    resolve_batch(args, world, device)
     ckpt = load_resume(args.resume) if args.resume else None
     loader_args = dict(batch_size=args.batch_size, device=device, workers=args.workers, seed=args.seed, rank=rank,
-                       world_size=world, jpeg=args.jpeg, limit=args.limit)
+                       world_size=world, jpeg=args.jpeg, limit=args.limit, prefetch=args.prefetch)
     train_loader = make_loader(args.data, "train", True, **loader_args)
     valid_loader = make_loader(args.data, "valid", False, **loader_args)
     if len(train_loader) == 0:
@@ -291,18 +349,18 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             raise UserError(f"--resume {args.resume}: already trained {ckpt['epoch']} epochs; pass --epochs above that")
 
     memory_format = memory_format_of(args)
-    raw = build_model(args.arch, args.age_loss, "none" if ckpt else args.pretrained).to(device, memory_format=memory_format)
+    raw = (AgeGenderNet(**model_args_of(ckpt)) if ckpt else build_model(args.arch, args.age_loss, args.pretrained))
+    raw = raw.to(device, memory_format=memory_format)
     optimizer = make_optimizer(raw, cfg["peak_lr"], args.momentum, args.weight_decay)
-    steps = len(train_loader)
-    scheduler = warmup_cosine(optimizer, max(1, round(args.warmup_epochs * steps)), args.epochs * steps)
-    start_epoch, best = 1, None
+    start_epoch, best, changes = 1, None, None
     if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        # the momentum buffers from the checkpoint, the hyper-parameters from the current options
+        optimizer.load_state_dict(dict(state=ckpt["optimizer"]["state"],
+                                       param_groups=optimizer.state_dict()["param_groups"]))
         start_epoch, best = ckpt["epoch"] + 1, ckpt["best"]
-    net = torch.compile(raw) if args.compile else raw
-    model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else net
+        changes = schedule_changes(ckpt["config"], cfg, ckpt["epoch"])
+    model = wrap_model(raw, args, world, device)
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
 
     writer = None
@@ -316,25 +374,27 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         print(f"training {args.arch}/{args.age_loss} on {device} x{world}, {len(train_loader)} steps of "
               f"{cfg['global_batch']} per epoch, peak lr {cfg['peak_lr']:g}, {'bf16' if amp else 'fp32'}"
               f"{', resuming at epoch ' + str(start_epoch) if ckpt else ''}")
+        if changes:
+            print(changes)
     epoch, began = start_epoch, time.time()
     try:
         for epoch in range(start_epoch, args.epochs + 1):
             started = time.perf_counter()
             train_loader.set_epoch(epoch)
-            train_loss, images_per_s = train_one_epoch(model, train_loader, optimizer, scheduler, autocast, args, epoch,
+            train_loss, images_per_s = train_one_epoch(model, raw.loss, train_loader, optimizer, autocast, args, epoch,
                                                        world, device, writer)
             sync_buffers(raw)
-            m = validate(net, valid_loader, autocast, args, device, show_bar=master)
+            m = validate(raw, valid_loader, args, device, show_bar=master)
             record = dict(epoch=epoch, gender_acc=m["gender_acc"], age_mae=m["age_mae"], cs5=m["cs5"],
                           train_loss=train_loss, val_loss=m["loss"],
                           score=m["age_mae"] + args.best_gender_weight * (1 - m["gender_acc"]),
-                          lr=scheduler.get_last_lr()[0], seconds=time.perf_counter() - started,
+                          lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started,
                           train_images_per_s=images_per_s)
             improved = best is None or record["score"] < best["score"]
             if improved:
                 best = {k: record[k] for k in ("epoch", "score", "gender_acc", "age_mae", "cs5")}
             if master:
-                save_epoch(out, writer, record, improved, best, cfg, raw, optimizer, scheduler)
+                save_epoch(out, writer, record, improved, best, cfg, raw, optimizer)
     except KeyboardInterrupt:
         if master:  # what a user needs after Ctrl-C: what is safe on disk and how to go on
             last = out / "last.pt"  # ask the disk: Ctrl-C can land between the save and anything after it
@@ -352,9 +412,9 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     return best
 
 
-def save_epoch(out: Path, writer, record: dict, improved: bool, best: dict, cfg: dict, raw, optimizer, scheduler) -> None:
+def save_epoch(out: Path, writer, record: dict, improved: bool, best: dict, cfg: dict, raw, optimizer) -> None:
     """Checkpoints first, then the metrics line: a resume repairs the log from the checkpoint (start_logs)."""
-    ckpt = dict(model=raw.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+    ckpt = dict(model=raw.state_dict(), model_args=raw.model_args, optimizer=optimizer.state_dict(),
                 epoch=record["epoch"], best=best, config=cfg, metrics=record)
     atomic_torch_save(ckpt, out / "last.pt")
     if improved:

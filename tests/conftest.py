@@ -25,7 +25,8 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = models.build_model("resnet18", "l1", "none")
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
-    torch.save({"model": model.state_dict(), "config": {"arch": "resnet18", "age_loss": "l1", "size": SIZE}}, path)
+    torch.save({"model": model.state_dict(), "model_args": model.model_args,
+                "config": {"arch": "resnet18", "age_loss": "l1", "size": SIZE}}, path)
     return path
 
 

@@ -91,6 +91,50 @@ def test_shards_cover_the_split(data):
     assert len(train[0]) == len(train[1]) == 3  # 12 faces, 6 per process
 
 
+@pytest.mark.parametrize("rank, world_size", [(0, 1), (0, 2), (1, 2)])
+def test_prefetching_yields_the_batches_of_the_synchronous_loader(data, rank, world_size):
+    """The background thread (prefetch > 0) prepares exactly the batches made on demand: order, shard, augmentation."""
+    def epochs(prefetch):
+        loader = make_loader(data, "train", True, 2, seed=5, rank=rank, world_size=world_size, prefetch=prefetch)
+        out = []
+        for epoch in (1, 2):
+            loader.set_epoch(epoch)
+            out.append(batches(loader))  # two passes also reuse the staging slots
+        return out
+
+    synchronous = epochs(0)
+    assert not torch.equal(synchronous[0][1], synchronous[1][1])  # a new order per epoch
+    for prefetch in (1, 3):
+        for mine, theirs in zip(epochs(prefetch), synchronous):
+            for a, b in zip(mine, theirs):
+                assert torch.equal(a, b)
+
+
+def test_prefetching_stops_when_the_consumer_does(data, monkeypatch):
+    import threading
+
+    loader = make_loader(data, "train", True, 2, prefetch=2)
+    for _ in loader:
+        break  # the thread must not go on filling a queue nobody reads
+    assert not [t for t in threading.enumerate() if t.name == "packed-loader"]
+    fill = data_gen.Slot.fill
+    calls = []
+
+    def failing_fill(*a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk gone")
+        return fill(*a)
+
+    monkeypatch.setattr(data_gen.Slot, "fill", failing_fill)
+    got = []
+    with pytest.raises(OSError, match="disk gone"):  # raised in the consumer, after the batches made before it
+        for batch in loader:
+            got.append(batch)
+    assert len(got) == 2
+    assert not [t for t in threading.enumerate() if t.name == "packed-loader"]
+
+
 def test_augment_keeps_shapes_and_ranges():
     x = torch.rand(16, 3, 32, 32)
     y = augment(x, torch.Generator().manual_seed(0))

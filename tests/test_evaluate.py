@@ -154,6 +154,9 @@ def test_known_outputs(tmp_path, samples, checkpoint, monkeypatch):
             n = x.shape[0]
             return torch.tensor([[0.0, float(np.log(4))]]).repeat(n, 1), torch.full((n, 1), 38.0)
 
+        def predict_age(self, age_out):
+            return age_out[:, 0]
+
     monkeypatch.setattr(ev, "load_model", lambda path, device: (Known(), {"arch": "x", "age_loss": "l1", "size": 112}))
     folder = tmp_path / "utk"
     folder.mkdir()

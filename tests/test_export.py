@@ -38,8 +38,6 @@ def test_onnx_matches_torch_at_other_batch_sizes(exported, checkpoint):
     from data_gen import IMAGENET_MEAN, IMAGENET_STD
     assert json.loads(meta["mean"]) == list(IMAGENET_MEAN) and json.loads(meta["std"]) == list(IMAGENET_STD)
 
-    from models import predict_age
-
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["gender_prob", "age"]
     s = int(cfg["size"])
@@ -50,7 +48,7 @@ def test_onnx_matches_torch_at_other_batch_sizes(exported, checkpoint):
         with torch.inference_mode():
             logits, age_out = model(x)  # the bare model + the repo's own rule, outside the wrapper
             want_prob = torch.softmax(logits, 1).numpy()
-            want_age = predict_age(age_out, cfg["age_loss"]).numpy()
+            want_age = model.predict_age(age_out).numpy()
         np.testing.assert_allclose(prob.sum(1), 1, atol=1e-5)
         assert np.abs(prob - want_prob).max() < 1e-4
         assert np.abs(age - want_age).max() < 1e-3

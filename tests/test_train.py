@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import train
 from data_gen import preprocess
 from metrics import compute_metrics
-from models import load_checkpoint, predict_age
+import models
+from models import load_checkpoint
 from test_data_gen import make_fake_data
 from utils import REPO, UserError, read_jsonl
 
@@ -28,7 +30,7 @@ def recomputed_metrics(checkpoint, data) -> dict:
     rows = [line.split(",") for line in (data / "labels.csv").read_text().splitlines()[1:] if line.endswith(",valid")]
     with torch.no_grad():
         gender_logits, age_out = model(preprocess(np.load(data / "faces_valid.npy")))
-    return compute_metrics(predict_age(age_out, cfg["age_loss"]).numpy(), np.array([int(r[3]) for r in rows]),
+    return compute_metrics(model.predict_age(age_out).numpy(), np.array([int(r[3]) for r in rows]),
                            gender_logits.argmax(1).numpy(), np.array([int(r[4]) for r in rows]))
 
 
@@ -68,7 +70,7 @@ def test_loss_falls_and_the_files_are_written(run):
 def test_checkpoint_reproduces_the_logged_validation(run, data):
     """load_checkpoint + preprocess (what evaluate.py and demo.py do) give the metrics train.py logged."""
     ckpt = torch.load(run / "last.pt", weights_only=True)  # plain values and state dicts only
-    assert set(ckpt) == {"model", "optimizer", "scheduler", "epoch", "best", "config", "metrics"}
+    assert set(ckpt) == {"model", "model_args", "optimizer", "epoch", "best", "config", "metrics"}
     assert_logged(recomputed_metrics(run / "last.pt", data), read_jsonl(run / "metrics.jsonl")[-1])
 
 
@@ -79,8 +81,8 @@ def test_resume_continues_where_it_stopped(run, data, tmp_path):
     log, straight = read_jsonl(tmp_path / "metrics.jsonl"), read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in log] == [1, 2]
     assert [r["train_loss"] for r in log] == pytest.approx([r["train_loss"] for r in straight], abs=1e-5)
+    assert [r["lr"] for r in log] == pytest.approx([r["lr"] for r in straight])
     resumed, once = (torch.load(p / "last.pt", weights_only=True) for p in (tmp_path, run))
-    assert resumed["scheduler"]["last_epoch"] == once["scheduler"]["last_epoch"] == 2 * 4
     for a, b in zip(resumed["optimizer"]["state"].values(), once["optimizer"]["state"].values()):
         assert torch.allclose(a["momentum_buffer"], b["momentum_buffer"], atol=1e-5)
     for key, value in once["model"].items():
@@ -110,9 +112,9 @@ def test_same_seed_same_loss(run, data, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
     saved = []
-    save_epoch, total_loss = train.save_epoch, train.total_loss
+    save_epoch, loss = train.save_epoch, models.AgeGenderNet.loss
     monkeypatch.setattr(train, "save_epoch", lambda *a: (save_epoch(*a), saved.append(1)))
-    monkeypatch.setattr(train, "total_loss", lambda *a: total_loss(*a) * (float("nan") if saved else 1.0))
+    monkeypatch.setattr(models.AgeGenderNet, "loss", lambda *a: loss(*a) * (float("nan") if saved else 1.0))
     with pytest.raises(UserError, match="nan or inf in epoch 2.*last.pt holds the last good one"):
         train.main(args(data, tmp_path, "--log-every", 2))
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
@@ -139,3 +141,86 @@ def test_unknown_options_fail(data, tmp_path):
         with pytest.raises(SystemExit) as e:
             train.main(args(data, tmp_path, *bad))
         assert e.value.code == 2
+
+
+# --- resuming under other settings, precision, scale, placement ----------------------------------
+
+def test_resume_with_another_batch_size_and_more_epochs_follows_the_new_schedule(data, tmp_path, capsys):
+    """Stopped after 1 epoch at batch 8, resumed at batch 16 for 4 epochs: epochs 2-4 get the learning rates of a
+    straight 4-epoch run at batch 16 (not the old run's step count, which once left lr at 0), and the run says so."""
+    straight = tmp_path / "straight"
+    train.main(args(data, straight, "--epochs", 4))
+    resumed = tmp_path / "resumed"
+    train.main(args(data, resumed, "--epochs", 1, "--batch-size", 8))
+    capsys.readouterr()
+    train.main(args(data, resumed, "--epochs", 4, "--resume", resumed / "last.pt"))
+    said = capsys.readouterr().out
+    assert "resuming after epoch 1 with global_batch 8 -> 16; epochs 1 -> 4" in said
+    assert "the learning rate goes from 0.0025 to 0.005" in said  # the peak at batch 8, then at 16
+    lrs = [r["lr"] for r in read_jsonl(resumed / "metrics.jsonl")]
+    want = [r["lr"] for r in read_jsonl(straight / "metrics.jsonl")]
+    assert lrs[1:] == pytest.approx(want[1:]) and min(lrs[1:3]) > 0
+
+
+def test_resume_takes_momentum_and_weight_decay_from_the_options(run, data, tmp_path):
+    train.main(args(data, tmp_path, "--epochs", 3, "--momentum", 0.5, "--weight-decay", 0.001,
+                    "--resume", run / "last.pt"))
+    groups = torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [(g["momentum"], g["weight_decay"]) for g in groups] == [(0.5, 0.001), (0.5, 0.0)]
+
+
+def test_bf16_training_validates_what_evaluate_reproduces(data, tmp_path):
+    """With bf16 autocast (--amp-cpu) validation still runs in fp32, so the logged metrics, which choose best.pt,
+    are the ones load_checkpoint + preprocess (evaluate.py's path, fp32) recompute."""
+    out = tmp_path / "bf16"
+    train.main(args(data, out, "--epochs", 1, "--amp-cpu", "--age-loss", "ce"))
+    assert json.loads((out / "config.json").read_text())["amp_enabled"]
+    assert_logged(recomputed_metrics(out / "last.pt", data), read_jsonl(out / "metrics.jsonl")[-1])
+
+
+@pytest.mark.parametrize("kind", models.AGE_LOSSES)
+def test_every_age_loss_trains_at_the_gpu_batch_and_its_scaled_lr(tmp_path_factory, tmp_path, kind):
+    """Batch 256 with the lr scaled for a global batch of 1024 (peak 0.32): no nan or inf, as raw-year l2 once gave."""
+    big = tmp_path_factory.getbasetemp() / "big"
+    if not (big / "labels.csv").is_file():
+        make_fake_data(big, n_train=512, n_valid=16, pack=True)
+    train.main(args(big, tmp_path, "--batch-size", config.BATCH_SIZE_CUDA, "--lr", 0.01 * 1024 / 256,
+                    "--age-loss", kind, "--log-every", 1, "--warmup-epochs", 0.5))
+    log = read_jsonl(tmp_path / "metrics.jsonl")
+    assert json.loads((tmp_path / "config.json").read_text())["peak_lr"] == pytest.approx(0.32)
+    assert all(np.isfinite([r["train_loss"], r["val_loss"], r["age_mae"]]).all() for r in log)
+
+
+def test_default_batch_is_the_devices(data, tmp_path, capsys):
+    train.main(args(data, tmp_path, "--epochs", 1)[:8] + ["--workers", "0", "--epochs", "1"])  # no --batch-size
+    assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == config.BATCH_SIZE_CPU
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    said = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert f"(default: {config.BATCH_SIZE_CUDA} on CUDA, {config.BATCH_SIZE_CPU} on the CPU;" in said
+
+
+def test_each_torchrun_process_takes_its_own_gpu():
+    cuda = torch.device("cuda")
+    assert train.process_device(cuda, 4, 2) == torch.device("cuda", 2)
+    assert train.process_device(torch.device("cuda", 1), 1, 0) == torch.device("cuda", 1)  # one process: as asked
+    assert train.process_device(torch.device("cpu"), 4, 2) == torch.device("cpu")
+    with pytest.raises(UserError, match="--device cuda:1 under torchrun.*pass --device cuda.*CUDA_VISIBLE_DEVICES"):
+        train.process_device(torch.device("cuda", 1), 2, 0)
+
+
+def test_compile_wraps_ddp_not_the_reverse(tmp_path, monkeypatch):
+    """DDP(compile(model)) cannot overlap the all-reduce with the compiled backward; compile(DDP(model)) can."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29531")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        opts = train.parse_args(["--compile"])
+        model = train.wrap_model(models.build_model("resnet18", "l1"), opts, 2, torch.device("cpu"))
+        assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+        assert isinstance(model._orig_mod, DistributedDataParallel)
+    finally:
+        dist.destroy_process_group()
