@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -178,6 +178,30 @@ def read_image_or_reason(path: str | os.PathLike) -> np.ndarray | str:
         return e.reason
     except FileNotFoundError:
         return "missing_file"
+
+
+T = TypeVar("T")
+
+
+def chunks_within(items: Iterable[T], budget: float, cost: Callable[[T], float] = lambda item: 1,
+                  max_items: int = 0) -> Iterator[list[T]]:
+    """Consecutive items in lists whose costs add up to at most `budget` (and of at most max_items
+    items, 0 = no limit); an item costing more than the budget alone makes a list of its own.
+
+    Lazy: it holds one list (and the item that opens the next) at a time, so the memory of a
+    stream processed list by list is bounded by the budget, whatever the stream's length.
+    """
+    chunk: list[T] = []
+    total = 0.0
+    for item in items:
+        c = cost(item)
+        if chunk and (total + c > budget or (max_items and len(chunk) >= max_items)):
+            yield chunk
+            chunk, total = [], 0.0
+        chunk.append(item)
+        total += c
+    if chunk:
+        yield chunk
 
 
 def jpeg_bytes(rgb: np.ndarray, quality: int = 95) -> bytes:
