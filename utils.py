@@ -237,6 +237,17 @@ def pick_device(name: str) -> "torch.device":
     return torch.device(name)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (to tell a live run's temp file from a killed one's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, run by another user
+        return True
+    return True
+
+
 def git_commit() -> str | None:
     """The code version of this checkout (commit, '+dirty' when modified), or None outside git."""
     try:
