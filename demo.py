@@ -11,10 +11,14 @@ For each photo MTCNN finds every face and its 5 landmarks (face.py), each face i
 the ArcFace template at the checkpoint's size (face.align_face), all faces of the photo are
 predicted in one batch through data_gen.preprocess (the validation transform, so serving sees
 what validation saw), and each box, its landmarks and a label like `female, 29 (97%)` (the
-percentage: the probability of that gender) are drawn. Writes:
-  OUT/<file name>    the annotated photo (a photo without a face: copied unannotated)
-  OUT/results.json   one entry per input: image, output, faces [{box [x1,y1,x2,y2], score,
-                     landmarks 5x[x,y], gender, gender_prob, age}], or error
+percentage: the probability of that gender) are drawn. Photos are turned upright by their EXIF
+orientation first (utils.read_image). Writes:
+  OUT/<file name>    the annotated photo (a photo without a face: copied unannotated); inputs with
+                     the same name get name_1.jpg, name_2.jpg, ...; no input is ever written over
+  OUT/<stem>.mp4     the annotated video (webcam N: webcamN.mp4), named the same way
+  OUT/results.json   one entry per input: a photo's {image, output, faces [{box [x1,y1,x2,y2], score,
+                     landmarks 5x[x,y], gender, gender_prob, age}]}, a video's {video, output, fps,
+                     frames [{frame (index), time (s), faces [as a photo's]}]}, or {..., error}
 A file that is not an image is reported on stderr and the run goes on; the exit status is then 1.
 Without --input it annotates the sample photos in images/ (written there first if missing).
 --sheet takes a UTKFace-named folder or a CSV (image,age,gender; see evaluate.py) and draws a
@@ -35,8 +39,8 @@ import config
 from evaluate import (IMAGE_SUFFIXES, Labelled, list_images, load_model, predict, predicted_gender, read_csv_labels,
                       read_utkface)
 from face import detect_and_align
-from utils import (REPO, ImageError, UserError, atomic_write_bytes, jpeg_bytes, pick_device, pyplot, read_image,
-                   run_main, save_figure, write_json)
+from utils import (REPO, ImageError, UserError, atomic_write_bytes, jpeg_bytes, pick_device, pid_alive, pyplot,
+                   read_image, run_main, save_figure, write_json)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 COLOURS = {"female": (230, 60, 140), "male": (40, 120, 240)}  # RGB, box and label background
@@ -102,6 +106,47 @@ def collect_inputs(items: list[str]) -> list[tuple[str, object]]:
         else:
             raise UserError(f"--input {path}: no such file or folder")
     return out
+
+
+def first_output_name(kind: str, value: Path | int) -> str:
+    """The file name an input's result gets in the output folder unless taken (see Outputs)."""
+    if kind == "webcam":
+        return f"webcam{value}.mp4"
+    return Path(value).stem + ".mp4" if kind == "video" else Path(value).name
+
+
+class Outputs:
+    """The output folder's file names of one run, each given once: inputs named alike get name_1.ext, ...
+
+    (An input in the output folder would be written over by its own result; main() refuses that
+    first, and the names given here, its own name plus a suffix, then never fall on another input.)
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.used = {"results.json"}  # written last: no annotated photo may take its name
+
+    def claim(self, name: str) -> Path:
+        """folder/name, or folder/name_1.ext, name_2.ext, ... when this run already used it."""
+        stem, suffix, k = Path(name).stem, Path(name).suffix, 1
+        while name in self.used:
+            name, k = f"{stem}_{k}{suffix}", k + 1
+        self.used.add(name)
+        return self.folder / name
+
+
+VIDEO_TMP = ".{stem}.{pid}.tmp.mp4"  # a video being written (renamed when complete); pid: whose it is
+
+
+def remove_stale_videos(folder: Path) -> list[Path]:
+    """Delete the temp videos of runs that were killed (their process is gone); a live run's are kept."""
+    removed = []
+    for tmp in folder.glob(".*.tmp.mp4"):
+        pid = tmp.name[:-len(".tmp.mp4")].rsplit(".", 1)[-1]
+        if not (pid.isdigit() and pid_alive(int(pid))):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def display_available() -> bool:
@@ -224,10 +269,10 @@ class Shower:
 
 # --- the three kinds of input ----------------------------------------------------------------
 
-def process_image(path: Path, ann: Annotator, out_dir: Path, used: set, shower: Shower) -> dict:
+def process_image(path: Path, ann: Annotator, outputs: Outputs, shower: Shower) -> dict:
     try:
         image = read_image(path)
-    except (ImageError, FileNotFoundError, IsADirectoryError) as e:
+    except (ImageError, FileNotFoundError) as e:
         msg = str(e) if isinstance(e, ImageError) else f"{path}: cannot be read ({e.strerror})"
         print(f"error: {msg}", file=sys.stderr)
         return dict(image=str(path), error=msg, faces=[])
@@ -236,21 +281,21 @@ def process_image(path: Path, ann: Annotator, out_dir: Path, used: set, shower: 
         print(f"{path}: no face found; copied unannotated")
     annotated = draw(image, faces)
     data, name = encode_like(annotated, path.name)
-    stem, suffix, k = Path(name).stem, Path(name).suffix, 1
-    while name in used:  # two inputs with one name: the second becomes name_1.jpg
-        name, k = f"{stem}_{k}{suffix}", k + 1
-    used.add(name)
-    atomic_write_bytes(out_dir / name, data)
+    out = outputs.claim(name)
+    atomic_write_bytes(out, data)
     if faces:
         print(f"{path}: " + "; ".join(label(f) for f in faces))
     shower.show(annotated, 0)
-    return dict(image=str(path), output=str(out_dir / name), faces=faces)
+    return dict(image=str(path), output=str(out), faces=faces)
 
 
-def process_video(source: Path | int, ann: Annotator, out_dir: Path, shower: Shower, max_frames: int) -> dict:
-    """Annotate every frame into OUT/<name>.mp4 until the video ends (webcam: q, Ctrl-C or --max-frames)."""
+def process_video(source: Path | int, ann: Annotator, outputs: Outputs, shower: Shower, max_frames: int) -> dict:
+    """Annotate every frame into OUT/<name>.mp4 until the video ends (webcam: q, Ctrl-C or --max-frames).
+
+    The faces of each frame are listed (frames: frame index, time in the output video in s, faces);
+    the video is written under a temp name, renamed when complete and deleted otherwise.
+    """
     webcam = isinstance(source, int)
-    name = f"webcam{source}.mp4" if webcam else Path(source).stem + ".mp4"
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg quiet: a bad file gets our one line, not its
     level = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # its WARN lines would repeat our one-line error
@@ -261,45 +306,55 @@ def process_video(source: Path | int, ann: Annotator, out_dir: Path, shower: Sho
     if not cap.isOpened():
         msg = f"webcam {source}: cannot be opened" if webcam else f"{source}: cannot be opened as a video"
         print(f"error: {msg}", file=sys.stderr)
-        return dict(video=str(source), error=msg)
+        return dict(video=str(source), error=msg, frames=[])
     fps = cap.get(cv2.CAP_PROP_FPS)
     fps = fps if fps and np.isfinite(fps) and fps > 0 else 25.0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{Path(name).stem}.tmp.mp4"  # renamed when complete: no half video under the real name
-    writer, frames, faces_seen = None, 0, 0
+    out = outputs.claim(first_output_name("webcam" if webcam else "video", source))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / VIDEO_TMP.format(stem=out.stem, pid=os.getpid())  # no half video under the real name
+    writer, frames, renamed = None, [], False
     try:
-        while not max_frames or frames < max_frames:
-            ok, bgr = cap.read()
-            if not ok:
-                break
-            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            faces = ann.analyse(rgb)
-            faces_seen += len(faces)
-            shown = draw(rgb, faces)
-            if writer is None:
-                writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (rgb.shape[1], rgb.shape[0]))
-                if not writer.isOpened():
-                    raise UserError(f"{out_dir / name}: cannot be written (no mp4v encoder in this OpenCV?)")
-            writer.write(cv2.cvtColor(shown, cv2.COLOR_RGB2BGR))
-            frames += 1
-            if not shower.show(shown, 1):
-                break
-    except KeyboardInterrupt:
-        if not webcam:
-            raise
-        print("stopped (Ctrl-C)")
+        try:
+            while not max_frames or len(frames) < max_frames:
+                ok, bgr = cap.read()
+                if not ok:
+                    break
+                rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                faces = ann.analyse(rgb)
+                shown = draw(rgb, faces)
+                if writer is None:
+                    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (rgb.shape[1], rgb.shape[0]))
+                    if not writer.isOpened():
+                        raise UserError(f"{out}: cannot be written (no mp4v encoder in this OpenCV?)")
+                writer.write(cv2.cvtColor(shown, cv2.COLOR_RGB2BGR))
+                frames.append(dict(frame=len(frames), time=round(len(frames) / fps, 3), faces=faces))
+                if not shower.show(shown, 1):
+                    break
+        except KeyboardInterrupt:
+            if not webcam:
+                raise
+            print("stopped (Ctrl-C)")
+        finally:
+            cap.release()
+            if writer is not None:
+                writer.release()
+        if frames:
+            os.replace(tmp, out)
+            renamed = True
     finally:
-        cap.release()
-        if writer is not None:
-            writer.release()
-    if frames == 0:
-        tmp.unlink(missing_ok=True)
+        if not renamed:  # interrupted, failed or empty: the temp file goes
+            tmp.unlink(missing_ok=True)
+    if not frames:
         msg = f"{source}: no frame could be read"
         print(f"error: {msg}", file=sys.stderr)
-        return dict(video=str(source), error=msg)
-    os.replace(tmp, out_dir / name)
-    print(f"{source}: {frames} frames, {faces_seen} faces -> {out_dir / name}")
-    return dict(video=str(source), output=str(out_dir / name), frames=frames, faces=faces_seen, fps=fps)
+        return dict(video=str(source), error=msg, frames=[])
+    print(f"{source}: {len(frames)} frames, {sum(len(f['faces']) for f in frames)} faces -> {out}")
+    return dict(video=str(source), output=str(out), fps=fps, frames=frames)
+
+
+def count_faces(results: list[dict]) -> int:
+    """Faces in results.json's entries: a photo's, and those of every frame of a video."""
+    return sum(len(r.get("faces", [])) + sum(len(f["faces"]) for f in r.get("frames", [])) for r in results)
 
 
 def make_sheet(source: Path, ann: Annotator, out: Path, rows: int) -> list[dict]:
@@ -386,24 +441,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return make_sheet(source, ann, out_dir / "sheet.png", args.sheet_rows)
     inputs = collect_inputs(args.input or [os.path.relpath(REPO / config.IMAGES)])
     for kind, value in inputs:
-        if kind == "image" and (out_dir.resolve() / value.name) == value.resolve():
+        target = out_dir / first_output_name(kind, value)
+        if kind != "webcam" and target.exists() and target.samefile(value):  # samefile: links, case-blind disks
             raise UserError(f"--output {out_dir}: would overwrite the input {value}; choose another folder")
     ann = Annotator(args.checkpoint, args.device, args.min_score, args.min_face)
     shower = Shower(args.show)
-    results, used = [], set()
+    results, outputs = [], Outputs(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_videos(out_dir)
     try:
         for kind, value in inputs:
             if kind == "image":
-                results.append(process_image(value, ann, out_dir, used, shower))
+                results.append(process_image(value, ann, outputs, shower))
             else:
-                results.append(process_video(value, ann, out_dir, shower, args.max_frames))
+                results.append(process_video(value, ann, outputs, shower, args.max_frames))
     finally:
         shower.close()
         write_json(out_dir / "results.json", results)  # also when interrupted: what was done so far
     errors = sum("error" in r for r in results)
-    faces = sum(len(r["faces"]) if isinstance(r.get("faces"), list) else 0 for r in results)
-    print(f"{len(results)} inputs, {faces} faces, {errors} errors -> {out_dir}/ (results.json)")
+    print(f"{len(results)} inputs, {count_faces(results)} faces, {errors} errors -> {out_dir}/ (results.json)")
     if errors:
         sys.exit(1)
     return results

@@ -34,9 +34,11 @@ import os
 import pickle
 import sys
 import zipfile
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 # Idle OpenMP threads of torch spin for ~300,000 iterations after each op by default, holding the
 # cores that onnxruntime (an .onnx --checkpoint) needs between detector calls: ~1.6x slower
@@ -49,7 +51,7 @@ import numpy as np
 import config
 from export import INPUT, OUTPUTS
 from face import detect_and_align
-from utils import (UserError, pick_device, pyplot, read_image_or_reason, run_main, save_figure,
+from utils import (UserError, chunks_within, pick_device, pyplot, read_image_or_reason, run_main, save_figure,
                    write_csv, write_json)
 
 GENDERS = ("female", "male")  # index = class id: 0 female, 1 male (as in labels.csv)
@@ -251,27 +253,32 @@ def read_pre_processed(data: Path, split: str) -> list[Labelled]:
 
 # --- the two kinds of evaluation -------------------------------------------------------------
 
-def read_batches(items: list[Labelled], batch_size: int, workers: int, unit: str, skipped: dict):
-    """Yield (items, RGB images) per batch, decoded in threads, with a progress bar.
+def read_images(items: list[Labelled], workers: int, ahead: int, unit: str, skipped: dict
+                ) -> Iterator[tuple[Labelled, np.ndarray]]:
+    """Yield (item, RGB image) in order, decoded in `workers` threads at most `ahead` photos in advance
+    (so memory does not grow with the data), with a progress bar.
 
     Files that are not usable images are counted in `skipped` by reason and left out.
     """
     from tqdm import tqdm
 
+    todo = iter(items)
     with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(items), desc="evaluate", unit=unit,
                                                             file=sys.stderr, disable=None) as bar:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            good, images = [], []
-            for item, img in zip(chunk, pool.map(read_image_or_reason, [it.path for it in chunk])):
-                if isinstance(img, str):
-                    skipped[img] = skipped.get(img, 0) + 1
-                    print(f"warning: {item.path}: {img.replace('_', ' ')}, skipped", file=sys.stderr)
-                else:
-                    good.append(item)
-                    images.append(img)
-            yield good, images
-            bar.update(len(chunk))
+        pending: deque = deque()
+        while True:
+            while len(pending) < max(1, ahead) and (item := next(todo, None)) is not None:
+                pending.append((item, pool.submit(read_image_or_reason, item.path)))
+            if not pending:
+                return
+            item, future = pending.popleft()
+            img = future.result()
+            bar.update(1)
+            if isinstance(img, str):
+                skipped[img] = skipped.get(img, 0) + 1
+                print(f"warning: {item.path}: {img.replace('_', ' ')}, skipped", file=sys.stderr)
+            else:
+                yield item, img
 
 
 def evaluate_aligned(items: list[Labelled], model, cfg: dict, device, batch_size: int, workers: int
@@ -279,34 +286,44 @@ def evaluate_aligned(items: list[Labelled], model, cfg: dict, device, batch_size
     """Predict pre-aligned faces: (records, skipped count per reason)."""
     size = int(cfg["size"])
     records, skipped = [], {}
-    for good, faces in read_batches(items, batch_size, workers, "face", skipped):
-        for item, img in zip(good, faces):
+    # aligned faces are small: decoding may run a whole batch ahead of the forward pass
+    for batch in chunks_within(read_images(items, workers, batch_size, "face", skipped), batch_size):
+        for item, img in batch:
             if img.shape[:2] != (size, size):
                 raise UserError(f"{item.path}: a {img.shape[1]}x{img.shape[0]} face, but the checkpoint takes "
                                 f"{size}x{size}; evaluate on a pre_process.py output made with --size {size}")
-        if faces:
-            p_male, ages = predict(model, cfg, np.stack(faces), device, batch_size)
-            records += [_record(it, p, a) for it, p, a in zip(good, p_male, ages)]
+        p_male, ages = predict(model, cfg, np.stack([img for _, img in batch]), device, batch_size)
+        records += [_record(it, p, a) for (it, _), p, a in zip(batch, p_male, ages)]
     return records, skipped
 
 
 def evaluate_photos(items: list[Labelled], model, cfg: dict, device, batch_size: int, workers: int,
-                    detector=None) -> tuple[list[dict], dict]:
-    """Detect, align and predict raw labelled photos: (records, skipped count per reason)."""
+                    detector=None, detect_pixels: int = config.DETECT_PIXELS) -> tuple[list[dict], dict]:
+    """Detect, align and predict raw labelled photos: (records, skipped count per reason).
+
+    MTCNN's working memory grows with the pixels it is given, so each detection call gets at most
+    detect_pixels pixels of photos (and at most batch_size photos; a larger photo goes alone);
+    the aligned faces are then predicted batch_size at a time.
+    """
     if detector is None:
         from face import FaceDetector
 
         detector = FaceDetector(device=str(device))
     size = int(cfg["size"])
     records, skipped = [], {}
-    for good, images in read_batches(items, batch_size, workers, "photo", skipped):
-        aligned = detect_and_align(detector, images, size)
-        kept = [(it, a) for it, a in zip(good, aligned) if a is not None]
-        if len(kept) < len(good):
-            skipped["no_face"] = skipped.get("no_face", 0) + len(good) - len(kept)
-        if kept:
-            p_male, ages = predict(model, cfg, np.stack([a["face"] for _, a in kept]), device, batch_size)
-            records += [_record(it, p, a) for (it, _), p, a in zip(kept, p_male, ages)]
+
+    def aligned() -> Iterator[tuple[Labelled, np.ndarray]]:
+        photos = read_images(items, workers, 2 * max(1, workers), "photo", skipped)
+        for chunk in chunks_within(photos, detect_pixels, lambda p: p[1].shape[0] * p[1].shape[1], batch_size):
+            for (item, _), found in zip(chunk, detect_and_align(detector, [img for _, img in chunk], size)):
+                if found is None:
+                    skipped["no_face"] = skipped.get("no_face", 0) + 1
+                else:
+                    yield item, found["face"]
+
+    for batch in chunks_within(aligned(), batch_size):
+        p_male, ages = predict(model, cfg, np.stack([face for _, face in batch]), device, batch_size)
+        records += [_record(it, p, a) for (it, _), p, a in zip(batch, p_male, ages)]
     return records, skipped
 
 
@@ -464,6 +481,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=config.EVAL_OUT, help="where metrics.json and the plots go (default: %(default)s)")
     p.add_argument("--device", default=config.DEVICE, help="auto, cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=config.EVAL_BATCH, help="faces per forward pass (default: %(default)s)")
+    p.add_argument("--detect-pixels", type=int, default=config.DETECT_PIXELS,
+                   help="--utkface/--csv: photo pixels per MTCNN call; bounds its memory (default: %(default)s)")
     p.add_argument("--workers", type=int, default=config.WORKERS, help="image decoding threads (default: %(default)s)")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N photos, 0 = all (default: %(default)s)")
     return p.parse_args(argv)
@@ -473,6 +492,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.detect_pixels < 1:
+        raise UserError(f"--detect-pixels {args.detect_pixels}: must be at least 1")
     if args.utkface:
         items, bad = read_utkface(Path(args.utkface))
         source = dict(kind="utkface", path=args.utkface)
@@ -487,8 +508,11 @@ def main(argv: list[str] | None = None) -> dict:
         items = items[:args.limit]
     device = pick_device(args.device)
     model, cfg = load_model(args.checkpoint, device)
-    run = evaluate_aligned if source["kind"] == "pre_processed" else evaluate_photos
-    records, skipped = run(items, model, cfg, device, args.batch_size, args.workers)
+    if source["kind"] == "pre_processed":
+        records, skipped = evaluate_aligned(items, model, cfg, device, args.batch_size, args.workers)
+    else:
+        records, skipped = evaluate_photos(items, model, cfg, device, args.batch_size, args.workers,
+                                           detect_pixels=args.detect_pixels)
     if bad:
         skipped["bad_name"] = bad
     result = summarize(records, skipped)

@@ -13,10 +13,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 REPO = Path(__file__).resolve().parent
 
@@ -117,7 +117,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 # --- images ------------------------------------------------------------------------------
 
 class ImageError(Exception):
-    """A file that is not a usable image; `reason` is a short key for counting (empty, not_image, truncated)."""
+    """A file that is not a usable image; `reason` is a short key for counting
+    (empty, not_image, truncated, too_large, unreadable)."""
 
     def __init__(self, path: str | os.PathLike, reason: str, detail: str = ""):
         self.path, self.reason = str(path), reason
@@ -125,23 +126,40 @@ class ImageError(Exception):
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode any image Pillow knows (JPEG, PNG under any name, grayscale, CMYK, RGBA) to RGB uint8 (H, W, 3).
+    """Decode any image Pillow knows (JPEG, PNG under any name, grayscale, 16-bit, CMYK, RGBA) to upright RGB uint8 (H, W, 3).
 
-    Raises ImageError for zero-byte, non-image or truncated files, FileNotFoundError for missing ones.
+    The EXIF Orientation tag is applied: a phone photo stored sideways comes out as it was taken.
+    Raises ImageError for zero-byte, non-image, truncated, unreadable (permissions, a folder) and
+    over-large files (beyond Pillow's decompression-bomb limit, 2 x Image.MAX_IMAGE_PIXELS),
+    FileNotFoundError for missing ones.
     """
     path = Path(path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # PermissionError, IsADirectoryError, EIO: this file is unusable, not the run
+        raise ImageError(path, "unreadable", e.strerror or str(e)) from e
     if not data:
         raise ImageError(path, "empty")
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # decodes now, so truncation surfaces here and not later
+            ImageOps.exif_transpose(im, in_place=True)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 # composite on white: transparent pixels are undefined colour otherwise
                 im = im.convert("RGBA")
                 bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(bg, im)
-            rgb = np.asarray(im.convert("RGB"))
+            if im.mode.startswith("I"):
+                # 16-bit grayscale (PNG and TIFF: I;16, PGM: I) is 0..65535; Pillow's convert would clip
+                # it at 255, leaving pure black and white
+                gray = np.rint(np.clip(np.asarray(im, dtype=np.float32), 0, 65535) / 257).astype(np.uint8)
+                rgb = np.repeat(gray[:, :, None], 3, axis=2)
+            else:
+                rgb = np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as e:  # its declared size alone would take GBs: refused before decoding
+        raise ImageError(path, "too_large", str(e)) from e
     except UnidentifiedImageError as e:
         raise ImageError(path, "not_image") from e
     except (OSError, SyntaxError, ValueError) as e:  # Pillow reports truncation as OSError
@@ -150,7 +168,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_image_or_reason(path: str | os.PathLike) -> np.ndarray | str:
-    """read_image, but a file that can't be used gives its reason (empty, not_image, truncated, missing_file).
+    """read_image, but a file that can't be used gives its reason (ImageError's, or missing_file).
 
     For loops over many photos, where one bad file is counted and skipped, not fatal.
     """
@@ -160,6 +178,30 @@ def read_image_or_reason(path: str | os.PathLike) -> np.ndarray | str:
         return e.reason
     except FileNotFoundError:
         return "missing_file"
+
+
+T = TypeVar("T")
+
+
+def chunks_within(items: Iterable[T], budget: float, cost: Callable[[T], float] = lambda item: 1,
+                  max_items: int = 0) -> Iterator[list[T]]:
+    """Consecutive items in lists whose costs add up to at most `budget` (and of at most max_items
+    items, 0 = no limit); an item costing more than the budget alone makes a list of its own.
+
+    Lazy: it holds one list (and the item that opens the next) at a time, so the memory of a
+    stream processed list by list is bounded by the budget, whatever the stream's length.
+    """
+    chunk: list[T] = []
+    total = 0.0
+    for item in items:
+        c = cost(item)
+        if chunk and (total + c > budget or (max_items and len(chunk) >= max_items)):
+            yield chunk
+            chunk, total = [], 0.0
+        chunk.append(item)
+        total += c
+    if chunk:
+        yield chunk
 
 
 def jpeg_bytes(rgb: np.ndarray, quality: int = 95) -> bytes:
@@ -193,6 +235,17 @@ def pick_device(name: str) -> "torch.device":
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device here; use --device cpu")
     return torch.device(name)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (to tell a live run's temp file from a killed one's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, run by another user
+        return True
+    return True
 
 
 def git_commit() -> str | None:

@@ -1,8 +1,12 @@
 """demo.py on the real sample photos: detection, results.json, the failure cases, video, sheet, no skew."""
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -107,6 +111,24 @@ def test_empty_folder_and_missing_input(tmp_path, checkpoint):
                    "--output", str(tmp_path)])
 
 
+def test_phone_photo_stored_rotated_is_annotated_upright(tmp_path, samples, checkpoint):
+    """EXIF Orientation 6 (a phone held upright, the pixels stored sideways): the face is found, the output is upright."""
+    from test_read_image import save_rotated
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    shutil.copy(samples / "grace_hopper.jpg", inp / "upright.jpg")
+    save_rotated(samples / "grace_hopper.jpg", inp / "phone.jpg", 6)
+    results = {Path(r["image"]).name: r for r in demo.main(["--checkpoint", str(checkpoint), "--input", str(inp),
+                                                            "--output", str(tmp_path / "out"), "--device", "cpu"])}
+    phone, upright = results["phone.jpg"], results["upright.jpg"]
+    assert len(phone["faces"]) == len(upright["faces"]) == 1
+    assert np.allclose(phone["faces"][0]["box"], upright["faces"][0]["box"], atol=4)  # where it is when upright
+    annotated = read_image(phone["output"])
+    assert annotated.shape == (600, 512, 3)  # upright: as tall as the portrait
+    assert np.abs(annotated.astype(int) - read_image(upright["output"])).mean() < 3
+
+
 def test_min_face_below_mtcnns_window_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         demo.parse_args(["--min-face", "8"])
@@ -171,12 +193,27 @@ def test_all_faces_of_a_photo_in_one_batch(tmp_path, samples, checkpoint):
     assert sorted(f["box"][0] < 512 for f in faces) == [False, True]
 
 
-def test_video_and_unreadable_video(tmp_path, samples, checkpoint, capsys):
+def make_video(path, samples, frames=3, fps=5):
+    """A tiny mp4 of the astronaut portrait, `frames` frames long."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     frame = cv2.cvtColor(read_image(samples / "astronaut.jpg"), cv2.COLOR_RGB2BGR)
-    writer = cv2.VideoWriter(str(tmp_path / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 5, (512, 512))
-    for _ in range(3):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (512, 512))
+    for _ in range(frames):
         writer.write(frame)
     writer.release()
+    return path
+
+
+def frame_count(path):
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    return n
+
+
+def test_video_and_unreadable_video(tmp_path, samples, checkpoint, capsys):
+    make_video(tmp_path / "clip.mp4", samples)
     (tmp_path / "broken.mp4").write_text("not a video")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
@@ -184,16 +221,75 @@ def test_video_and_unreadable_video(tmp_path, samples, checkpoint, capsys):
                    "--output", str(out), "--device", "cpu"])
     assert e.value.code == 1
     results = json.loads((out / "results.json").read_text())
-    assert results[0]["frames"] == 3 and results[0]["faces"] == 3
-    assert "cannot be opened as a video" in results[1]["error"]
-    err = capsys.readouterr().err
-    assert err.strip().splitlines() == [f"error: {tmp_path / 'broken.mp4'}: cannot be opened as a video"]
-    cap = cv2.VideoCapture(str(out / "clip.mp4"))
-    n = 0
-    while cap.read()[0]:
-        n += 1
-    assert n == 3
+    # a video lists its frames: index, time in s (5 fps), and that frame's faces as a photo lists them
+    assert [(f["frame"], f["time"]) for f in results[0]["frames"]] == [(0, 0.0), (1, 0.2), (2, 0.4)]
+    photo = demo.Annotator(str(checkpoint), "cpu", 0.9).analyse(read_image(samples / "astronaut.jpg"))
+    for f in results[0]["frames"]:
+        assert len(f["faces"]) == 1 and f["faces"][0].keys() == photo[0].keys()
+        assert np.allclose(f["faces"][0]["box"], photo[0]["box"], atol=6)  # mp4v's compression moves it a little
+    assert "faces" not in results[0] and results[0]["fps"] == 5
+    assert "cannot be opened as a video" in results[1]["error"] and results[1]["frames"] == []
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [f"error: {tmp_path / 'broken.mp4'}: cannot be opened as a video"]
+    assert "2 inputs, 3 faces, 1 errors" in captured.out  # the closing line counts the video's faces
+    assert frame_count(out / "clip.mp4") == 3
     assert not list(out.glob(".*"))  # no temp file left
+
+
+def test_same_named_videos_get_their_own_outputs(tmp_path, samples, checkpoint):
+    a, b = make_video(tmp_path / "a" / "clip.mp4", samples, 2), make_video(tmp_path / "b" / "clip.mp4", samples, 3)
+    out = tmp_path / "out"
+    results = demo.main(["--checkpoint", str(checkpoint), "--input", str(a), str(b), "--output", str(out),
+                         "--device", "cpu"])
+    assert [r["output"] for r in results] == [str(out / "clip.mp4"), str(out / "clip_1.mp4")]
+    assert (frame_count(out / "clip.mp4"), frame_count(out / "clip_1.mp4")) == (2, 3)
+
+
+def test_video_in_the_output_folder_is_not_written_over(tmp_path, samples, checkpoint):
+    clip = make_video(tmp_path / "clip.mp4", samples)
+    before = clip.read_bytes()
+    with pytest.raises(UserError, match="would overwrite the input"):
+        demo.main(["--checkpoint", str(checkpoint), "--input", str(clip), "--output", str(tmp_path), "--device", "cpu"])
+    assert clip.read_bytes() == before
+
+
+def demo_cmd(checkpoint, clip, out):
+    return [sys.executable, "demo.py", "--checkpoint", str(checkpoint), "--input", str(clip), "--output", str(out),
+            "--device", "cpu"]
+
+
+def start_and_wait_for_temp(cmd, out):
+    """Start demo.py; return it with the temp video it is writing, once that exists."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        temps = list(out.glob(".*.tmp.mp4"))
+        if temps:
+            return proc, temps[0]
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"demo.py wrote no temp video: {proc.communicate()[1]}")
+
+
+def test_interrupted_and_killed_videos_leave_no_temp_file(tmp_path, samples, checkpoint):
+    clip, out = make_video(tmp_path / "clip.mp4", samples, frames=200), tmp_path / "out"
+    proc, tmp = start_and_wait_for_temp(demo_cmd(checkpoint, clip, out), out)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "interrupted" in err
+    assert not tmp.exists() and not list(out.glob(".*.tmp.mp4")) and not (out / "clip.mp4").exists()
+    assert json.loads((out / "results.json").read_text()) == []
+
+    proc, tmp = start_and_wait_for_temp(demo_cmd(checkpoint, clip, out), out)
+    proc.send_signal(signal.SIGKILL)  # nothing runs after this: the next run cleans up
+    proc.wait()
+    assert tmp.exists()
+    live = out / f".other.{os.getpid()}.tmp.mp4"  # another run, still going (this process), in the same folder
+    live.write_bytes(b"being written")
+    short = make_video(tmp_path / "short.mp4", samples, frames=1)
+    demo.main(["--checkpoint", str(checkpoint), "--input", str(short), "--output", str(out), "--device", "cpu"])
+    assert not tmp.exists() and live.exists()
+    assert frame_count(out / "short.mp4") == 1
 
 
 def test_sheet(tmp_path, samples, checkpoint):

@@ -206,3 +206,72 @@ def test_user_errors(tmp_path, checkpoint):
 def _csv(tmp_path):
     (tmp_path / "x.csv").write_text("image,age,gender\na.jpg,3,m\n")
     return tmp_path / "x.csv"
+
+
+# --- real-world photos: rotated by EXIF, large ones in bounded detection calls ----------------------
+
+def test_csv_photo_stored_rotated_by_a_phone(tmp_path, samples, checkpoint):
+    """A portrait stored sideways with EXIF Orientation 6 (as phones do) is turned upright and its face found."""
+    from test_read_image import save_rotated
+
+    save_rotated(samples / "astronaut.jpg", tmp_path / "phone.jpg", 6)
+    (tmp_path / "labels.csv").write_text("image,age,gender\nphone.jpg,34,female\n")
+    m = ev.main(["--checkpoint", str(checkpoint), "--csv", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "e"),
+                 "--device", "cpu"])
+    assert m["n"] == 1 and m["skipped"] == {}
+
+
+class RecordingDetector:
+    """A FaceDetector that notes the pixels of the photos in each call."""
+
+    def __init__(self):
+        from face import FaceDetector
+
+        self.detector, self.calls = FaceDetector(device="cpu"), []
+
+    def detect(self, images):
+        self.calls.append([im.shape[0] * im.shape[1] for im in images])
+        return self.detector.detect(images)
+
+
+def test_detection_calls_stay_within_the_pixel_budget(tmp_path, samples, checkpoint):
+    from evaluate import load_model
+
+    model, cfg = load_model(checkpoint, "cpu")
+    items = [ev.Labelled(samples / name, age, gender) for name, age, gender in LABELS * 2]  # 6 photos
+    pixels = [512 * 512, 512 * 512, 600 * 512] * 2
+    runs = {}
+    for budget, batch in ((10**9, 128), (600_000, 128), (1, 128), (10**9, 4)):
+        detector = RecordingDetector()
+        records, skipped = ev.evaluate_photos(items, model, cfg, "cpu", batch, 1, detector, detect_pixels=budget)
+        assert skipped == {} and len(records) == 6
+        assert sum(detector.calls, []) == pixels  # every photo detected once, in order
+        for call in detector.calls:
+            assert len(call) <= batch and (sum(call) <= budget or len(call) == 1)  # a larger photo goes alone
+        runs[budget, batch] = records, [len(c) for c in detector.calls]
+    assert runs[10**9, 128][1] == [6]
+    assert runs[600_000, 128][1] == [2, 2, 2]  # 512x512 + 512x512 fit; 600x512 more would not
+    assert runs[1, 128][1] == [1] * 6
+    assert runs[10**9, 4][1] == [4, 2]
+    reference = runs[10**9, 128][0]
+    for records, _ in runs.values():  # the same predictions however the photos were grouped
+        assert [r["image"] for r in records] == [r["image"] for r in reference]
+        for r, ref in zip(records, reference):
+            assert r["pred_gender"] == ref["pred_gender"]
+            assert r["pred_age"] == pytest.approx(ref["pred_age"], abs=1e-3)
+            assert r["p_male"] == pytest.approx(ref["p_male"], abs=1e-4)
+
+
+def test_decoding_runs_at_most_ahead_photos_in_advance(monkeypatch):
+    decoded = []
+
+    def fake_read(path):
+        decoded.append(path)
+        return np.zeros((2, 2, 3), np.uint8)
+
+    monkeypatch.setattr(ev, "read_image_or_reason", fake_read)
+    items = [ev.Labelled(f"{i}.jpg", 30, 1) for i in range(50)]
+    stream = ev.read_images(items, workers=2, ahead=4, unit="photo", skipped={})
+    for consumed, (item, _) in enumerate(stream, start=1):
+        assert len(decoded) <= consumed + 4  # not the whole list at once
+    assert consumed == 50 and decoded == [it.path for it in items]
