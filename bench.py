@@ -8,8 +8,8 @@
 Measures, on the same machine, data and model, each pair timed back to back and alternated over
 --repeats rounds, after a warm-up, with time.perf_counter:
   train_speedup       images/s of the tuned training step (train.py's train_one_epoch over the packed
-                      uint8 memmap loader with batch augmentation on tensors, channels_last, bf16
-                      autocast, --batch-size) over a naive loop in the original project's style (the
+                      uint8 memmap loader with batch augmentation on tensors, prefetched in a thread
+                      as train.py does, channels_last, bf16 autocast, --batch-size) over a naive loop in the original project's style (the
                       same train_one_epoch, fp32, NCHW, JPEG decoded per sample by FaceDataset in a
                       DataLoader, batch 32), ResNet-18 at the data's size; a third mode, the naive
                       step over the packed loader, splits the ratio into the loader's and the step's
@@ -417,14 +417,15 @@ def bench_train(args: argparse.Namespace, data: Path, tmp: Path, device: torch.d
     for r in range(args.repeats):
         for name in in_turn(list(modes), r):
             targs = modes[name]
+            # prefetch as train.py's loop does (a background thread), except where one batch is taken once
             loader = make_loader(data, "train", True, targs.batch_size, device, workers=targs.workers,
-                                 jpeg=targs.jpeg)
+                                 jpeg=targs.jpeg, prefetch=0 if name == "tuned_bare" else targs.prefetch)
             if len(loader) == 0:
                 raise UserError(f"{data}: fewer training faces than a batch of {targs.batch_size}; lower the batch")
             if name == "tuned_bare":
                 loader = SameBatch(loader)
             res = time_training(loader, targs, device, args.warmup, args.steps)
-            res["loader"] = type(loader).__name__
+            res["loader"], res["prefetch"] = type(loader).__name__, getattr(loader, "prefetch", None)
             rounds[name].append(res)
             print(f"  train {name:12s} round {r + 1}: {res['images_per_s']:.1f} images/s "
                   f"(batch {targs.batch_size}, {res['loader']})", flush=True)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import bench
+import config
 from utils import REPO
 
 NUMBERS = ("train_speedup", "train_tuned_images_per_s", "train_naive_images_per_s", "train_naive_packed_images_per_s",
@@ -74,6 +75,8 @@ def test_modes_ran_as_described(run):
     assert (naive_packed["loader"], naive_packed["bf16"], naive_packed["batch"]) == ("PackedLoader", False,
                                                                                      naive["batch"])
     assert (tuned["loader"], tuned["bf16"], tuned["channels_last"]) == ("PackedLoader", True, True)
+    # the packed modes prefetch as train.py does (its default); the JPEG loader's workers do their own
+    assert tuned["prefetch"] == naive_packed["prefetch"] == config.PREFETCH > 0 and naive["prefetch"] is None
     assert naive["images"] == res["settings"]["steps"] * res["settings"]["naive_batch"]
     pre = res["details"]["preprocess"]
     assert pre["batched"][0]["faces"] == pre["per_image"][0]["faces"] > 0  # the same photos, the same faces
