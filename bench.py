@@ -9,10 +9,11 @@ Measures, on the same machine, data and model, each pair timed back to back and 
 --repeats rounds, after a warm-up, with time.perf_counter:
   train_speedup       images/s of the tuned training step (train.py's train_one_epoch over the packed
                       uint8 memmap loader with batch augmentation on tensors, prefetched in a thread
-                      as train.py does, channels_last, bf16 autocast, --batch-size) over a naive loop in the original project's style (the
-                      same train_one_epoch, fp32, NCHW, JPEG decoded per sample by FaceDataset in a
-                      DataLoader, batch 32), ResNet-18 at the data's size; a third mode, the naive
-                      step over the packed loader, splits the ratio into the loader's and the step's
+                      as train.py does, channels_last, bf16 autocast, --batch-size) over a naive loop
+                      in the original project's style (the same train_one_epoch, fp32, NCHW, JPEG
+                      decoded per sample by FaceDataset in a DataLoader, batch 32), ResNet-18 at the
+                      data's size; a third mode, the naive step over the packed loader, splits the
+                      ratio into the loader's and the step's
   preprocess_speedup  faces aligned per second, batched (pre_process.py's path: FaceDetector.detect on
                       --detect-batch photos at once, central face, align_face) over per-image (one
                       photo per detect call), on the same decoded built-in crops
@@ -478,8 +479,9 @@ def bench_grid(args: argparse.Namespace, tmp: Path, device: torch.device) -> lis
 # --- the loop: train.py itself -------------------------------------------------------------------
 
 def tile_packed(data: Path, out: Path, faces: int) -> dict[str, int]:
-    """Faces per split written to out: a packed data dir of `faces` training faces, data's packed training faces repeated, and data's
-    validation split as is (train.py validates every epoch: a small split keeps that short).
+    """Faces per split written to out, a packed data dir: `faces` training faces (data's packed training
+    faces repeated) and data's validation split as is (train.py validates every epoch: a small split keeps
+    that short).
 
     The arrays are written through memory maps (a few GB at the issue's size, never held in memory).
     """
@@ -767,11 +769,11 @@ def table(res: dict) -> str:
     row("inference ms/photo, PyTorch", res["infer_torch_ms_per_image"], res["peer_infer_ms_per_image"],
         quotient(res["peer_infer_ms_per_image"], res["infer_torch_ms_per_image"]))
     if res["loop"]:
-        cuda = res["device"].startswith("cuda")
+        cuda, goal = res["device"].startswith("cuda"), GPU_TARGETS["train_loop_over_bare"]
         for r in res["loop"]:
             ratio = r["loop_over_bare"]
             row(f"train.py loop img/s b{r['batch']} (vs bare)", r["loop_images_per_s"], r["bare_images_per_s"], ratio,
-                "train_loop_over_bare", None if not cuda or ratio is None else ratio >= GPU_TARGETS["train_loop_over_bare"])
+                "train_loop_over_bare", None if not cuda or ratio is None else ratio >= goal)
             if r["loop_error"]:
                 lines.append(f"  {r['loop_error']}")
         row(f"  best: b{res['train_loop_batch']}, ResNet-18 {s['size']}px", res["train_loop_images_per_s"], None, None,
@@ -797,8 +799,8 @@ def table(res: dict) -> str:
         lines.append(f"  target on one H200: resnet50 224 >= {target['target']} images/s: "
                      f"{'-' if target['met'] is None else 'yes' if target['met'] else 'NO'}")
     if res["loop"]:
-        lines.append(f"loop: train.py --epochs {s['loop_epochs']} over {s['loop_faces']['train']} tiled faces, images/s "
-                     "of its last epoch from its metrics.jsonl; bare: the same step on one batch over and over; "
+        lines.append(f"loop: train.py --epochs {s['loop_epochs']} over {s['loop_faces']['train']} tiled faces, "
+                     "images/s of its last epoch from its metrics.jsonl; bare: the same step on one batch over and over; "
                      "targets are for one H200 (- off CUDA)")
     return "\n".join(lines)
 
@@ -870,8 +872,9 @@ def main(argv: list[str] | None = None) -> dict:
                       grid_batch=args.grid_batch, compile=args.compile,
                       loop_faces=loop["faces"] if loop else None, loop_batches=args.loop_batches,
                       loop_epochs=LOOP_EPOCHS,
-                      loop="train.py --epochs 2 --pretrained none (its defaults: bf16 on CUDA, channels_last, "
-                           "prefetch), images/s of epoch 2 from its metrics.jsonl; bare: SameBatch",
+                      loop=f"train.py --epochs {LOOP_EPOCHS} --pretrained none (its defaults: bf16 on CUDA, "
+                           f"channels_last, prefetch), images/s of epoch {LOOP_EPOCHS} from its metrics.jsonl; "
+                           "bare: SameBatch",
                       tuned="packed uint8 memmap + batch augmentation, channels_last, bf16 autocast",
                       naive="JPEG per sample (FaceDataset + DataLoader), fp32, NCHW"),
         details=dict(train=train_res["rounds"], preprocess=pre_res["rounds"], infer=infer_res["rounds"],
