@@ -34,7 +34,7 @@ from utils import REPO, UserError, atomic_write_text, pyplot, read_jsonl, run_ma
 QUICK_ROOT = "data/builtin_crop"  # --quick without --root: the built-in dataset (make quickstart's), written if absent
 QUICK_OUT = "runs/reproduce_quick"  # --quick's default --out, apart from the real table's
 QUICK_EPOCHS = 1  # --quick's default --epochs
-QUICK_LIMIT = 16  # --quick: train and evaluate on the first N faces of each split
+QUICK_LIMIT = 8  # --quick: train and evaluate on the first N faces of each split
 QUICK_BATCH = 8  # --quick: the batch of every row, the original's included
 
 
