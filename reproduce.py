@@ -15,7 +15,8 @@ Every stage is an ordinary script run as a subprocess, its output streaming thro
      its metrics.json is newer than best.pt).
 Then OUT/results.json (one object per run), OUT/results.md (the original's table, our numbers
 beside it) and OUT/mae_by_age.png (age MAE per true-age bucket, every run). A second invocation
-runs no stage; a killed one continues where it stopped.
+runs no stage; a killed one continues where it stopped. OUT/reproduce.json records the root and
+the mode, so that the runs of --quick are never resumed into the real table.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from pathlib import Path
 import config
 from utils import REPO, UserError, atomic_write_text, pyplot, read_jsonl, run_main, save_figure, write_json
 
+OUT = "runs/reproduce"  # --out's default: the run dirs, the data dirs (unless --data-dir) and the results
 QUICK_ROOT = "data/builtin_crop"  # --quick without --root: the built-in dataset (make quickstart's), written if absent
 QUICK_OUT = "runs/reproduce_quick"  # --quick's default --out, apart from the real table's
 QUICK_EPOCHS = 1  # --quick's default --epochs
@@ -71,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=None,
                    help=f"the unpacked imdb_crop/ (default: {config.ROOT}; with --quick: {QUICK_ROOT})")
-    p.add_argument("--out", default=None, help=f"runs and results (default: runs/reproduce; with --quick: {QUICK_OUT})")
+    p.add_argument("--out", default=None, help=f"runs and results (default: {OUT}; with --quick: {QUICK_OUT})")
     p.add_argument("--data-dir", default=None, help="where the pre-processed data dirs go (default: OUT/data)")
     p.add_argument("--epochs", type=int, default=None,
                    help=f"epochs of every run (default: {config.EPOCHS}; with --quick: {QUICK_EPOCHS})")
@@ -84,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.epochs is not None and args.epochs < 1:
         p.error("--epochs must be at least 1")
     args.root = Path(args.root or (QUICK_ROOT if args.quick else config.ROOT))
-    args.out = Path(args.out or (QUICK_OUT if args.quick else "runs/reproduce"))
+    args.out = Path(args.out or (QUICK_OUT if args.quick else OUT))
     args.data_dir = Path(args.data_dir) if args.data_dir else args.out / "data"
     args.epochs = args.epochs or (QUICK_EPOCHS if args.quick else config.EPOCHS)
     args.device = args.device or ("cpu" if args.quick else config.DEVICE)
@@ -273,7 +275,7 @@ def table(results: list[dict], batches: list[int], args: argparse.Namespace) -> 
                      f"{percent(r['gender_acc'])} | {years(r.get('original_age_mae'))} | {years(r['age_mae'])} | "
                      f"{percent(r['cs5'])} | {duration(r['seconds'])} |")
     lines += ["", "Ours: best.pt of each run on its data dir's valid split (evaluate.py). The original's rows 1-5 use "
-              "its recipe (batch 32, its age weights); dex_112, mv_112 and default_112_identity use train.py's "
+              "its recipe (its batch and age weights); dex_112, mv_112 and default_112_identity use train.py's "
               "defaults. Training: the sum of the epochs' seconds in metrics.jsonl.", "",
               "![age MAE by true age](mae_by_age.png)", ""]
     return "\n".join(lines)
