@@ -345,8 +345,15 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     cfg = resolved_config(args, train_loader.size, world, device, amp)
     if ckpt is not None:
         check_resumable(ckpt["config"], cfg, args.resume)
-        if ckpt["epoch"] >= args.epochs:
-            raise UserError(f"--resume {args.resume}: already trained {ckpt['epoch']} epochs; pass --epochs above that")
+        if ckpt["epoch"] > args.epochs:
+            raise UserError(f"--resume {args.resume}: already trained {ckpt['epoch']} epochs; pass --epochs {ckpt['epoch']} "
+                            "or more")
+        if ckpt["epoch"] == args.epochs:  # finished, perhaps killed between its last checkpoint and its log line
+            if master:
+                start_logs(out, ckpt)
+                print(f"{args.resume}: already trained {args.epochs} epochs, nothing to do (pass --epochs above that "
+                      f"to train on); {out / 'metrics.jsonl'} is complete")
+            return ckpt["best"]
 
     memory_format = memory_format_of(args)
     raw = (AgeGenderNet(**model_args_of(ckpt)) if ckpt else build_model(args.arch, args.age_loss, args.pretrained))

@@ -92,10 +92,25 @@ def test_resume_continues_where_it_stopped(run, data, tmp_path):
 def test_resume_refuses_other_settings(run, data, tmp_path):
     with pytest.raises(UserError, match="settings differ: arch 'resnet18' in the checkpoint, 'resnet34' now"):
         train.main(args(data, tmp_path, "--epochs", 3, "--arch", "resnet34", "--resume", run / "last.pt"))
-    with pytest.raises(UserError, match="already trained 2 epochs"):
-        train.main(args(data, tmp_path, "--resume", run / "last.pt"))
+    with pytest.raises(UserError, match="already trained 2 epochs; pass --epochs 2 or more"):
+        train.main(args(data, tmp_path, "--epochs", 1, "--resume", run / "last.pt"))
     with pytest.raises(UserError, match="--resume .*nothere.pt: not found"):
         train.main(args(data, tmp_path, "--resume", tmp_path / "nothere.pt"))
+
+
+def test_resuming_a_finished_run_repairs_its_log_and_trains_nothing(run, data, tmp_path, capsys):
+    """Killed between the last epoch's checkpoint and its metrics line: a resume completes the log, trains nothing."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    log = copy / "metrics.jsonl"
+    log.write_text(log.read_text().splitlines(keepends=True)[0])  # the last line never written
+    best = train.main(args(data, copy, "--resume", copy / "last.pt"))
+    assert "already trained 2 epochs, nothing to do" in capsys.readouterr().out
+    assert read_jsonl(log) == read_jsonl(run / "metrics.jsonl")
+    assert best == torch.load(run / "last.pt", weights_only=True)["best"]
+    assert torch.load(copy / "last.pt", weights_only=True)["epoch"] == 2
 
 
 def test_same_seed_same_loss(run, data, tmp_path):
