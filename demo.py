@@ -12,8 +12,8 @@ Photos (and a video's frames) are decoded ahead in threads and analysed in batch
 whole batch at once (face.py), each face is aligned onto the ArcFace template at the
 checkpoint's size (face.align_face), all faces of the batch are predicted in one forward pass
 through data_gen.preprocess (the validation transform, so serving sees what validation saw),
-and the results are those of one photo at a time. Each box, its landmarks and a label like `female, 29 (97%)` (the
-percentage: the probability of that gender) are drawn. Photos are turned upright by their EXIF
+and the results are those of one photo at a time. Each box, its landmarks and a label like
+`female, 29 (97%)` (the percentage: the probability of that gender) are drawn. Photos are turned upright by their EXIF
 orientation first (utils.read_image). Writes:
   OUT/<file name>    the annotated photo (a photo without a face: copied unannotated); inputs with
                      the same name get name_1.jpg, name_2.jpg, ...; no input is ever written over

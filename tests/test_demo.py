@@ -216,6 +216,19 @@ def frame_count(path):
     return n
 
 
+def test_video_frames_go_through_in_batches(tmp_path, samples, checkpoint):
+    """A video's frames are analysed a batch of photos at a time: 5 frames, batches of 2 -> forward passes of 2, 2, 1."""
+    clip = make_video(tmp_path / "clip.mp4", samples, frames=5)
+    predictor = inference.Predictor(str(checkpoint), "cpu", 0.9, photo_batch=2)
+    alone = predictor.analyse(read_image(samples / "astronaut.jpg"))
+    predictor.model = Recorder(predictor.model)
+    entry = demo.process_video(clip, predictor, demo.Outputs(tmp_path / "out"), demo.Shower(False), 0)
+    assert [x.shape[0] for x in predictor.model.inputs] == [2, 2, 1]
+    assert [f["frame"] for f in entry["frames"]] == [0, 1, 2, 3, 4]
+    assert all(len(f["faces"]) == 1 and np.allclose(f["faces"][0]["box"], alone[0]["box"], atol=6) for f in entry["frames"])
+    assert frame_count(tmp_path / "out" / "clip.mp4") == 5
+
+
 def test_video_and_unreadable_video(tmp_path, samples, checkpoint, capsys):
     make_video(tmp_path / "clip.mp4", samples)
     (tmp_path / "broken.mp4").write_text("not a video")
