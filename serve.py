@@ -8,8 +8,8 @@ Endpoints:
                  "height": H}, each face as in demo.py's results.json (box [x1, y1, x2, y2], score,
                  landmarks 5 x [x, y], gender, gender_prob, age), in the upright photo's pixels (its
                  EXIF orientation applied). A missing field, an empty upload or a truncated image: 400;
-                 a file that is not an image: 415; an upload over --max-bytes or an image over
-                 Pillow's pixel limit: 413; each with {"error": "..."} saying why.
+                 a file that is not an image: 415; an upload over --max-bytes or a photo of more
+                 than --detect-pixels pixels: 413; each with {"error": "..."} saying why.
   GET /health    {"status": "ok", "checkpoint", "backend": onnxruntime | torch, "size", "device"}
   GET /          a page where one picks or drops a photo and sees its faces drawn, and the JSON.
 
@@ -30,7 +30,6 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future
-from pathlib import Path
 
 import numpy as np
 import uvicorn
@@ -95,9 +94,9 @@ class Batcher:
                         future.set_exception(e)
 
 
-def decode(data: bytes, name: str) -> np.ndarray:
+def decode(data: bytes) -> np.ndarray:
     """The upload as an upright RGB photo, by utils.read_image (the one decoder of the project), from a temp file."""
-    with tempfile.NamedTemporaryFile(suffix=Path(name or "upload").suffix[:16]) as f:
+    with tempfile.NamedTemporaryFile(prefix="serve-upload-") as f:  # Pillow tells the format by content, not name
         f.write(data)
         f.flush()
         return read_image(f.name)
@@ -156,12 +155,15 @@ def make_app(predictor: Predictor, checkpoint: str, max_bytes: int = config.SERV
         if len(data) > max_bytes:
             return error(413, too_big)
         try:
-            image = await run_in_threadpool(decode, data, name)
+            image = await run_in_threadpool(decode, data)
         except ImageError as e:
             detail = {"empty": "the upload is empty", "not_image": "the upload is not an image Pillow can read",
                       "truncated": "the image is truncated or corrupt", "too_large": "the image has too many pixels",
                       }.get(e.reason, e.reason.replace("_", " "))
             return error(STATUS_OF_REASON.get(e.reason, 400), f"{name}: {detail}")
+        if image.shape[0] * image.shape[1] > predictor.detect_pixels:  # MTCNN's memory grows with the pixels
+            return error(413, f"{name}: {image.shape[1]}x{image.shape[0]} pixels, over the limit of "
+                              f"{predictor.detect_pixels:,} (serve.py --detect-pixels); send a smaller photo")
         try:
             faces = await asyncio.wrap_future(batcher.submit(image))
         except Exception as e:
@@ -262,12 +264,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="how long a photo waits for others to share its batch (default: %(default)s)")
     p.add_argument("--photo-batch", type=int, default=config.DETECT_BATCH,
                    help="most photos in one batch (default: %(default)s)")
+    p.add_argument("--detect-pixels", type=int, default=config.DETECT_PIXELS,
+                   help="photo pixels per MTCNN call, and the largest photo accepted (default: %(default)s)")
     p.add_argument("--min-score", type=float, default=config.DEMO_MIN_SCORE,
                    help="ignore detections whose MTCNN score is below this (default: %(default)s)")
     p.add_argument("--min-face", type=int, default=config.DEMO_MIN_FACE,
                    help="smallest face looked for, in pixels (default: %(default)s)")
     args = p.parse_args(argv)
-    for name in ("max_bytes", "photo_batch"):
+    for name in ("max_bytes", "photo_batch", "detect_pixels"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.min_face < 12:
@@ -277,7 +281,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    predictor = Predictor(args.checkpoint, args.device, args.min_score, args.min_face, photo_batch=args.photo_batch)
+    predictor = Predictor(args.checkpoint, args.device, args.min_score, args.min_face, photo_batch=args.photo_batch,
+                          detect_pixels=args.detect_pixels)
     app = make_app(predictor, str(args.checkpoint), args.max_bytes, args.wait_ms)
     backend = "onnxruntime" if isinstance(predictor.model, OnnxModel) else f"torch on {predictor.device}"
     print(f"serving {args.checkpoint} ({backend}) on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)

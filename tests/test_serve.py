@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi", reason="serve.py needs FastAPI: pip install -r requirements.txt")
@@ -16,15 +17,17 @@ pytest.importorskip("uvicorn", reason="serve.py needs uvicorn: pip install -r re
 
 import inference
 from bench_inference import free_port, post_image, start_server, stop_server
-from utils import read_image
+from utils import jpeg_bytes, read_image
 
 SAMPLES = ("astronaut.jpg", "camera.jpg", "grace_hopper.jpg")
 MAX_BYTES = 200_000  # the samples are 60-100 kB; small enough that an oversized upload is cheap to send
+MAX_PIXELS = 1_000_000  # the samples have at most 600 x 512; a few of them still share an MTCNN call
 
 
 @pytest.fixture(scope="module")
 def server(checkpoint, samples):
-    proc, url = start_server(checkpoint, "--max-bytes", str(MAX_BYTES), "--device", "cpu")
+    proc, url = start_server(checkpoint, "--max-bytes", str(MAX_BYTES), "--detect-pixels", str(MAX_PIXELS),
+                              "--device", "cpu")
     yield url
     stop_server(proc)
 
@@ -63,6 +66,7 @@ def test_bad_uploads_get_4xx_and_the_service_keeps_serving(server, samples, expe
              ((samples / "astronaut.jpg").read_bytes()[:5000], "cut.jpg", "image", 400, "truncated"),
              (b"\xff" * (MAX_BYTES + 1), "big.jpg", "image", 413, "over the limit"),  # read, then refused
              (b"\xff" * (MAX_BYTES + 100_000), "huge.jpg", "image", 413, "over the limit"),  # refused by its length
+             (jpeg_bytes(np.full((1000, 1200, 3), 90, np.uint8)), "wide.jpg", "image", 413, "1200x1000 pixels"),
              ((samples / "camera.jpg").read_bytes(), "camera.jpg", "photo", 400, "form field `image`")]
     for data, name, field, status, why in cases:
         got, body = post_image(server + "/predict", data, name, field=field)
