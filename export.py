@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 
 import config
-from utils import UserError, atomic_write_bytes, run_main
 from data_gen import IMAGENET_MEAN, IMAGENET_STD
-
-INPUT, OUTPUTS = "face", ("gender_prob", "age")
+from inference import INPUT, OUTPUTS, load_model
+from utils import UserError, atomic_write_bytes, run_main
 
 
 def wrapped(model):
@@ -126,8 +125,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     import torch
-
-    from evaluate import load_model
 
     args = parse_args(argv)
     if Path(args.checkpoint).suffix.lower() == ".onnx":

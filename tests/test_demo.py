@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import demo
+import inference
 from utils import REPO, UserError, read_image
 
 SAMPLES = ("astronaut.jpg", "camera.jpg", "grace_hopper.jpg")
@@ -156,13 +157,16 @@ class Recorder(torch.nn.Module):
         self.inputs.append(x.detach().clone())
         return self.model(x)
 
+    def predict_age(self, age_out):
+        return self.model.predict_age(age_out)
+
 
 def test_no_skew_between_demo_and_validation(tmp_path, samples, checkpoint):
     """For the same aligned face, demo.py feeds the network exactly the tensor validation builds."""
     import data_gen
     from face import align_face
 
-    ann = demo.Annotator(str(checkpoint), "cpu", 0.9)
+    ann = inference.Predictor(str(checkpoint), "cpu", 0.9)
     ann.model = Recorder(ann.model)
     image = read_image(samples / "astronaut.jpg")
     faces = ann.analyse(image)
@@ -182,7 +186,7 @@ def test_no_skew_between_demo_and_validation(tmp_path, samples, checkpoint):
 
 
 def test_all_faces_of_a_photo_in_one_batch(tmp_path, samples, checkpoint):
-    ann = demo.Annotator(str(checkpoint), "cpu", 0.9)
+    ann = inference.Predictor(str(checkpoint), "cpu", 0.9)
     ann.model = Recorder(ann.model)
     a, h = read_image(samples / "astronaut.jpg"), read_image(samples / "grace_hopper.jpg")
     both = np.zeros((600, 512 + 512, 3), np.uint8)
@@ -212,6 +216,19 @@ def frame_count(path):
     return n
 
 
+def test_video_frames_go_through_in_batches(tmp_path, samples, checkpoint):
+    """A video's frames are analysed a batch of photos at a time: 5 frames, batches of 2 -> forward passes of 2, 2, 1."""
+    clip = make_video(tmp_path / "clip.mp4", samples, frames=5)
+    predictor = inference.Predictor(str(checkpoint), "cpu", 0.9, photo_batch=2)
+    alone = predictor.analyse(read_image(samples / "astronaut.jpg"))
+    predictor.model = Recorder(predictor.model)
+    entry = demo.process_video(clip, predictor, demo.Outputs(tmp_path / "out"), demo.Shower(False), 0)
+    assert [x.shape[0] for x in predictor.model.inputs] == [2, 2, 1]
+    assert [f["frame"] for f in entry["frames"]] == [0, 1, 2, 3, 4]
+    assert all(len(f["faces"]) == 1 and np.allclose(f["faces"][0]["box"], alone[0]["box"], atol=6) for f in entry["frames"])
+    assert frame_count(tmp_path / "out" / "clip.mp4") == 5
+
+
 def test_video_and_unreadable_video(tmp_path, samples, checkpoint, capsys):
     make_video(tmp_path / "clip.mp4", samples)
     (tmp_path / "broken.mp4").write_text("not a video")
@@ -223,7 +240,7 @@ def test_video_and_unreadable_video(tmp_path, samples, checkpoint, capsys):
     results = json.loads((out / "results.json").read_text())
     # a video lists its frames: index, time in s (5 fps), and that frame's faces as a photo lists them
     assert [(f["frame"], f["time"]) for f in results[0]["frames"]] == [(0, 0.0), (1, 0.2), (2, 0.4)]
-    photo = demo.Annotator(str(checkpoint), "cpu", 0.9).analyse(read_image(samples / "astronaut.jpg"))
+    photo = inference.Predictor(str(checkpoint), "cpu", 0.9).analyse(read_image(samples / "astronaut.jpg"))
     for f in results[0]["frames"]:
         assert len(f["faces"]) == 1 and f["faces"][0].keys() == photo[0].keys()
         assert np.allclose(f["faces"][0]["box"], photo[0]["box"], atol=6)  # mp4v's compression moves it a little

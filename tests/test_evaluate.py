@@ -7,23 +7,24 @@ import numpy as np
 import pytest
 
 import evaluate as ev
+import inference
 from utils import UserError
 
 
 # --- pure functions, hand-checked ------------------------------------------------------------
 
 def test_utkface_names_and_gender_flip():
-    assert ev.parse_utkface_name("25_0_1_20170116174525125.jpg") == (25, 1)  # UTKFace 0 = male -> ours 1
-    assert ev.parse_utkface_name("3_1_2_20161219140546925.jpg.chip.jpg") == (3, 0)  # 1 = female -> 0
-    assert ev.parse_utkface_name("39_1_20170116174525125.jpg.chip.jpg") == (39, 0)  # race missing: still usable
+    assert inference.parse_utkface_name("25_0_1_20170116174525125.jpg") == (25, 1)  # UTKFace 0 = male -> ours 1
+    assert inference.parse_utkface_name("3_1_2_20161219140546925.jpg.chip.jpg") == (3, 0)  # 1 = female -> 0
+    assert inference.parse_utkface_name("39_1_20170116174525125.jpg.chip.jpg") == (39, 0)  # race missing: still usable
     for bad in ("astronaut.jpg", "x_0_1_2.jpg", "25_2_1_2.jpg", "25.jpg"):
-        assert ev.parse_utkface_name(bad) is None
+        assert inference.parse_utkface_name(bad) is None
 
 
 @pytest.mark.parametrize("value, expected", [("male", 1), ("M", 1), ("1", 1), ("Female", 0), ("f", 0), ("0", 0),
                                              ("x", None), ("", None), ("2", None)])
 def test_csv_gender_values(value, expected):
-    assert ev.parse_gender(value) == expected
+    assert inference.parse_gender(value) == expected
 
 
 def test_age_buckets():
@@ -235,7 +236,7 @@ class RecordingDetector:
 
 
 def test_detection_calls_stay_within_the_pixel_budget(tmp_path, samples, checkpoint):
-    from evaluate import load_model
+    from inference import load_model
 
     model, cfg = load_model(checkpoint, "cpu")
     items = [ev.Labelled(samples / name, age, gender) for name, age, gender in LABELS * 2]  # 6 photos

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import export
-from evaluate import load_model
+from inference import load_model
 from utils import UserError
 
 
@@ -101,7 +101,7 @@ def test_demo_and_evaluate_take_the_onnx_file(exported, checkpoint, samples, tmp
         assert a["box"] == b["box"] and a["gender"] == b["gender"]
         assert abs(a["age"] - b["age"]) < 0.02 and abs(a["gender_prob"] - b["gender_prob"]) < 2e-4
 
-    from evaluate import OnnxModel, predict
+    from inference import OnnxModel, predict
 
     faces_u8 = np.random.default_rng(0).integers(0, 256, (5, 112, 112, 3), dtype=np.uint8)
     onnx_model, cfg = load_model(out, torch.device("cpu"))

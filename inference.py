@@ -1,0 +1,360 @@
+"""Use a trained model: load it, find every face of a batch of photos and predict its gender and age.
+
+Not run directly: demo.py, evaluate.py, export.py, bench.py and serve.py all use this module (and
+face.py, models.py, data_gen.py, utils.py), never each other.
+
+    from inference import Predictor
+    predictor = Predictor("runs/r18_112/best.onnx")        # or a best.pt written by train.py
+    faces = predictor.analyse(read_image("photo.jpg"))      # one photo
+    for path, image, faces in predictor.analyse_stream(decoded(paths)):  # a folder, batched
+        ...
+
+A face record is what demo.py's results.json and serve.py's /predict hold: box [x1, y1, x2, y2]
+and score (MTCNN), landmarks 5 x [x, y], gender (female | male), gender_prob (the probability of
+that gender) and age (years). A batch of photos goes through MTCNN in one call and all of their
+faces through the network in one forward pass (data_gen.preprocess, the validation transform);
+the records are the same as analysing each photo alone (tests/test_inference.py checks).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import pickle
+import zipfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
+
+# Idle OpenMP threads of torch spin for ~300,000 iterations after each op by default, holding the
+# cores that onnxruntime (an .onnx checkpoint) needs between detector calls: ~1.6x slower
+# predictions on 2 cores. Read once, when torch loads (the scripts import this module before
+# torch); a user's own setting wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import numpy as np
+import torch
+
+import config
+from data_gen import IMAGENET_MEAN, IMAGENET_STD, preprocess
+from face import FaceDetector, align_face
+from models import load_checkpoint
+from utils import UserError, atomic_write_bytes, chunks_within, jpeg_bytes, pick_device, read_image_or_reason
+
+GENDERS = ("female", "male")  # index = class id: 0 female, 1 male (as in labels.csv)
+COLOURS = {"female": (230, 60, 140), "male": (40, 120, 240)}  # RGB of a face's box and label: demo.py's drawings, serve.py's page
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+INPUT, OUTPUTS = "face", ("gender_prob", "age")  # the ONNX graph's names: export.py writes them, OnnxModel reads them
+
+T = TypeVar("T")
+
+
+# --- model ---------------------------------------------------------------------------------
+
+def load_model(path: str | Path, device) -> tuple["torch.nn.Module | OnnxModel", dict]:
+    """(model, its config) with errors a user can act on: a .pt from train.py in eval mode on device,
+    or a .onnx from export.py as an OnnxModel (onnxruntime, on the CPU whatever the device)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--checkpoint {path}: not found; train one with `python train.py --out {path.parent}` "
+                        "(or run `make quickstart`, which writes runs/quickstart/best.pt)")
+    if path.suffix.lower() == ".onnx":
+        model = OnnxModel(path)
+        return model, model.cfg
+    try:
+        model, cfg = load_checkpoint(path, device)
+    except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise UserError(f"--checkpoint {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        "is it a best.pt/last.pt written by train.py?") from e
+    model.eval()
+    return model, cfg
+
+
+class OnnxModel:
+    """A model written by export.py, run by onnxruntime on the CPU.
+
+    On a CPU it predicts a face ~2x faster than PyTorch eager (its convolutions come fused with
+    their batch norm and ReLU), which is most of a photo's time in demo.py.
+    """
+
+    def __init__(self, path: Path):
+        import onnxruntime as ort  # lazy: only .onnx checkpoints need it
+
+        redo = f"export it again: `python export.py --checkpoint best.pt --out {path}`"
+        try:
+            options = ort.SessionOptions()
+            # its threads must not spin between runs: they would steal the cores from torch's detector
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own exception types (Fail, InvalidProtobuf, ...)
+            raise UserError(f"--checkpoint {path}: onnxruntime cannot load it ({str(e).splitlines()[0]}); {redo}") from e
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            size, mean, std = int(meta["size"]), json.loads(meta["mean"]), json.loads(meta["std"])
+        except (KeyError, ValueError) as e:
+            raise UserError(f"--checkpoint {path}: not an export.py model (metadata {e} missing or unreadable); {redo}") from e
+        if not (np.allclose(mean, IMAGENET_MEAN) and np.allclose(std, IMAGENET_STD)):
+            raise UserError(f"--checkpoint {path}: exported for the input normalisation mean {mean} std {std}, "
+                            f"not this repository's ({list(IMAGENET_MEAN)}, {list(IMAGENET_STD)}); {redo}")
+        self.cfg = dict(size=size, arch=meta.get("arch"), age_loss=meta.get("age_loss"), onnx=str(path))
+
+    def __call__(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """x (N, 3, S, S) normalised, on the CPU -> (gender_prob (N, 2), age in years (N,))."""
+        prob, age = self.session.run(list(OUTPUTS), {INPUT: x.contiguous().numpy()})
+        return prob, age
+
+
+def predict(model, cfg: dict, faces: np.ndarray, device, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(p_male (N,), age in years (N,)) for aligned faces, uint8 (N, S, S, 3) RGB, by a load_model() model.
+
+    The faces go through data_gen.preprocess, the transform of the validation data path, so
+    evaluation, the demo and the service see exactly what validation saw.
+    """
+    p_male, ages = [], []
+    with torch.inference_mode():
+        for start in range(0, len(faces), batch_size):
+            x = preprocess(faces[start:start + batch_size])  # (B, 3, S, S)
+            if isinstance(model, OnnxModel):
+                prob, age = model(x)
+                p = prob[:, 1]
+            else:
+                gender_logits, age_out = model(x.to(device))
+                p = torch.softmax(gender_logits.float(), dim=1)[:, 1].cpu().numpy()
+                age = model.predict_age(age_out).cpu().numpy()
+            p_male.append(p)
+            ages.append(age)
+    if not p_male:
+        return np.zeros(0, np.float32), np.zeros(0, np.float32)
+    return np.concatenate(p_male), np.concatenate(ages)
+
+
+def predicted_gender(p_male: np.ndarray) -> np.ndarray:
+    """Class id per face: 1 (male) where p_male > 0.5, as argmax over the two logits."""
+    return (np.asarray(p_male) > 0.5).astype(np.int64)
+
+
+def gender_of(p_male: float) -> tuple[str, float]:
+    """("male" | "female", the probability of that gender) from P(male), by predicted_gender's rule."""
+    male = bool(predicted_gender(p_male))
+    return GENDERS[male], float(p_male if male else 1 - p_male)
+
+
+# --- photos -> face records ------------------------------------------------------------------
+
+def pixels(image: np.ndarray) -> int:
+    return int(image.shape[0] * image.shape[1])
+
+
+class Predictor:
+    """Detector + model: every face of a batch of photos with its gender and age.
+
+    Photos are grouped for MTCNN by at most photo_batch photos and detect_pixels pixels (its working
+    memory grows with the pixels), and all faces of a group are predicted in one forward pass of at
+    most batch_size faces.
+    """
+
+    def __init__(self, checkpoint: str | Path, device: str = config.DEVICE, min_score: float = config.DEMO_MIN_SCORE,
+                 min_face: int = config.DEMO_MIN_FACE, batch_size: int = config.EVAL_BATCH,
+                 photo_batch: int = config.DETECT_BATCH, detect_pixels: int = config.DETECT_PIXELS):
+        self.device = pick_device(device)
+        self.model, self.cfg = load_model(checkpoint, self.device)
+        self.size = int(self.cfg["size"])
+        self.detector = FaceDetector(device=str(self.device), min_face_size=min_face)
+        self.min_score, self.batch_size = min_score, batch_size
+        self.photo_batch, self.detect_pixels = photo_batch, detect_pixels
+
+    def analyse(self, image: np.ndarray) -> list[dict]:
+        """Every face of one RGB photo with score >= min_score (face records, best score first)."""
+        return self.analyse_batch([image])[0]
+
+    def analyse_batch(self, images: list[np.ndarray]) -> list[list[dict]]:
+        """The face records of each RGB photo: one MTCNN call, one forward pass for all their faces."""
+        found, aligned = [], []
+        for image, faces in zip(images, self.detector.detect(images) if images else []):
+            boxes, scores, marks = (np.asarray(faces.boxes, np.float32).reshape(-1, 4),
+                                    np.asarray(faces.scores, np.float32).reshape(-1),
+                                    np.asarray(faces.landmarks, np.float32).reshape(-1, 5, 2))
+            keep = np.flatnonzero(scores >= self.min_score)
+            found.append((boxes[keep], scores[keep], marks[keep]))
+            aligned += [align_face(image, m, self.size) for m in marks[keep]]
+        if aligned:
+            p_male, ages = predict(self.model, self.cfg, np.stack(aligned), self.device, self.batch_size)
+        out, at = [], 0
+        for boxes, scores, marks in found:
+            out.append([face_record(boxes[k], scores[k], marks[k], p_male[at + k], ages[at + k]) for k in range(len(scores))])
+            at += len(scores)
+        return out
+
+    def analyse_stream(self, items: Iterable[tuple[T, np.ndarray | object]], photo_batch: int = 0
+                       ) -> Iterator[tuple[T, np.ndarray | object, list[dict] | None]]:
+        """(key, image, faces) for each (key, image) in order, analysed in groups of at most photo_batch
+        (default: the predictor's) photos and detect_pixels pixels.
+
+        An entry whose image is not an array (a decoding error, say) passes through with faces None.
+        Lazy: it holds one group of photos at a time.
+        """
+        def cost(item: tuple) -> int:
+            return pixels(item[1]) if isinstance(item[1], np.ndarray) else 0
+
+        for group in chunks_within(items, self.detect_pixels, cost, photo_batch or self.photo_batch):
+            images = [img for _, img in group if isinstance(img, np.ndarray)]
+            results = iter(self.analyse_batch(images))
+            for key, img in group:
+                yield key, img, next(results) if isinstance(img, np.ndarray) else None
+
+
+def face_record(box: np.ndarray, score: float, marks: np.ndarray, p_male: float, age: float) -> dict:
+    """One face as results.json and /predict give it (rounded: sub-pixel and sub-0.01-year digits are noise)."""
+    gender, gender_prob = gender_of(p_male)
+    return dict(box=[round(float(v), 2) for v in box], score=round(float(score), 4),
+                landmarks=[[round(float(x), 2), round(float(y), 2)] for x, y in marks],
+                gender=gender, gender_prob=round(gender_prob, 4), age=round(float(age), 2))
+
+
+def read_ahead(items: Iterable[T], read: Callable[[T], object], workers: int = config.WORKERS,
+               ahead: int = 0) -> Iterator[tuple[T, object]]:
+    """(item, read(item)) in order, read in `workers` threads at most `ahead` items in advance
+    (default: two per worker), so memory does not grow with the number of items."""
+    todo = iter(items)
+    ahead = max(1, ahead or 2 * workers)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        pending: deque = deque()
+        while True:
+            while len(pending) < ahead and (item := next(todo, None)) is not None:
+                pending.append((item, pool.submit(read, item)))
+            if not pending:
+                return
+            item, future = pending.popleft()
+            yield item, future.result()
+
+
+def decoded(paths: Iterable[Path], workers: int = config.WORKERS, ahead: int = 0) -> Iterator[tuple[Path, np.ndarray | str]]:
+    """(path, RGB image or the reason it is unusable: utils.read_image_or_reason) in order, decoded ahead in threads."""
+    return read_ahead(paths, read_image_or_reason, workers, ahead)
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _astronaut() -> bytes:
+    import skimage.data  # lazy: only to write a missing sample
+
+    return jpeg_bytes(skimage.data.astronaut())
+
+
+def _camera() -> bytes:
+    import skimage.data
+
+    return jpeg_bytes(skimage.data.camera())  # grayscale; read_image makes it RGB
+
+
+def _grace_hopper() -> bytes:
+    import matplotlib.cbook  # lazy: only to write a missing sample
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        return f.read()  # already a JPEG: the bytes as shipped
+
+
+SAMPLES = {"astronaut.jpg": _astronaut, "camera.jpg": _camera, "grace_hopper.jpg": _grace_hopper}
+
+
+def ensure_samples(folder: str | Path = config.IMAGES) -> list[Path]:
+    """Write the sample portraits (from scikit-image and matplotlib) into folder where missing."""
+    folder = Path(folder)
+    paths = []
+    for name, make in SAMPLES.items():
+        path = folder / name
+        if not path.is_file():
+            atomic_write_bytes(path, make())
+            print(f"wrote the sample photo {path}")
+        paths.append(path)
+    return paths
+
+
+# --- labelled photos (evaluate.py, demo.py --sheet) ---------------------------------------------
+
+@dataclass
+class Labelled:
+    """One labelled photo: its path, true age in years, true gender (1 male, 0 female)."""
+    path: Path
+    age: float
+    gender: int
+
+
+def parse_utkface_name(name: str) -> tuple[int, int] | None:
+    """(age, our gender: 1 male 0 female) from `age_gender_race_date.jpg`, or None if it does not parse.
+
+    UTKFace's own gender field is 0 = male, 1 = female: it is flipped here.
+    """
+    parts = name.split("_")
+    if len(parts) < 3:
+        return None
+    try:
+        age, utk_gender = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    if utk_gender not in (0, 1) or not 0 <= age <= 130:
+        return None
+    return age, 1 - utk_gender
+
+
+def read_utkface(folder: Path) -> tuple[list[Labelled], int]:
+    """(labelled photos, number of image files whose name does not parse)."""
+    if not folder.is_dir():
+        raise UserError(f"--utkface {folder}: no such folder")
+    items, bad = [], 0
+    for path in list_images(folder):
+        parsed = parse_utkface_name(path.name)
+        if parsed is None:
+            bad += 1
+        else:
+            items.append(Labelled(path, float(parsed[0]), parsed[1]))
+    if not items:
+        raise UserError(f"--utkface {folder}: no photo named age_gender_race_date.jpg there"
+                        + (f" ({bad} image files with other names)" if bad else ""))
+    return items, bad
+
+
+def parse_gender(value: str) -> int | None:
+    """1 (male) / 0 (female) from male/female, m/f or 1/0 (any case); None otherwise."""
+    v = value.strip().lower()
+    if v in ("male", "m", "1", "1.0"):
+        return 1
+    if v in ("female", "f", "0", "0.0"):
+        return 0
+    return None
+
+
+def read_csv_labels(path: Path) -> list[Labelled]:
+    """Rows of a CSV with columns image, age, gender; paths relative to the CSV's folder."""
+    if not path.is_file():
+        raise UserError(f"--csv {path}: no such file")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip().lower() for c in reader.fieldnames or []]
+        missing = [c for c in ("image", "age", "gender") if c not in columns]
+        if missing:
+            raise UserError(f"--csv {path}: lacks the column(s) {', '.join(missing)} (found: {', '.join(columns) or 'nothing'}); "
+                            "expected a header with image,age,gender")
+        items = []
+        for line, row in enumerate(reader, start=2):
+            row = {(k or "").strip().lower(): (v or "") for k, v in row.items()}
+            try:
+                age = float(row["age"])
+            except ValueError:
+                raise UserError(f"--csv {path}, line {line}: age {row['age']!r} is not a number") from None
+            gender = parse_gender(row["gender"])
+            if gender is None or not math.isfinite(age):
+                raise UserError(f"--csv {path}, line {line}: gender {row['gender']!r} is not male/female, m/f or 1/0"
+                                if gender is None else f"--csv {path}, line {line}: age {row['age']!r} is not finite")
+            image = Path(row["image"].strip())
+            items.append(Labelled(image if image.is_absolute() else path.parent / image, age, gender))
+    if not items:
+        raise UserError(f"--csv {path}: no rows")
+    return items

@@ -1,0 +1,180 @@
+"""serve.py over HTTP on the loopback interface: answers, concurrency, bad uploads, ONNX, and the page in a browser."""
+import base64
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="serve.py needs FastAPI: pip install -r requirements.txt")
+pytest.importorskip("uvicorn", reason="serve.py needs uvicorn: pip install -r requirements.txt")
+
+import inference
+from bench_inference import free_port, post_image, start_server, stop_server
+from utils import jpeg_bytes, read_image
+
+SAMPLES = ("astronaut.jpg", "camera.jpg", "grace_hopper.jpg")
+MAX_BYTES = 200_000  # the samples are 60-100 kB; small enough that an oversized upload is cheap to send
+MAX_PIXELS = 1_000_000  # the samples have at most 600 x 512; a few of them still share an MTCNN call
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, samples):
+    proc, url = start_server(checkpoint, "--max-bytes", str(MAX_BYTES), "--detect-pixels", str(MAX_PIXELS),
+                              "--device", "cpu")
+    yield url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoint, samples):
+    """Each sample's faces as inference.Predictor finds them, in this process."""
+    predictor = inference.Predictor(checkpoint, "cpu")
+    return {name: predictor.analyse(read_image(samples / name)) for name in SAMPLES}
+
+
+def get_json(url):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.status, json.loads(r.read())
+
+
+def test_predict_gives_the_faces_of_the_photo(server, checkpoint, samples, expected):
+    status, body = post_image(server + "/predict", (samples / "astronaut.jpg").read_bytes(), "astronaut.jpg")
+    assert status == 200
+    assert body == dict(faces=expected["astronaut.jpg"], width=512, height=512)
+    assert get_json(server + "/health") == (200, dict(status="ok", checkpoint=str(checkpoint), size=112, device="cpu",
+                                                      backend="torch"))
+
+
+def test_16_concurrent_requests_give_16_right_answers(server, samples, expected):
+    photos = [SAMPLES[i % 3] for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda name: post_image(server + "/predict", (samples / name).read_bytes(), name), photos))
+    for name, (status, body) in zip(photos, answers):
+        assert status == 200 and body["faces"] == expected[name], name
+
+
+def test_bad_uploads_get_4xx_and_the_service_keeps_serving(server, samples, expected, tmp_path):
+    cases = [(b"this is not a photo\n", "notes.jpg", "image", 415, "not an image"),
+             (b"", "empty.jpg", "image", 400, "empty"),
+             ((samples / "astronaut.jpg").read_bytes()[:5000], "cut.jpg", "image", 400, "truncated"),
+             (b"\xff" * (MAX_BYTES + 1), "big.jpg", "image", 413, "over the limit"),  # read, then refused
+             (b"\xff" * (MAX_BYTES + 100_000), "huge.jpg", "image", 413, "over the limit"),  # refused by its length
+             (jpeg_bytes(np.full((1000, 1200, 3), 90, np.uint8)), "wide.jpg", "image", 413, "1200x1000 pixels"),
+             ((samples / "camera.jpg").read_bytes(), "camera.jpg", "photo", 400, "form field `image`")]
+    for data, name, field, status, why in cases:
+        got, body = post_image(server + "/predict", data, name, field=field)
+        assert (got, list(body)) == (status, ["error"]), (name, got, body)
+        assert why in body["error"], (name, body)
+    request = urllib.request.Request(server + "/predict", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=30)
+    assert e.value.code == 400 and "error" in json.loads(e.value.read())
+    status, body = post_image(server + "/predict", (samples / "camera.jpg").read_bytes(), "camera.jpg")
+    assert status == 200 and body["faces"] == expected["camera.jpg"]
+
+
+def test_an_onnx_checkpoint_is_run_by_onnxruntime(checkpoint, samples, expected, tmp_path_factory):
+    import export
+
+    onnx = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export.main(["--checkpoint", str(checkpoint), "--out", str(onnx)])
+    proc, url = start_server(onnx, "--device", "cpu")
+    try:
+        assert get_json(url + "/health")[1]["backend"] == "onnxruntime"
+        status, body = post_image(url + "/predict", (samples / "grace_hopper.jpg").read_bytes(), "grace_hopper.jpg")
+    finally:
+        stop_server(proc)
+    assert status == 200
+    [face], [want] = body["faces"], expected["grace_hopper.jpg"]
+    assert face["box"] == want["box"] and face["gender"] == want["gender"]
+    assert abs(face["age"] - want["age"]) < 0.02 and abs(face["gender_prob"] - want["gender_prob"]) < 2e-4
+
+
+def test_photos_arriving_together_share_a_batch(checkpoint, samples, expected):
+    """The inference thread takes the photos queued while it works as one batch: fewer forward passes than photos."""
+    from serve import Batcher
+    from test_inference import Counter
+
+    predictor = inference.Predictor(checkpoint, "cpu", photo_batch=16)
+    predictor.model = Counter(predictor.model)
+    photos = [SAMPLES[i % 3] for i in range(16)]
+    images = {name: read_image(samples / name) for name in SAMPLES}
+    batcher = Batcher(predictor, wait_s=0.5)  # long enough that all 16 are queued before the first batch runs
+    try:
+        futures = [batcher.submit(images[name]) for name in photos]
+        answers = [f.result(timeout=120) for f in futures]
+    finally:
+        batcher.close()
+    assert answers == [expected[name] for name in photos]
+    assert predictor.model.batches == [16]  # one forward pass of the 16 photos' 16 faces
+
+
+# --- the page in a real browser --------------------------------------------------------------
+
+BROWSER, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+def webdriver(base, method, path, payload=None):
+    """One W3C WebDriver call to chromedriver: its `value`."""
+    request = urllib.request.Request(base + path, method=method, data=None if payload is None else json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        return json.loads(r.read())["value"]
+
+
+@pytest.mark.skipif(not (BROWSER and DRIVER), reason="no chromium + chromedriver (Debian: apt-get install chromium chromium-driver)")
+def test_the_page_draws_the_faces_in_a_browser(server, samples, expected, tmp_path):
+    port = free_port()
+    driver = subprocess.Popen([DRIVER, f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                webdriver(base, "GET", "/status")
+                break
+            except OSError:
+                time.sleep(0.1)
+        options = {"binary": BROWSER, "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,760"]}
+        session = webdriver(base, "POST", "/session", {"capabilities": {"alwaysMatch": {"goog:chromeOptions": options}}})["sessionId"]
+        s = f"/session/{session}"
+        try:
+            webdriver(base, "POST", s + "/url", {"url": server + "/"})
+            element = webdriver(base, "POST", s + "/element", {"using": "css selector", "value": "#file"})
+            webdriver(base, "POST", s + f"/element/{next(iter(element.values()))}/value",
+                      {"text": str((samples / "astronaut.jpg").resolve())})
+            script = """const c = document.getElementById('canvas'), f = arguments[0];
+                return [document.body.dataset.state || '', document.getElementById('json').textContent,
+                        document.getElementById('status').textContent, c.width, c.height,
+                        f ? Array.from(c.getContext('2d').getImageData(f[0], f[1], 1, 1).data) : null];"""
+            for _ in range(300):
+                state, text, status, width, height, _ = webdriver(base, "POST", s + "/execute/sync", {"script": script, "args": [None]})
+                if state in ("done", "error"):
+                    break
+                time.sleep(0.1)
+            assert state == "done", status
+            face = expected["astronaut.jpg"][0]
+            assert json.loads(text) == dict(faces=[face], width=512, height=512)
+            assert (width, height) == (512, 512) and "1 face(s)" in status and face["gender"] in status
+            x1, y1, x2, y2 = face["box"]
+            edge = [round(x1), round((y1 + y2) / 2)]  # on the box's left side, drawn in the gender's colour
+            pixel = webdriver(base, "POST", s + "/execute/sync", {"script": script, "args": [edge]})[5]
+            assert max(abs(a - b) for a, b in zip(pixel[:3], inference.COLOURS[face["gender"]])) < 40, pixel
+            png = base64.b64decode(webdriver(base, "GET", s + "/screenshot"))
+            assert png[:8] == b"\x89PNG\r\n\x1a\n"
+            (tmp_path / "page.png").write_bytes(png)
+            if os.environ.get("SERVE_SCREENSHOT"):  # the README's picture: SERVE_SCREENSHOT=images/readme/serve.png
+                with open(os.environ["SERVE_SCREENSHOT"], "wb") as f:
+                    f.write(png)
+        finally:
+            webdriver(base, "DELETE", s)
+    finally:
+        driver.terminate()
+        driver.wait(timeout=20)
