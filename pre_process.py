@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import multiprocessing as mp
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,14 +130,20 @@ def cap_per_age(ages: np.ndarray, keep: np.ndarray, per_age: int, seed: int) -> 
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
-def assign_split(identity: np.ndarray, mode: str, valid_fraction: float, seed: int) -> np.ndarray:
-    """'train' / 'valid' per row: whole identities (default) or single photos, seeded."""
-    rng = np.random.default_rng(seed + 1)  # a stream of its own, so changing the cap leaves it alone
-    if mode == "image":
-        return np.where(rng.random(len(identity)) < valid_fraction, "valid", "train")
-    people = np.unique(identity)
-    valid_people = people[rng.random(len(people)) < valid_fraction]
-    return np.where(np.isin(identity, valid_people), "valid", "train")
+def assign_split(identity: np.ndarray, source: np.ndarray, mode: str, valid_fraction: float, seed: int) -> np.ndarray:
+    """'train' / 'valid' per row: whole identities (default) or single photos (their source path).
+
+    Each side comes from a seeded hash of the identity (or the photo) alone, never from its place
+    in the selection: another --per-age, --limit or --min-face-score moves nobody across the split.
+    """
+    keys = identity if mode == "identity" else source
+    return np.array(["valid" if unit_hash(seed, str(k)) < valid_fraction else "train" for k in keys], dtype="<U5")
+
+
+def unit_hash(seed: int, key: str) -> float:
+    """A number in [0, 1), uniform over keys, that depends on (seed, key) only; stable across runs and platforms."""
+    digest = hashlib.blake2b(f"{seed}/{key}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0 ** 64
 
 
 # --- 2. faces --------------------------------------------------------------------------------
@@ -253,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     dropped["over_cap"] = int(keep.sum()) - len(chosen)
     if args.limit:
         chosen = chosen[:args.limit]
-    splits = assign_split(meta.identity[chosen], args.split, args.valid_fraction, args.seed)
+    splits = assign_split(meta.identity[chosen], meta.full_path[chosen], args.split, args.valid_fraction, args.seed)
     print(f"{name}: {len(meta.full_path)} photos, {int(keep.sum())} pass the filters, {len(chosen)} after the cap")
 
     for stale in (out / "faces").rglob(".*.tmp"):  # left by a run killed mid-write
