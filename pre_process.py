@@ -6,6 +6,7 @@ Reads imdb.mat (or wiki.mat) under --root, computes each photo's age, filters, c
 of photos per age, detects the face and its 5 landmarks with MTCNN (face.py), aligns it onto the
 ArcFace template and writes:
   OUT/faces/NN/<name>.jpg   the aligned faces (SIZE x SIZE, RGB JPEG)
+  OUT/faces/settings.json   the --size and --fallback they were made with (a rerun must match)
   OUT/labels.csv            image,source,identity,age,gender,split  (gender: 1 male, 0 female)
   OUT/summary.json          counts kept and dropped per reason, and the settings used
   OUT/age_hist.png          the age distribution after the cap
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
+import json
 import multiprocessing as mp
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 import config
-from utils import (UserError, pick_device, pyplot, read_image_or_reason, run_main, save_figure, write_csv, write_json,
-                   write_jpeg)
+from utils import (UserError, pick_device, pyplot, read_image, read_image_or_reason, run_main, save_figure, write_csv,
+                   write_json, write_jpeg)
 
 FIELDS = ("dob", "photo_taken", "full_path", "gender", "face_score", "second_face_score")
 
@@ -153,6 +155,30 @@ def face_path(full_path: str) -> str:
     return str(Path("faces") / Path(full_path).with_suffix(".jpg"))
 
 
+def check_face_settings(out: Path, size: int, fallback: str) -> None:
+    """Refuse to add faces to OUT/faces made at another --size or --fallback; record this run's for the next.
+
+    A rerun keeps the faces already written, so a mismatch would silently mix two kinds of face.
+    """
+    record = out / "faces" / "settings.json"
+    wanted = dict(size=size, fallback=fallback)
+    first = next((out / "faces").rglob("*.jpg"), None)
+    if first is None:
+        made = {}  # nothing to mix with
+    elif record.is_file():
+        made = json.loads(record.read_text(encoding="utf-8"))
+    else:  # faces written before the record existed: they tell their size, not their fallback
+        made = dict(size=read_image(first).shape[0])
+    if any(made.get(k, v) != v for k, v in wanted.items()):
+        elsewhere = config.DATA_FOR_SIZE.format(size=size) if made.get("size", size) != size else f"{out}_{fallback}"
+        raise UserError(f"{out / 'faces'} holds faces made with " + " ".join(f"--{k} {made[k]}" for k in wanted if k in made)
+                        + f"; this run asks for --size {size} --fallback {fallback}, and a rerun keeps the faces "
+                        f"already there, so the folder would mix both. Write to a folder of its own "
+                        f"(e.g. --out {elsewhere}) or delete {out / 'faces'} to remake every face")
+    if made != wanted:
+        write_json(record, wanted)
+
+
 def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: str, workers: int,
               batch: int, quality: int) -> dict:
     """Detect, align and write every (source, target) pair; returns dropped count per reason."""
@@ -222,7 +248,8 @@ def pack(out: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=config.ROOT, help="unpacked imdb_crop/ or wiki_crop/ (default: %(default)s)")
-    p.add_argument("--out", default=config.DATA, help="output folder (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default: {config.DATA_FOR_SIZE}, a folder per size; {config.DATA} at the default size)")
     p.add_argument("--size", type=int, default=config.SIZE, help="aligned face side, 112 or 224 (default: %(default)s)")
     p.add_argument("--dataset", choices=("imdb", "wiki"), default=None,
                    help="which .mat to read (default: whichever of imdb.mat, wiki.mat is there)")
@@ -240,7 +267,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also write faces_{train,valid}.npy for the fast loader (default: %(default)s)")
     p.add_argument("--pack-only", action="store_true", help="only pack an existing OUT, touching nothing else")
     p.add_argument("--limit", type=int, default=0, help="process only the first N photos after the cap, 0 = all (default: %(default)s)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.out = args.out or config.DATA_FOR_SIZE.format(size=args.size)
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -252,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         return pack(out)
     if args.size < 32:
         raise UserError(f"--size {args.size}: too small to hold a face; use 112 or 224")
+    check_face_settings(out, args.size, args.fallback)
     device = str(pick_device(args.device))
     root = Path(args.root)
     name, meta = load_meta(find_mat(root, args.dataset), args.dataset)
