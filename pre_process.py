@@ -10,7 +10,8 @@ ArcFace template and writes:
   OUT/labels.csv            image,source,identity,age,gender,split  (gender: 1 male, 0 female)
   OUT/summary.json          counts kept and dropped per reason, and the settings used
   OUT/age_hist.png          the age distribution after the cap
-  OUT/faces_{train,valid}.npy  every face of a split in one uint8 array (unless --no-pack)
+  OUT/faces_{train,valid}.npy  every face of a split in one uint8 array (unless --no-pack, which deletes
+                               old ones), and faces_{train,valid}.json, the images each holds
 A rerun skips faces already written; labels.csv is written last, from what is on disk, so a
 killed run loses nothing and a rerun ends with the same files. `--pack-only` packs an existing OUT.
 """
@@ -224,8 +225,11 @@ class _InlinePool:
 # --- 3. outputs ------------------------------------------------------------------------------
 
 def write_labels(out: Path, rows: list[dict]) -> None:
-    from data_gen import LABEL_COLUMNS  # the reader's columns; imported here: data_gen loads torch
+    """labels.csv, after deleting the packed arrays of the one it replaces (pack() writes new ones)."""
+    from data_gen import LABEL_COLUMNS, SPLITS, remove_packed  # imported here: data_gen loads torch
 
+    for split in SPLITS:
+        remove_packed(out, split)
     write_csv(out / "labels.csv", LABEL_COLUMNS, rows)
 
 

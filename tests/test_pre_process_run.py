@@ -90,6 +90,7 @@ def test_rerun_skips_finished_faces(built, capsys):
     assert f"{len(stamps)} faces already written" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in (out / "faces").rglob("*.jpg")} == stamps
     assert (out / "labels.csv").read_text() == before
+    assert not list(out.glob("faces_*")), "--no-pack leaves no array packed for an older labels.csv"
 
 
 def test_another_size_into_the_same_folder_is_refused(built):
