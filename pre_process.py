@@ -276,9 +276,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def remove_stale_temp(out: Path) -> None:
+    """Delete the temp files a killed run left: half faces (OUT/faces), half labels or packed arrays (OUT).
+
+    A packed array's is GBs at full scale. Every writer here names its temp file .<name>.<tag>.tmp
+    beside its target; two runs into one OUT
+    at once are not supported, so any such file belongs to a dead run.
+    """
+    for stale in [*out.glob(".*.tmp"), *(out / "faces").rglob(".*.tmp")]:
+        stale.unlink()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
+    remove_stale_temp(out)
     if args.pack_only:
         if not (out / "labels.csv").is_file():
             raise UserError(f"--pack-only: {out / 'labels.csv'} not found; run pre_process.py without --pack-only first")
@@ -297,8 +309,6 @@ def main(argv: list[str] | None = None) -> None:
     splits = assign_split(meta.identity[chosen], meta.full_path[chosen], args.split, args.valid_fraction, args.seed)
     print(f"{name}: {len(meta.full_path)} photos, {int(keep.sum())} pass the filters, {len(chosen)} after the cap")
 
-    for stale in (out / "faces").rglob(".*.tmp"):  # left by a run killed mid-write
-        stale.unlink()
     targets = [out / face_path(meta.full_path[i]) for i in chosen]
     todo = [(root / meta.full_path[i], t) for i, t in zip(chosen, targets) if not t.is_file()]
     if len(todo) < len(chosen):
