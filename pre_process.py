@@ -22,8 +22,12 @@ import datetime as dt
 import hashlib
 import json
 import multiprocessing as mp
+import signal
+from collections import deque
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -182,44 +186,64 @@ def check_face_settings(out: Path, size: int, fallback: str) -> None:
 
 def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: str, workers: int,
               batch: int, quality: int) -> dict:
-    """Detect, align and write every (source, target) pair; returns dropped count per reason."""
+    """Detect, align and write every (source, target) pair; returns dropped count per reason.
+
+    `workers` processes decode while MTCNN runs, but at most a batch or so ahead of it: the decoded
+    photos held at once (a few MB each at full size) stay bounded however many photos there are.
+    """
     from tqdm import tqdm
 
     from face import FaceDetector, detect_and_align
 
     detector = FaceDetector(device=device)
     dropped: dict[str, int] = {}
-    ctx = mp.get_context("spawn")  # fork after torch threads start can deadlock
-    with ctx.Pool(workers) if workers > 0 else _InlinePool() as pool, tqdm(total=len(todo), desc="align", unit="face") as bar:
-        photos = pool.imap(read_image_or_reason, [src for src, _ in todo], chunksize=8)
-        for start in range(0, len(todo), batch):
-            chunk = todo[start:start + batch]
-            decoded = [next(photos) for _ in chunk]
-            good = [(pair, img) for pair, img in zip(chunk, decoded) if not isinstance(img, str)]
-            for img in decoded:
-                if isinstance(img, str):
-                    dropped[img] = dropped.get(img, 0) + 1
-            aligned = detect_and_align(detector, [img for _, img in good], size, fallback == "center")
-            for ((_, dst), _), face in zip(good, aligned):
-                if face is None:
-                    dropped["no_face"] = dropped.get("no_face", 0) + 1
-                else:
-                    write_jpeg(dst, face["face"], quality)
-            bar.update(len(chunk))
+    ahead = max(batch, 2 * workers)  # the next batch, and enough queued to keep every worker busy
+    # spawn: fork after torch threads start can deadlock; Ctrl-C is the parent's to handle
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=signal.signal,
+                               initargs=(signal.SIGINT, signal.SIG_IGN)) if workers > 0 else _InlineExecutor()
+    try:
+        with tqdm(total=len(todo), desc="align", unit="face") as bar:
+            photos = decode_ahead(pool, [src for src, _ in todo], ahead)
+            for start in range(0, len(todo), batch):
+                chunk = todo[start:start + batch]
+                decoded = [next(photos) for _ in chunk]
+                good = [i for i, img in enumerate(decoded) if not isinstance(img, str)]
+                for reason in decoded:
+                    if isinstance(reason, str):
+                        dropped[reason] = dropped.get(reason, 0) + 1
+                aligned = detect_and_align(detector, [decoded[i] for i in good], size, fallback == "center")
+                for i, face in zip(good, aligned):
+                    if face is None:
+                        dropped["no_face"] = dropped.get("no_face", 0) + 1
+                    else:
+                        write_jpeg(chunk[i][1], face["face"], quality)
+                bar.update(len(chunk))
+    finally:
+        pool.shutdown(cancel_futures=True)
     return dropped
 
 
-class _InlinePool:
-    """Pool stand-in for --workers 0: decode in this process (handy for debugging)."""
+def decode_ahead(pool: Executor, paths: list[Path], ahead: int) -> Iterator[np.ndarray | str]:
+    """read_image_or_reason of each path, in order, with at most `ahead` of them submitted and not yet taken."""
+    window: deque[Future] = deque()
+    for path in paths:
+        if len(window) == ahead:
+            yield window.popleft().result()
+        window.append(pool.submit(read_image_or_reason, path))
+    while window:
+        yield window.popleft().result()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        return False
+class _InlineExecutor(Executor):
+    """Executor stand-in for --workers 0: decode in this process, when submitted (handy for debugging)."""
 
-    def imap(self, fn, items, chunksize=1):
-        return map(fn, items)
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as e:  # delivered by result(), as a worker's would be
+            future.set_exception(e)
+        return future
 
 
 # --- 3. outputs ------------------------------------------------------------------------------
