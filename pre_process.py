@@ -176,10 +176,11 @@ def check_face_settings(out: Path, size: int, fallback: str) -> None:
         made = dict(size=read_image(first).shape[0])
     if any(made.get(k, v) != v for k, v in wanted.items()):
         elsewhere = config.DATA_FOR_SIZE.format(size=size) if made.get("size", size) != size else f"{out}_{fallback}"
-        raise UserError(f"{out / 'faces'} holds faces made with " + " ".join(f"--{k} {made[k]}" for k in wanted if k in made)
-                        + f"; this run asks for --size {size} --fallback {fallback}, and a rerun keeps the faces "
-                        f"already there, so the folder would mix both. Write to a folder of its own "
-                        f"(e.g. --out {elsewhere}) or delete {out / 'faces'} to remake every face")
+        made_with = " ".join(f"--{k} {made[k]}" for k in wanted if k in made)
+        raise UserError(f"{out / 'faces'} holds faces made with {made_with}; this run asks for --size {size} "
+                        f"--fallback {fallback}, and a rerun keeps the faces already there, so the folder would mix "
+                        f"both. Write to a folder of its own (e.g. --out {elsewhere}) or delete {out / 'faces'} to "
+                        "remake every face")
     if made != wanted:
         write_json(record, wanted)
 
@@ -208,9 +209,8 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
                 chunk = todo[start:start + batch]
                 decoded = [next(photos) for _ in chunk]
                 good = [i for i, img in enumerate(decoded) if not isinstance(img, str)]
-                for reason in decoded:
-                    if isinstance(reason, str):
-                        dropped[reason] = dropped.get(reason, 0) + 1
+                for reason in (img for img in decoded if isinstance(img, str)):
+                    dropped[reason] = dropped.get(reason, 0) + 1
                 aligned = detect_and_align(detector, [decoded[i] for i in good], size, fallback == "center")
                 for i, face in zip(good, aligned):
                     if face is None:
@@ -301,11 +301,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def remove_stale_temp(out: Path) -> None:
-    """Delete the temp files a killed run left: half faces (OUT/faces), half labels or packed arrays (OUT).
+    """Delete the temp files a killed run left: half faces in OUT/faces, half labels or packed arrays in OUT.
 
-    A packed array's is GBs at full scale. Every writer here names its temp file .<name>.<tag>.tmp
-    beside its target; two runs into one OUT
-    at once are not supported, so any such file belongs to a dead run.
+    A half packed array is GBs at full scale. Every writer here names its temp file .<name>.<tag>.tmp
+    beside its target, and two runs into one OUT at once are not supported, so any such file is a dead run's.
     """
     for stale in [*out.glob(".*.tmp"), *(out / "faces").rglob(".*.tmp")]:
         stale.unlink()
