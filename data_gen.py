@@ -11,7 +11,8 @@ permutation per epoch, a shard per process), augmented by the same augment():
           pack_split(); memory-mapped, batches gathered out of it into reused (pinned, on CUDA)
           buffers, copied to the device as uint8 (4x less than float) on a side stream and augmented
           there, the whole batch at once; with prefetch > 0 a background thread does all of it ahead
-          of the training step. Used when the file exists.
+          of the training step. Used when the file exists; refused unless faces_{split}.json says it
+          holds the images labels.csv lists, in order.
   JPEG    FaceDataset: DataLoader workers decode DATA/<image> and augment each face on the CPU.
 """
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import hashlib
+import json
 import math
 import os
 import queue
@@ -35,7 +38,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from tqdm import tqdm
 
 import config
-from utils import ImageError, UserError, read_image
+from utils import ImageError, UserError, read_image, write_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB; the torchvision backbones were trained with these
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -382,18 +385,42 @@ def packed_path(data_dir: str | os.PathLike, split: str) -> Path:
     return Path(data_dir) / f"faces_{split}.npy"
 
 
-def open_packed(path: Path, rows: int, data_dir: str | os.PathLike) -> np.ndarray:
-    """The memory-mapped (rows, S, S, 3) uint8 array, checked against labels.csv."""
+def sidecar_path(packed: Path) -> Path:
+    """faces_{split}.json beside faces_{split}.npy: which images the array holds, in order."""
+    return packed.with_suffix(".json")
+
+
+def images_digest(images: list[str]) -> str:
+    """SHA-256 of an ordered list of image paths (JSON-encoded, so no path can run into the next)."""
+    return hashlib.sha256(json.dumps(images).encode("utf-8")).hexdigest()
+
+
+def remove_packed(data_dir: str | os.PathLike, split: str) -> None:
+    """Delete faces_{split}.npy and its sidecar, so that no array outlives the labels.csv it was packed for."""
+    packed = packed_path(data_dir, split)
+    sidecar_path(packed).unlink(missing_ok=True)
+    packed.unlink(missing_ok=True)
+
+
+def open_packed(path: Path, images: list[str], data_dir: str | os.PathLike) -> np.ndarray:
+    """The memory-mapped (N, S, S, 3) uint8 array, checked to hold exactly `images` (labels.csv's split, in order)."""
+    rebuild = f"rebuild it with `python pre_process.py --out {data_dir} --pack-only` or delete it to use the JPEGs"
     try:
         faces = np.load(path, mmap_mode="r")
     except (ValueError, OSError) as e:
-        raise UserError(f"{path}: unreadable ({e}); rebuild it with `python pre_process.py --out {data_dir} --pack-only` "
-                        "or delete it to use the JPEGs") from e
-    if faces.dtype != np.uint8 or faces.ndim != 4 or faces.shape[0] != rows or faces.shape[3] != 3 \
+        raise UserError(f"{path}: unreadable ({e}); {rebuild}") from e
+    if faces.dtype != np.uint8 or faces.ndim != 4 or faces.shape[0] != len(images) or faces.shape[3] != 3 \
             or faces.shape[1] != faces.shape[2]:
-        raise UserError(f"{path}: {faces.dtype} {tuple(faces.shape)} does not match the {rows} rows of labels.csv "
-                        f"(stale?); rebuild it with `python pre_process.py --out {data_dir} --pack-only` "
-                        "or delete it to use the JPEGs")
+        raise UserError(f"{path}: {faces.dtype} {tuple(faces.shape)} does not match the {len(images)} rows of "
+                        f"labels.csv (stale?); {rebuild}")
+    try:
+        packed_for = json.loads(sidecar_path(path).read_text(encoding="utf-8"))["images_sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: {sidecar_path(path).name}, the list of images it holds, is missing or unreadable "
+                        f"(packed by an older version?), so it may not match labels.csv; {rebuild}") from e
+    if packed_for != images_digest(images):
+        raise UserError(f"{path}: packed for other images than labels.csv lists now (labels.csv was rewritten "
+                        f"after packing: stale); {rebuild}")
     return faces
 
 
@@ -411,7 +438,7 @@ def make_loader(data_dir: str | os.PathLike, split: str, train: bool, batch_size
     packed = packed_path(data_dir, split)
     if packed.is_file() and not jpeg:
         labels = load_split(data_dir, split)
-        faces = open_packed(packed, len(labels.images), data_dir)
+        faces = open_packed(packed, labels.images, data_dir)
         labels = head(labels, limit)
         return PackedLoader(faces[:len(labels.images)], labels, batch_size, train, device, seed, rank, world_size,
                             prefetch)
@@ -422,10 +449,14 @@ def make_loader(data_dir: str | os.PathLike, split: str, train: bool, batch_size
 # --- packing -----------------------------------------------------------------------------------
 
 def pack_split(data_dir: str | os.PathLike, split: str, workers: int = config.WORKERS) -> Path | None:
-    """Write DATA/faces_{split}.npy from the split's JPEGs, atomically; None (nothing written) for an empty split."""
+    """Write DATA/faces_{split}.npy from the split's JPEGs, atomically, and faces_{split}.json, the list it holds.
+
+    An empty split gets no array (and loses an old one): None.
+    """
     root = Path(data_dir)
     labels = read_labels(root, split)
     if not labels.images:
+        remove_packed(root, split)
         return None
     out = packed_path(root, split)
     first = read_face(root / labels.images[0])
@@ -442,8 +473,11 @@ def pack_split(data_dir: str | os.PathLike, split: str, workers: int = config.WO
                 faces[i] = face
         faces.flush()
         del faces  # unmap before the rename
+        # the old sidecar goes first: a kill between the two renames must leave an array that is refused
+        sidecar_path(out).unlink(missing_ok=True)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    write_json(sidecar_path(out), dict(images=len(labels.images), images_sha256=images_digest(labels.images)))
     return out

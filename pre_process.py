@@ -6,10 +6,12 @@ Reads imdb.mat (or wiki.mat) under --root, computes each photo's age, filters, c
 of photos per age, detects the face and its 5 landmarks with MTCNN (face.py), aligns it onto the
 ArcFace template and writes:
   OUT/faces/NN/<name>.jpg   the aligned faces (SIZE x SIZE, RGB JPEG)
+  OUT/faces/settings.json   the --size and --fallback they were made with (a rerun must match)
   OUT/labels.csv            image,source,identity,age,gender,split  (gender: 1 male, 0 female)
   OUT/summary.json          counts kept and dropped per reason, and the settings used
   OUT/age_hist.png          the age distribution after the cap
-  OUT/faces_{train,valid}.npy  every face of a split in one uint8 array (unless --no-pack)
+  OUT/faces_{train,valid}.npy  every face of a split in one uint8 array (unless --no-pack, which deletes
+                               old ones), and faces_{train,valid}.json, the images each holds
 A rerun skips faces already written; labels.csv is written last, from what is on disk, so a
 killed run loses nothing and a rerun ends with the same files. `--pack-only` packs an existing OUT.
 """
@@ -17,15 +19,21 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
+import json
 import multiprocessing as mp
+import signal
+from collections import deque
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 import config
-from utils import (UserError, pick_device, pyplot, read_image_or_reason, run_main, save_figure, write_csv, write_json,
-                   write_jpeg)
+from utils import (UserError, pick_device, pyplot, read_image, read_image_or_reason, run_main, save_figure, write_csv,
+                   write_json, write_jpeg)
 
 FIELDS = ("dob", "photo_taken", "full_path", "gender", "face_score", "second_face_score")
 
@@ -129,14 +137,20 @@ def cap_per_age(ages: np.ndarray, keep: np.ndarray, per_age: int, seed: int) -> 
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
-def assign_split(identity: np.ndarray, mode: str, valid_fraction: float, seed: int) -> np.ndarray:
-    """'train' / 'valid' per row: whole identities (default) or single photos, seeded."""
-    rng = np.random.default_rng(seed + 1)  # a stream of its own, so changing the cap leaves it alone
-    if mode == "image":
-        return np.where(rng.random(len(identity)) < valid_fraction, "valid", "train")
-    people = np.unique(identity)
-    valid_people = people[rng.random(len(people)) < valid_fraction]
-    return np.where(np.isin(identity, valid_people), "valid", "train")
+def assign_split(identity: np.ndarray, source: np.ndarray, mode: str, valid_fraction: float, seed: int) -> np.ndarray:
+    """'train' / 'valid' per row: whole identities (default) or single photos (their source path).
+
+    Each side comes from a seeded hash of the identity (or the photo) alone, never from its place
+    in the selection: another --per-age, --limit or --min-face-score moves nobody across the split.
+    """
+    keys = identity if mode == "identity" else source
+    return np.array(["valid" if unit_hash(seed, str(k)) < valid_fraction else "train" for k in keys], dtype="<U5")
+
+
+def unit_hash(seed: int, key: str) -> float:
+    """A number in [0, 1), uniform over keys, that depends on (seed, key) only; stable across runs and platforms."""
+    digest = hashlib.blake2b(f"{seed}/{key}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0 ** 64
 
 
 # --- 2. faces --------------------------------------------------------------------------------
@@ -146,53 +160,100 @@ def face_path(full_path: str) -> str:
     return str(Path("faces") / Path(full_path).with_suffix(".jpg"))
 
 
+def check_face_settings(out: Path, size: int, fallback: str) -> None:
+    """Refuse to add faces to OUT/faces made at another --size or --fallback; record this run's for the next.
+
+    A rerun keeps the faces already written, so a mismatch would silently mix two kinds of face.
+    """
+    record = out / "faces" / "settings.json"
+    wanted = dict(size=size, fallback=fallback)
+    first = next((out / "faces").rglob("*.jpg"), None)
+    if first is None:
+        made = {}  # nothing to mix with
+    elif record.is_file():
+        made = json.loads(record.read_text(encoding="utf-8"))
+    else:  # faces written before the record existed: they tell their size, not their fallback
+        made = dict(size=read_image(first).shape[0])
+    if any(made.get(k, v) != v for k, v in wanted.items()):
+        elsewhere = config.DATA_FOR_SIZE.format(size=size) if made.get("size", size) != size else f"{out}_{fallback}"
+        made_with = " ".join(f"--{k} {made[k]}" for k in wanted if k in made)
+        raise UserError(f"{out / 'faces'} holds faces made with {made_with}; this run asks for --size {size} "
+                        f"--fallback {fallback}, and a rerun keeps the faces already there, so the folder would mix "
+                        f"both. Write to a folder of its own (e.g. --out {elsewhere}) or delete {out / 'faces'} to "
+                        "remake every face")
+    if made != wanted:
+        write_json(record, wanted)
+
+
 def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: str, workers: int,
               batch: int, quality: int) -> dict:
-    """Detect, align and write every (source, target) pair; returns dropped count per reason."""
+    """Detect, align and write every (source, target) pair; returns dropped count per reason.
+
+    `workers` processes decode while MTCNN runs, but at most a batch or so ahead of it: the decoded
+    photos held at once (a few MB each at full size) stay bounded however many photos there are.
+    """
     from tqdm import tqdm
 
     from face import FaceDetector, detect_and_align
 
     detector = FaceDetector(device=device)
     dropped: dict[str, int] = {}
-    ctx = mp.get_context("spawn")  # fork after torch threads start can deadlock
-    with ctx.Pool(workers) if workers > 0 else _InlinePool() as pool, tqdm(total=len(todo), desc="align", unit="face") as bar:
-        photos = pool.imap(read_image_or_reason, [src for src, _ in todo], chunksize=8)
-        for start in range(0, len(todo), batch):
-            chunk = todo[start:start + batch]
-            decoded = [next(photos) for _ in chunk]
-            good = [(pair, img) for pair, img in zip(chunk, decoded) if not isinstance(img, str)]
-            for img in decoded:
-                if isinstance(img, str):
-                    dropped[img] = dropped.get(img, 0) + 1
-            aligned = detect_and_align(detector, [img for _, img in good], size, fallback == "center")
-            for ((_, dst), _), face in zip(good, aligned):
-                if face is None:
-                    dropped["no_face"] = dropped.get("no_face", 0) + 1
-                else:
-                    write_jpeg(dst, face["face"], quality)
-            bar.update(len(chunk))
+    ahead = max(batch, 2 * workers)  # the next batch, and enough queued to keep every worker busy
+    # spawn: fork after torch threads start can deadlock; Ctrl-C is the parent's to handle
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=signal.signal,
+                               initargs=(signal.SIGINT, signal.SIG_IGN)) if workers > 0 else _InlineExecutor()
+    try:
+        with tqdm(total=len(todo), desc="align", unit="face") as bar:
+            photos = decode_ahead(pool, [src for src, _ in todo], ahead)
+            for start in range(0, len(todo), batch):
+                chunk = todo[start:start + batch]
+                decoded = [next(photos) for _ in chunk]
+                good = [i for i, img in enumerate(decoded) if not isinstance(img, str)]
+                for reason in (img for img in decoded if isinstance(img, str)):
+                    dropped[reason] = dropped.get(reason, 0) + 1
+                aligned = detect_and_align(detector, [decoded[i] for i in good], size, fallback == "center")
+                for i, face in zip(good, aligned):
+                    if face is None:
+                        dropped["no_face"] = dropped.get("no_face", 0) + 1
+                    else:
+                        write_jpeg(chunk[i][1], face["face"], quality)
+                bar.update(len(chunk))
+    finally:
+        pool.shutdown(cancel_futures=True)
     return dropped
 
 
-class _InlinePool:
-    """Pool stand-in for --workers 0: decode in this process (handy for debugging)."""
+def decode_ahead(pool: Executor, paths: list[Path], ahead: int) -> Iterator[np.ndarray | str]:
+    """read_image_or_reason of each path, in order, with at most `ahead` of them submitted and not yet taken."""
+    window: deque[Future] = deque()
+    for path in paths:
+        if len(window) == ahead:
+            yield window.popleft().result()
+        window.append(pool.submit(read_image_or_reason, path))
+    while window:
+        yield window.popleft().result()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        return False
+class _InlineExecutor(Executor):
+    """Executor stand-in for --workers 0: decode in this process, when submitted (handy for debugging)."""
 
-    def imap(self, fn, items, chunksize=1):
-        return map(fn, items)
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as e:  # delivered by result(), as a worker's would be
+            future.set_exception(e)
+        return future
 
 
 # --- 3. outputs ------------------------------------------------------------------------------
 
 def write_labels(out: Path, rows: list[dict]) -> None:
-    from data_gen import LABEL_COLUMNS  # the reader's columns; imported here: data_gen loads torch
+    """labels.csv, after deleting the packed arrays of the one it replaces (pack() writes new ones)."""
+    from data_gen import LABEL_COLUMNS, SPLITS, remove_packed  # imported here: data_gen loads torch
 
+    for split in SPLITS:
+        remove_packed(out, split)
     write_csv(out / "labels.csv", LABEL_COLUMNS, rows)
 
 
@@ -215,7 +276,8 @@ def pack(out: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=config.ROOT, help="unpacked imdb_crop/ or wiki_crop/ (default: %(default)s)")
-    p.add_argument("--out", default=config.DATA, help="output folder (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default: {config.DATA_FOR_SIZE}, a folder per size; {config.DATA} at the default size)")
     p.add_argument("--size", type=int, default=config.SIZE, help="aligned face side, 112 or 224 (default: %(default)s)")
     p.add_argument("--dataset", choices=("imdb", "wiki"), default=None,
                    help="which .mat to read (default: whichever of imdb.mat, wiki.mat is there)")
@@ -233,18 +295,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also write faces_{train,valid}.npy for the fast loader (default: %(default)s)")
     p.add_argument("--pack-only", action="store_true", help="only pack an existing OUT, touching nothing else")
     p.add_argument("--limit", type=int, default=0, help="process only the first N photos after the cap, 0 = all (default: %(default)s)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.out = args.out or config.DATA_FOR_SIZE.format(size=args.size)
+    return args
+
+
+def remove_stale_temp(out: Path) -> None:
+    """Delete the temp files a killed run left: half faces in OUT/faces, half labels or packed arrays in OUT.
+
+    A half packed array is GBs at full scale. Every writer here names its temp file .<name>.<tag>.tmp
+    beside its target, and two runs into one OUT at once are not supported, so any such file is a dead run's.
+    """
+    for stale in [*out.glob(".*.tmp"), *(out / "faces").rglob(".*.tmp")]:
+        stale.unlink()
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
+    remove_stale_temp(out)
     if args.pack_only:
         if not (out / "labels.csv").is_file():
             raise UserError(f"--pack-only: {out / 'labels.csv'} not found; run pre_process.py without --pack-only first")
         return pack(out)
     if args.size < 32:
         raise UserError(f"--size {args.size}: too small to hold a face; use 112 or 224")
+    check_face_settings(out, args.size, args.fallback)
     device = str(pick_device(args.device))
     root = Path(args.root)
     name, meta = load_meta(find_mat(root, args.dataset), args.dataset)
@@ -253,11 +329,9 @@ def main(argv: list[str] | None = None) -> None:
     dropped["over_cap"] = int(keep.sum()) - len(chosen)
     if args.limit:
         chosen = chosen[:args.limit]
-    splits = assign_split(meta.identity[chosen], args.split, args.valid_fraction, args.seed)
+    splits = assign_split(meta.identity[chosen], meta.full_path[chosen], args.split, args.valid_fraction, args.seed)
     print(f"{name}: {len(meta.full_path)} photos, {int(keep.sum())} pass the filters, {len(chosen)} after the cap")
 
-    for stale in (out / "faces").rglob(".*.tmp"):  # left by a run killed mid-write
-        stale.unlink()
     targets = [out / face_path(meta.full_path[i]) for i in chosen]
     todo = [(root / meta.full_path[i], t) for i, t in zip(chosen, targets) if not t.is_file()]
     if len(todo) < len(chosen):

@@ -165,13 +165,40 @@ def test_pack_split_writes_the_faces(tmp_path):
     faces = np.load(data / "faces_valid.npy", mmap_mode="r")
     assert faces.shape == (2, 32, 32, 3) and faces.dtype == np.uint8
     assert np.array_equal(faces[1], read_image(data / "faces/00/6.jpg"))
-    assert sorted(p.name for p in data.iterdir()) == ["faces", "faces_valid.npy", "labels.csv", "summary.json"]
+    assert sorted(p.name for p in data.iterdir()) == ["faces", "faces_valid.json", "faces_valid.npy", "labels.csv",
+                                                      "summary.json"]
 
 
 def test_stale_pack_is_refused(data):
     np.save(data / "faces_valid.npy", np.zeros((3, 32, 32, 3), np.uint8))  # labels.csv has 7 valid rows
     with pytest.raises(UserError, match="faces_valid.npy.*7 rows.*--pack-only"):
         make_loader(data, "valid", False, 4)
+
+
+def test_pack_of_other_images_is_refused(data):
+    """An array packed for another labels.csv is refused even when its row count matches (--no-pack over old output)."""
+    lines = (data / "labels.csv").read_text().splitlines()
+    valid = [i for i, line in enumerate(lines) if line.endswith(",valid")]
+    lines[valid[0]], lines[valid[1]] = lines[valid[1]], lines[valid[0]]  # same 7 rows, two faces swapped
+    (data / "labels.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match="faces_valid.npy: packed for other images than labels.csv.*--pack-only"):
+        make_loader(data, "valid", False, 4)
+    make_loader(data, "train", True, 4)  # the train rows did not change: its array is still good
+    pack_split(data, "valid")
+    x, _, _ = next(iter(make_loader(data, "valid", False, 1)))
+    assert torch.equal(x[0], preprocess(read_image(data / "faces/00/13.jpg"))[0])  # the new first valid face
+
+
+def test_pack_without_its_list_is_refused(data):
+    (data / "faces_valid.json").unlink()  # as an older version, or a kill between the two renames, leaves it
+    with pytest.raises(UserError, match="faces_valid.json.*missing.*--pack-only"):
+        make_loader(data, "valid", False, 4)
+
+
+def test_emptied_split_loses_its_pack(data):
+    (data / "labels.csv").write_text((data / "labels.csv").read_text().replace(",valid", ",train"))
+    assert pack_split(data, "valid") is None
+    assert not (data / "faces_valid.npy").exists() and not (data / "faces_valid.json").exists()
 
 
 @pytest.mark.parametrize("text, match", [

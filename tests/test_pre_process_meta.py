@@ -81,13 +81,31 @@ def test_cap_is_seeded_and_capped():
 
 def test_identity_split_keeps_people_on_one_side():
     ident = np.repeat(np.arange(200).astype(str), 5)
-    s = pp.assign_split(ident, "identity", 0.2, seed=3)
+    source = np.array([f"{i % 100:02d}/photo{i}.jpg" for i in range(len(ident))])
+    s = pp.assign_split(ident, source, "identity", 0.2, seed=3)
     for person in np.unique(ident):
         assert len(set(s[ident == person])) == 1
     assert 0.1 < (s == "valid").mean() < 0.3
-    assert np.array_equal(s, pp.assign_split(ident, "identity", 0.2, seed=3))
-    img = pp.assign_split(ident, "image", 0.2, seed=3)
+    assert np.array_equal(s, pp.assign_split(ident, source, "identity", 0.2, seed=3))
+    assert not np.array_equal(s, pp.assign_split(ident, source, "identity", 0.2, seed=4))
+    img = pp.assign_split(ident, source, "image", 0.2, seed=3)
     assert any(len(set(img[ident == p])) == 2 for p in np.unique(ident))  # photo split mixes people
+    assert 0.1 < (img == "valid").mean() < 0.3
+
+
+@pytest.mark.parametrize("mode", ["identity", "image"])
+def test_split_ignores_the_rest_of_the_selection(mode):
+    """Removing people (another --per-age, --limit, --min-face-score) moves nobody else across the split."""
+    rng = np.random.default_rng(0)
+    ident = np.repeat(np.arange(1000).astype(str), 3)
+    source = np.array([f"{i % 100:02d}/nm{p}_rm{i}.jpg" for i, p in enumerate(ident)])
+    full = pp.assign_split(ident, source, mode, 0.1, seed=42)
+    assert 0.07 < (full == "valid").mean() < 0.13  # --valid-fraction, approximately
+    for kept in (ident != "17",  # one person fewer
+                 rng.random(len(ident)) < 0.6,  # a smaller cap: some photos of many people
+                 np.arange(len(ident)) < 1500):  # --limit
+        part = pp.assign_split(ident[kept], source[kept], mode, 0.1, seed=42)
+        assert np.array_equal(part, full[kept])
 
 
 def test_wiki_identity_from_file_name(tmp_path):

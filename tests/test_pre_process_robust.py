@@ -13,6 +13,7 @@ from PIL import Image
 
 import pre_process
 from synth_imdb import generate
+from test_data_gen import make_fake_data
 from utils import REPO, read_image
 
 
@@ -96,8 +97,9 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_labels(tmp_path):
     n_before = len(list(killed.glob("faces/*/*.jpg")))
     assert 12 <= n_before < len(labels(whole)), "the kill must land mid-run"
     assert not (killed / "labels.csv").exists()  # the label file is written last
-    stale = next(killed.glob("faces/*")) / ".x.jpg.abc123.tmp"  # as a kill mid-write leaves
+    stale = next(killed.glob("faces/*/")) / ".x.jpg.abc123.tmp"  # as a kill mid-write leaves
     stale.write_bytes(b"\xff\xd8half")
+    (killed / f".faces_train.npy.{dead_pid()}.tmp").write_bytes(b"\x93NUMPY half")  # as a kill mid-pack leaves
     subprocess.run(run(root, killed), cwd=REPO, check=True, capture_output=True)
     assert (killed / "labels.csv").read_text() == (whole / "labels.csv").read_text()
     assert not list(killed.rglob("*.tmp"))  # no half-written file survives the rerun
@@ -108,3 +110,21 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_labels(tmp_path):
         # which can move a rounding in the warp: the same faces, not always the same bytes
         a, b = (np.load(d / f"faces_{split}.npy").astype(int) for d in (killed, whole))
         assert a.shape == b.shape and np.abs(a - b).mean() < 0.5
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_pack_only_removes_what_a_killed_pack_left(tmp_path):
+    data = make_fake_data(tmp_path / "data", n_train=5, n_valid=3)
+    half = [data / f".faces_{split}.npy.{dead_pid()}.tmp" for split in ("train", "valid")]
+    for path in half:
+        path.write_bytes(b"\x93NUMPY" + bytes(4096))  # GBs at full scale
+    (data / ".labels.csv.k2j4l1.tmp").write_text("image,source")  # a kill inside atomic_write_bytes
+    pre_process.main(["--out", str(data), "--pack-only"])
+    assert not list(data.rglob("*.tmp"))
+    assert np.load(data / "faces_valid.npy").shape == (3, 32, 32, 3)

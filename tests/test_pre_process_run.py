@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
+import config
 import pre_process
 from synth_imdb import generate
-from utils import read_image
+from utils import UserError, read_image, write_jpeg
 
 N = 48
 
@@ -89,3 +90,32 @@ def test_rerun_skips_finished_faces(built, capsys):
     assert f"{len(stamps)} faces already written" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in (out / "faces").rglob("*.jpg")} == stamps
     assert (out / "labels.csv").read_text() == before
+    assert not list(out.glob("faces_*")), "--no-pack leaves no array packed for an older labels.csv"
+
+
+def test_another_size_into_the_same_folder_is_refused(built):
+    """--size 224 into a folder made at 112 would keep the 112 px faces there: refused before anything is written."""
+    root, out, _, _ = built
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    for flags, elsewhere in ((["--size", "224", "--fallback", "drop"], "data/imdb_224"),
+                             (["--size", "112", "--fallback", "center"], f"{out}_center")):
+        with pytest.raises(UserError, match=rf"{out / 'faces'} holds faces made with --size 112 --fallback drop; "
+                                            rf"this run asks for {' '.join(flags)}.*--out {elsewhere}\) "
+                                            rf"or delete {out / 'faces'}"):
+            pre_process.main(["--root", str(root), "--out", str(out), "--device", "cpu", *flags])
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_faces_made_before_the_record_tell_their_size(tmp_path):
+    out = tmp_path / "old"
+    write_jpeg(out / "faces" / "00" / "a.jpg", np.zeros((112, 112, 3), np.uint8))  # no settings.json: an older run
+    with pytest.raises(UserError, match="made with --size 112; this run asks for --size 224"):
+        pre_process.check_face_settings(out, 224, "drop")
+    pre_process.check_face_settings(out, 112, "center")  # the size matches; the fallback is unknown
+    assert json.loads((out / "faces" / "settings.json").read_text()) == dict(size=112, fallback="center")
+
+
+def test_default_out_follows_the_size():
+    assert pre_process.parse_args([]).out == config.DATA == "data/imdb_112"
+    assert pre_process.parse_args(["--size", "224"]).out == "data/imdb_224"
+    assert pre_process.parse_args(["--size", "224", "--out", "x"]).out == "x"

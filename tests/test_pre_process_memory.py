@@ -1,0 +1,41 @@
+"""pre_process.align_all decodes at most a batch or so ahead of detection, and writes the same faces."""
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import face
+import pre_process
+from utils import read_image, write_jpeg
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, workers):
+    n, batch, side = 40, 4, 700
+    photo_bytes = side * side * 3  # one decoded photo in the parent
+    todo = []
+    for i in range(n):
+        src = tmp_path / "photos" / f"{i}.jpg"
+        write_jpeg(src, np.full((side, side, 3), 6 * i, np.uint8))  # its own grey, to check the pairing
+        todo.append((src, tmp_path / "faces" / f"{i}.jpg"))
+    held = []  # decoded photos alive in the parent at each detection, from the bytes traced
+
+    def slow_detect_and_align(detector, images, size, center_fallback):
+        time.sleep(0.1)  # detection is the slow step, so decoding has time to race ahead
+        held.append(tracemalloc.get_traced_memory()[0] / photo_bytes)
+        return [dict(face=np.ascontiguousarray(img[:size, :size])) for img in images]
+
+    monkeypatch.setattr(face, "FaceDetector", lambda device: None)
+    monkeypatch.setattr(face, "detect_and_align", slow_detect_and_align)
+    tracemalloc.start()
+    try:
+        dropped = pre_process.align_all(todo, 32, "drop", "cpu", workers, batch, 95)
+    finally:
+        tracemalloc.stop()
+    assert dropped == {} and len(held) == n // batch
+    # the batch being detected and the next one decoded ahead of it (+ half a photo of bookkeeping); the
+    # unbounded imap over every photo held 32 of the 40 here
+    assert max(held) <= 2 * batch + 0.5, [round(h, 1) for h in held]
+    for i, (_, dst) in enumerate(todo):
+        assert abs(read_image(dst).mean() - 6 * i) < 2  # every face written from its own photo, in order
