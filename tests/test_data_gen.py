@@ -3,6 +3,9 @@
 Also holds make_fake_data(), the tiny learnable data dir that test_train.py trains on.
 """
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ import torch
 
 import data_gen
 from data_gen import IMAGENET_MEAN, IMAGENET_STD, augment, make_loader, pack_split, preprocess
-from utils import UserError, read_image, write_jpeg
+from utils import REPO, UserError, read_image, write_jpeg
 
 
 def fake_face(age: int, gender: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -108,6 +111,33 @@ def test_prefetching_yields_the_batches_of_the_synchronous_loader(data, rank, wo
         for mine, theirs in zip(epochs(prefetch), synchronous):
             for a, b in zip(mine, theirs):
                 assert torch.equal(a, b)
+
+
+PREFETCH_UNDER_TORCHRUN = """
+import os, sys, torch
+from data_gen import make_loader
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+def epoch(prefetch):
+    loader = make_loader(sys.argv[1], "train", True, 2, seed=5, rank=rank, world_size=world, prefetch=prefetch)
+    loader.set_epoch(3)
+    return [torch.cat(t) for t in zip(*loader)]
+torch.save(dict(sync=epoch(0), prefetched=epoch(2)), f"{sys.argv[2]}/rank{rank}.pt")
+"""
+
+
+def test_prefetching_under_torchrun_yields_each_shard_of_the_synchronous_loader(data, tmp_path):
+    script = tmp_path / "shards.py"
+    script.write_text(PREFETCH_UNDER_TORCHRUN)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(data), str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=240, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    shards = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for shard in shards:
+        for a, b in zip(shard["prefetched"], shard["sync"]):
+            assert torch.equal(a, b)
+    ages = torch.cat([s["sync"][1] for s in shards])
+    assert len(ages) == 12 and not torch.equal(shards[0]["sync"][0], shards[1]["sync"][0])  # two halves, not copies
 
 
 def test_prefetching_stops_when_the_consumer_does(data, monkeypatch):
