@@ -485,21 +485,23 @@ def tile_packed(data: Path, out: Path, faces: int) -> dict[str, int]:
 
     The arrays are written through memory maps (a few GB at the issue's size, never held in memory).
     """
-    from data_gen import LABEL_COLUMNS, load_split, open_packed, packed_path
+    from data_gen import LABEL_COLUMNS, load_split, open_packed, packed_path, write_sidecar
 
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for split, n in (("train", faces), ("valid", None)):
         labels = load_split(data, split)
-        src = open_packed(packed_path(data, split), len(labels.images), data)  # (M, S, S, 3) uint8
+        src = open_packed(packed_path(data, split), labels.images, data)  # (M, S, S, 3) uint8
         n = n or len(src)
         dst = np.lib.format.open_memmap(packed_path(out, split), mode="w+", dtype=np.uint8, shape=(n, *src.shape[1:]))
         for start in range(0, n, len(src)):
             dst[start:start + len(src)] = src[:n - start]
         dst.flush()
         del dst  # unmapped: train.py opens it next
+        order = np.arange(n) % len(src)  # row i of the tiled array is face order[i] of data's
+        write_sidecar(packed_path(out, split), [labels.images[i] for i in order])
         rows += [dict(image=labels.images[i], source="", identity="", age=int(labels.age[i]),
-                      gender=int(labels.gender[i]), split=split) for i in np.arange(n) % len(src)]
+                      gender=int(labels.gender[i]), split=split) for i in order]
     write_csv(out / "labels.csv", LABEL_COLUMNS, rows)
     return {split: sum(r["split"] == split for r in rows) for split in ("train", "valid")}
 

@@ -395,6 +395,11 @@ def images_digest(images: list[str]) -> str:
     return hashlib.sha256(json.dumps(images).encode("utf-8")).hexdigest()
 
 
+def write_sidecar(packed: Path, images: list[str]) -> None:
+    """Record, once the array is complete, which images packed holds (open_packed checks it)."""
+    write_json(sidecar_path(packed), dict(images=len(images), images_sha256=images_digest(images)))
+
+
 def remove_packed(data_dir: str | os.PathLike, split: str) -> None:
     """Delete faces_{split}.npy and its sidecar, so that no array outlives the labels.csv it was packed for."""
     packed = packed_path(data_dir, split)
@@ -479,5 +484,5 @@ def pack_split(data_dir: str | os.PathLike, split: str, workers: int = config.WO
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    write_json(sidecar_path(out), dict(images=len(labels.images), images_sha256=images_digest(labels.images)))
+    write_sidecar(out, labels.images)
     return out

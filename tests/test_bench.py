@@ -139,7 +139,7 @@ def test_tile_packed_repeats_the_faces_and_their_labels(run, tmp_path):
     n = 2 * len(src) + 3
     assert bench.tile_packed(data, tmp_path, n) == {"train": n, "valid": len(read_labels(data, "valid").images)}
     train, labels = read_labels(tmp_path, "train"), read_labels(data, "train")
-    faces = open_packed(tmp_path / "faces_train.npy", n, tmp_path)  # the checks train.py's loader makes
+    faces = open_packed(tmp_path / "faces_train.npy", train.images, tmp_path)  # the checks train.py's loader makes
     idx = np.arange(n) % len(src)
     assert np.array_equal(faces, src[idx])
     assert np.array_equal(train.age, labels.age[idx]) and np.array_equal(train.gender, labels.gender[idx])
