@@ -155,3 +155,17 @@ def test_group_table_counts_add_up():
     small = ev.group_table([30.0], [31.0], [1], [1], min_n=2)
     assert small["male"]["30-39"] == dict(n=1, age_mae=1.0, gender_acc=1.0, few=True)
     assert small["female"]["30-39"] == dict(n=0, age_mae=None, gender_acc=None, few=True)
+
+
+def test_predictor_flip_sends_face_and_mirror_in_one_pass(checkpoint, samples):
+    """demo.py/serve.py --flip: one forward pass of 2 for a photo's one face; the same box, another probability."""
+    from utils import read_image
+
+    photo = read_image(samples / "astronaut.jpg")
+    plain = inference.Predictor(checkpoint, "cpu", 0.9).analyse(photo)
+    predictor = inference.Predictor(checkpoint, "cpu", 0.9, flip=True)
+    sizes, forward = [], predictor.model.forward
+    predictor.model.forward = lambda x: (sizes.append(len(x)), forward(x))[1]
+    flipped = predictor.analyse(photo)
+    assert sizes == [2] and len(flipped) == len(plain) == 1
+    assert flipped[0]["box"] == plain[0]["box"] and flipped[0]["gender_prob"] != plain[0]["gender_prob"]
