@@ -48,7 +48,7 @@ import config
 # before face (torch): inference sets torch's OpenMP spinning, read when torch loads
 from inference import (GENDERS, INTERVAL_KEYS, Labelled, OnnxModel, check_flip, load_model, predict, predicted_gender,
                        read_ahead, read_csv_labels, read_utkface)
-from metrics import interval_coverage, reliability
+from metrics import compute_metrics, interval_coverage, reliability
 from face import detect_and_align
 from utils import UserError, chunks_within, pick_device, pyplot, read_image_or_reason, run_main, save_figure, write_csv, write_json
 
@@ -158,6 +158,12 @@ def age_bucket(ages: np.ndarray) -> np.ndarray:
     return np.clip(np.floor(np.asarray(ages, dtype=np.float64) / 10).astype(np.int64), 0, len(BUCKET_EDGES) - 1)
 
 
+def _group_stats(err: np.ndarray, right: np.ndarray, mask: np.ndarray) -> dict:
+    """{n, age_mae, gender_acc} of the faces in mask (None where it is empty); err, right, mask (N,)."""
+    n = int(mask.sum())
+    return dict(n=n, age_mae=float(err[mask].mean()) if n else None, gender_acc=float(right[mask].mean()) if n else None)
+
+
 def breakdown(pred_age, true_age, pred_gender, true_gender) -> dict:
     """MAE per true-age bucket and per true gender, gender accuracy per bucket, confusion matrix.
 
@@ -168,17 +174,11 @@ def breakdown(pred_age, true_age, pred_gender, true_gender) -> dict:
     err = np.abs(pred_age - true_age)
     right = pred_gender == true_gender
     bucket = age_bucket(true_age)
-
-    def stats(mask):
-        n = int(mask.sum())
-        return dict(n=n, age_mae=float(err[mask].mean()) if n else None,
-                    gender_acc=float(right[mask].mean()) if n else None)
-
     confusion = np.zeros((2, 2), dtype=np.int64)
     np.add.at(confusion, (true_gender, pred_gender), 1)
     return dict(
-        by_age_bucket={label: stats(bucket == b) for b, label in enumerate(BUCKET_LABELS)},
-        by_gender={name: stats(true_gender == g) for g, name in enumerate(GENDERS)},
+        by_age_bucket={label: _group_stats(err, right, bucket == b) for b, label in enumerate(BUCKET_LABELS)},
+        by_gender={name: _group_stats(err, right, true_gender == g) for g, name in enumerate(GENDERS)},
         confusion=dict(rows="true", columns="predicted", labels=list(GENDERS), matrix=confusion.tolist()),
     )
 
@@ -186,19 +186,16 @@ def breakdown(pred_age, true_age, pred_gender, true_gender) -> dict:
 def group_table(pred_age, true_age, pred_gender, true_gender, min_n: int = config.MIN_GROUP) -> dict:
     """{gender: {age bucket: {n, age_mae, gender_acc, few}}}: the errors of each true gender x true-age
     bucket; few is true where n < min_n (too few faces for the numbers to mean much)."""
-    pred_age, true_age = np.asarray(pred_age, np.float64), np.asarray(true_age, np.float64)
-    true_gender = np.asarray(true_gender, np.int64)
-    err = np.abs(pred_age - true_age)
+    true_age, true_gender = np.asarray(true_age, np.float64), np.asarray(true_gender, np.int64)
+    err = np.abs(np.asarray(pred_age, np.float64) - true_age)
     right = np.asarray(pred_gender, np.int64) == true_gender
     bucket = age_bucket(true_age)
     table = {}
     for g, name in enumerate(GENDERS):
         table[name] = {}
         for b, label in enumerate(BUCKET_LABELS):
-            mask = (true_gender == g) & (bucket == b)
-            n = int(mask.sum())
-            table[name][label] = dict(n=n, age_mae=float(err[mask].mean()) if n else None,
-                                      gender_acc=float(right[mask].mean()) if n else None, few=n < min_n)
+            stats = _group_stats(err, right, (true_gender == g) & (bucket == b))
+            table[name][label] = dict(stats, few=stats["n"] < min_n)
     return table
 
 
@@ -217,9 +214,7 @@ def interval_report(records: list[dict]) -> dict | None:
 
 def headline(pred_age, true_age, pred_gender, true_gender) -> dict:
     """Gender accuracy, age MAE, CS(5): metrics.py's implementation, the one train.py reports."""
-    import metrics
-
-    return metrics.compute_metrics(np.asarray(pred_age, np.float64), np.asarray(true_age, np.float64),
+    return compute_metrics(np.asarray(pred_age, np.float64), np.asarray(true_age, np.float64),
                                    np.asarray(pred_gender, np.int64), np.asarray(true_gender, np.int64))
 
 
