@@ -14,8 +14,9 @@ and score (MTCNN), landmarks 5 x [x, y], gender (female | male), gender_prob (th
 that gender, calibrated by the checkpoint's temperature), age (years), and for the distribution
 heads (ce, dex, mv) age_std and the 80% interval age_low..age_high (years; null for l1/l2, which
 predict one value and no spread). With flip, each face and its mirror image go through the
-network in one batch and their outputs are averaged (models.AgeGenderNet.head_outputs). A batch of photos goes through MTCNN in one call and all of their
-faces through the network in one forward pass (data_gen.preprocess, the validation transform);
+network in one batch and their outputs are averaged (models.AgeGenderNet.head_outputs). A batch
+of photos goes through MTCNN in one call and all of their faces through the network in one
+forward pass (data_gen.preprocess, the validation transform);
 the records are the same as analysing each photo alone (tests/test_inference.py checks).
 """
 from __future__ import annotations
