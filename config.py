@@ -24,6 +24,7 @@ DETECT_BATCH = 16  # photos per batched MTCNN call (pre_process.py; demo.py and 
 ARCH = "resnet18"  # resnet18 | resnet34 | resnet50
 PRETRAINED = "imagenet"  # imagenet (torchvision download) | none | PATH to a local state dict
 AGE_MEAN, AGE_STD = 35.0, 15.0  # l1/l2 heads predict (age - AGE_MEAN) / AGE_STD: unit-scale targets keep l2 stable at large lr
+AGE_INTERVAL = 0.8  # ce/dex/mv: age_low..age_high holds this share of the predicted age distribution (10th to 90th percentile)
 MV_LAMBDAS = (0.2, 0.05)  # mean-variance loss weights of the mean and variance terms (Pan et al., CVPR 2018)
 
 # --- train.py ----------------------------------------------------------------------------
@@ -54,6 +55,7 @@ CHECKPOINT = "runs/r18_112/best.pt"  # what demo.py, evaluate.py and export.py l
 IMAGES = "images"  # the sample photos demo.py annotates by default
 DEMO_OUT = "out/demo"  # annotated photos and results.json
 EVAL_OUT = "out/eval"  # metrics.json and plots
+MIN_GROUP = 30  # evaluate.py flags a gender x age-bucket group with fewer faces as too few to trust
 EVAL_BATCH = 128  # faces per evaluate.py forward pass (and at most this many raw photos per MTCNN call, with --utkface/--csv)
 DETECT_PIXELS = 48_000_000  # evaluate.py --utkface/--csv, demo.py, serve.py: photo pixels per MTCNN call, whatever the batch; ~4 12-MP photos, ~1.3 GB on a CPU
 DEMO_MIN_SCORE = 0.9  # demo.py ignores MTCNN detections scoring below this (false positives)

@@ -13,13 +13,16 @@ whole batch at once (face.py), each face is aligned onto the ArcFace template at
 checkpoint's size (face.align_face), all faces of the batch are predicted in one forward pass
 through data_gen.preprocess (the validation transform, so serving sees what validation saw),
 and the results are those of one photo at a time. Each box, its landmarks and a label like
-`female, 29 (97%)` (the percentage: the probability of that gender) are drawn. Photos are turned upright by their EXIF
+`female 97%, 29 (24-35)` are drawn: the probability of that gender (calibrated by the checkpoint's
+temperature), the age and, for the distribution heads (ce, dex, mv), its 80% interval (l1/l2
+heads have none: `female 97%, 29`). --flip averages each face with its mirror image. Photos are turned upright by their EXIF
 orientation first (utils.read_image). Writes:
   OUT/<file name>    the annotated photo (a photo without a face: copied unannotated); inputs with
                      the same name get name_1.jpg, name_2.jpg, ...; no input is ever written over
   OUT/<stem>.mp4     the annotated video (webcam N: webcamN.mp4), named the same way
   OUT/results.json   one entry per input: a photo's {image, output, faces [{box [x1,y1,x2,y2], score,
-                     landmarks 5x[x,y], gender, gender_prob, age}]}, a video's {video, output, fps,
+                     landmarks 5x[x,y], gender, gender_prob, age, age_std, age_low, age_high
+                     (null for l1/l2)}]}, a video's {video, output, fps,
                      frames [{frame (index), time (s), faces [as a photo's]}]}, or {..., error}
 A file that is not an image is reported on stderr and the run goes on; the exit status is then 1.
 Without --input it annotates the sample photos in images/ (written there first if missing).
@@ -41,8 +44,8 @@ import numpy as np
 
 import config
 # before data_gen/face (torch): inference sets torch's OpenMP spinning, read when torch loads
-from inference import (COLOURS, IMAGE_SUFFIXES, Labelled, Predictor, ensure_samples, gender_of, list_images, predict,
-                       read_ahead, read_csv_labels, read_utkface)
+from inference import (COLOURS, IMAGE_SUFFIXES, PREDICTION_KEYS, Labelled, Predictor, ensure_samples, list_images,
+                       predict, prediction_fields, read_ahead, read_csv_labels, read_utkface)
 from data_gen import in_background
 from face import detect_and_align
 from utils import (REPO, ImageError, UserError, atomic_write_bytes, pid_alive, pyplot, read_image, run_main, save_figure,
@@ -126,7 +129,9 @@ def display_available() -> bool:
 # --- analysis and drawing ------------------------------------------------------------------------
 
 def label(face: dict) -> str:
-    return f"{face['gender']}, {face['age']:.0f} ({100 * face['gender_prob']:.0f}%)"
+    """`female 97%, 29 (24-35)`: gender, its probability, age and its interval (where the head has one)."""
+    interval = f" ({face['age_low']:.0f}-{face['age_high']:.0f})" if face.get("age_low") is not None else ""
+    return f"{face['gender']} {100 * face['gender_prob']:.0f}%, {face['age']:.0f}{interval}"
 
 
 def draw(image: np.ndarray, faces: list[dict], labels: bool = True) -> np.ndarray:
@@ -326,9 +331,8 @@ def make_sheet(source: Path, ann: Predictor, out: Path, rows: int) -> list[dict]
             table.append((image, None, "no face found", truth, "gray"))
             entries.append(dict(image=str(item.path), truth=truth, faces=[]))
             continue
-        p_male, ages = predict(ann.model, ann.cfg, found["face"][None], ann.device, 1)
-        gender, gender_prob = gender_of(p_male[0])
-        face = dict(box=found["box"].tolist(), gender=gender, gender_prob=gender_prob, age=float(ages[0]))
+        pred = predict(ann.model, ann.cfg, found["face"][None], ann.device, 1, ann.flip)
+        face = dict(box=found["box"].tolist(), **prediction_fields({k: pred[k][0] for k in PREDICTION_KEYS}))
         marked = draw(image, [dict(face, landmarks=found["landmarks"].tolist())], labels=False)
         right = (face["gender"] == "male") == bool(item.gender) and abs(face["age"] - item.age) <= 5
         table.append((marked, found["face"], label(face), truth, "#2a7d2a" if right else "#b22222"))
@@ -372,6 +376,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--photo-batch", type=int, default=config.DETECT_BATCH,
                    help="photos (or video frames) per MTCNN call and forward pass (default: %(default)s)")
     p.add_argument("--workers", type=int, default=config.WORKERS, help="photo decoding threads (default: %(default)s)")
+    p.add_argument("--flip", action="store_true",
+                   help="average each face with its mirror image (twice the network's work; a .onnx must be exported with --flip)")
     p.add_argument("--show", action="store_true", help="also show each result in a window (when a display exists)")
     p.add_argument("--max-frames", type=int, default=0, help="video/webcam: stop after N frames, 0 = all (default: %(default)s)")
     p.add_argument("--sheet", default=None, metavar="FOLDER_OR_CSV",
@@ -392,14 +398,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         source = Path(args.sheet)
         if not source.exists():
             raise UserError(f"--sheet {source}: no such file or folder")
-        ann = Predictor(args.checkpoint, args.device, args.min_score, args.min_face)
+        ann = Predictor(args.checkpoint, args.device, args.min_score, args.min_face, flip=args.flip)
         return make_sheet(source, ann, out_dir / "sheet.png", args.sheet_rows)
     inputs = collect_inputs(args.input or [os.path.relpath(REPO / config.IMAGES)])
     for kind, value in inputs:
         target = out_dir / first_output_name(kind, value)
         if kind != "webcam" and target.exists() and target.samefile(value):  # samefile: links, case-blind disks
             raise UserError(f"--output {out_dir}: would overwrite the input {value}; choose another folder")
-    predictor = Predictor(args.checkpoint, args.device, args.min_score, args.min_face, photo_batch=args.photo_batch)
+    predictor = Predictor(args.checkpoint, args.device, args.min_score, args.min_face, photo_batch=args.photo_batch,
+                          flip=args.flip)
     shower = Shower(args.show)
     results, outputs = [], Outputs(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,19 @@ counted and skipped.
 Metrics: gender accuracy, age MAE and CS(5) from metrics.py (the one implementation, shared
 with train.py), plus MAE per true-age bucket (0-9, 10-19, ..., 70+) and per gender, gender
 accuracy per age bucket and the 2x2 gender confusion matrix (rows true, columns predicted).
-Writes OUT/metrics.json, OUT/predictions.csv (one row per face: truth and prediction) and the
-plots OUT/mae_by_age.png, OUT/age_scatter.png and OUT/gender_acc_by_age.png.
+How far to trust the predictions:
+  calibration     the ECE of the gender probability (15 equal-width bins of the predicted
+                  class's confidence) at the checkpoint's temperature, the reliability diagram's
+                  bins, and the temperature used (train.py fits it on the validation split)
+  age_interval    for ce/dex/mv heads: the share of true ages inside the 80% interval
+                  age_low..age_high, overall and per age bucket (null for l1/l2: no interval)
+  by_gender_age   gender x age bucket: n, age MAE, gender accuracy, and few=true where n is below
+                  --min-group (too few faces to trust the numbers)
+  flip            with --flip (each face and its mirror image averaged): the headline metrics
+                  and ECE of the plain and of the flipped predictions, from the same forward pass
+Writes OUT/metrics.json, OUT/predictions.csv (one row per face: truth and prediction, with
+age_std, age_low, age_high, empty for l1/l2) and the plots OUT/mae_by_age.png,
+OUT/age_scatter.png, OUT/gender_acc_by_age.png, OUT/reliability.png and OUT/groups.png.
 """
 from __future__ import annotations
 
@@ -35,8 +46,9 @@ import numpy as np
 
 import config
 # before face (torch): inference sets torch's OpenMP spinning, read when torch loads
-from inference import (GENDERS, Labelled, load_model, predict, predicted_gender, read_ahead, read_csv_labels,
-                       read_utkface)
+from inference import (GENDERS, INTERVAL_KEYS, Labelled, OnnxModel, check_flip, load_model, predict, predicted_gender,
+                       read_ahead, read_csv_labels, read_utkface)
+from metrics import compute_metrics, interval_coverage, reliability
 from face import detect_and_align
 from utils import UserError, chunks_within, pick_device, pyplot, read_image_or_reason, run_main, save_figure, write_csv, write_json
 
@@ -79,8 +91,8 @@ def read_images(items: list[Labelled], workers: int, ahead: int, unit: str, skip
                 yield item, img
 
 
-def evaluate_aligned(items: list[Labelled], model, cfg: dict, device, batch_size: int, workers: int
-                     ) -> tuple[list[dict], dict]:
+def evaluate_aligned(items: list[Labelled], model, cfg: dict, device, batch_size: int, workers: int,
+                     flip: bool = False) -> tuple[list[dict], dict]:
     """Predict pre-aligned faces: (records, skipped count per reason)."""
     size = int(cfg["size"])
     records, skipped = [], {}
@@ -90,13 +102,13 @@ def evaluate_aligned(items: list[Labelled], model, cfg: dict, device, batch_size
             if img.shape[:2] != (size, size):
                 raise UserError(f"{item.path}: a {img.shape[1]}x{img.shape[0]} face, but the checkpoint takes "
                                 f"{size}x{size}; evaluate on a pre_process.py output made with --size {size}")
-        p_male, ages = predict(model, cfg, np.stack([img for _, img in batch]), device, batch_size)
-        records += [_record(it, p, a) for (it, _), p, a in zip(batch, p_male, ages)]
+        records += _records([it for it, _ in batch],
+                            predict(model, cfg, np.stack([img for _, img in batch]), device, batch_size, flip))
     return records, skipped
 
 
 def evaluate_photos(items: list[Labelled], model, cfg: dict, device, batch_size: int, workers: int,
-                    detector=None, detect_pixels: int = config.DETECT_PIXELS) -> tuple[list[dict], dict]:
+                    detector=None, detect_pixels: int = config.DETECT_PIXELS, flip: bool = False) -> tuple[list[dict], dict]:
     """Detect, align and predict raw labelled photos: (records, skipped count per reason).
 
     MTCNN's working memory grows with the pixels it is given, so each detection call gets at most
@@ -120,14 +132,23 @@ def evaluate_photos(items: list[Labelled], model, cfg: dict, device, batch_size:
                     yield item, found["face"]
 
     for batch in chunks_within(aligned(), batch_size):
-        p_male, ages = predict(model, cfg, np.stack([face for _, face in batch]), device, batch_size)
-        records += [_record(it, p, a) for (it, _), p, a in zip(batch, p_male, ages)]
+        records += _records([it for it, _ in batch],
+                            predict(model, cfg, np.stack([face for _, face in batch]), device, batch_size, flip))
     return records, skipped
 
 
-def _record(item: Labelled, p_male: float, age: float) -> dict:
-    return dict(image=str(item.path), age=float(item.age), gender=int(item.gender), pred_age=float(age),
-                pred_gender=int(predicted_gender(p_male)), p_male=float(p_male))
+def _records(items: list[Labelled], pred: dict) -> list[dict]:
+    """predictions.csv's rows; with a flip of a PyTorch model, each also holds its plain prediction
+    under "plain" ({pred_age, p_male}), which the CSV leaves out."""
+    out = []
+    for k, item in enumerate(items):
+        r = dict(image=str(item.path), age=float(item.age), gender=int(item.gender), pred_age=float(pred["age"][k]),
+                 pred_gender=int(predicted_gender(pred["p_male"][k])), p_male=float(pred["p_male"][k]),
+                 **{key: None if np.isnan(pred[key][k]) else float(pred[key][k]) for key in INTERVAL_KEYS})
+        if "plain" in pred:
+            r["plain"] = dict(pred_age=float(pred["plain"]["age"][k]), p_male=float(pred["plain"]["p_male"][k]))
+        out.append(r)
+    return out
 
 
 # --- breakdowns --------------------------------------------------------------------------------
@@ -135,6 +156,12 @@ def _record(item: Labelled, p_male: float, age: float) -> dict:
 def age_bucket(ages: np.ndarray) -> np.ndarray:
     """Bucket index per age: 0 for 0-9, 1 for 10-19, ..., 7 for 70 and over (negative ages -> 0)."""
     return np.clip(np.floor(np.asarray(ages, dtype=np.float64) / 10).astype(np.int64), 0, len(BUCKET_EDGES) - 1)
+
+
+def _group_stats(err: np.ndarray, right: np.ndarray, mask: np.ndarray) -> dict:
+    """{n, age_mae, gender_acc} of the faces in mask (None where it is empty); err, right, mask (N,)."""
+    n = int(mask.sum())
+    return dict(n=n, age_mae=float(err[mask].mean()) if n else None, gender_acc=float(right[mask].mean()) if n else None)
 
 
 def breakdown(pred_age, true_age, pred_gender, true_gender) -> dict:
@@ -147,26 +174,47 @@ def breakdown(pred_age, true_age, pred_gender, true_gender) -> dict:
     err = np.abs(pred_age - true_age)
     right = pred_gender == true_gender
     bucket = age_bucket(true_age)
-
-    def stats(mask):
-        n = int(mask.sum())
-        return dict(n=n, age_mae=float(err[mask].mean()) if n else None,
-                    gender_acc=float(right[mask].mean()) if n else None)
-
     confusion = np.zeros((2, 2), dtype=np.int64)
     np.add.at(confusion, (true_gender, pred_gender), 1)
     return dict(
-        by_age_bucket={label: stats(bucket == b) for b, label in enumerate(BUCKET_LABELS)},
-        by_gender={name: stats(true_gender == g) for g, name in enumerate(GENDERS)},
+        by_age_bucket={label: _group_stats(err, right, bucket == b) for b, label in enumerate(BUCKET_LABELS)},
+        by_gender={name: _group_stats(err, right, true_gender == g) for g, name in enumerate(GENDERS)},
         confusion=dict(rows="true", columns="predicted", labels=list(GENDERS), matrix=confusion.tolist()),
     )
 
 
+def group_table(pred_age, true_age, pred_gender, true_gender, min_n: int = config.MIN_GROUP) -> dict:
+    """{gender: {age bucket: {n, age_mae, gender_acc, few}}}: the errors of each true gender x true-age
+    bucket; few is true where n < min_n (too few faces for the numbers to mean much)."""
+    true_age, true_gender = np.asarray(true_age, np.float64), np.asarray(true_gender, np.int64)
+    err = np.abs(np.asarray(pred_age, np.float64) - true_age)
+    right = np.asarray(pred_gender, np.int64) == true_gender
+    bucket = age_bucket(true_age)
+    table = {}
+    for g, name in enumerate(GENDERS):
+        table[name] = {}
+        for b, label in enumerate(BUCKET_LABELS):
+            stats = _group_stats(err, right, (true_gender == g) & (bucket == b))
+            table[name][label] = dict(stats, few=stats["n"] < min_n)
+    return table
+
+
+def interval_report(records: list[dict]) -> dict | None:
+    """Coverage of the predicted age intervals, overall and per true-age bucket; None without intervals (l1/l2)."""
+    if records[0]["age_low"] is None:
+        return None
+    low, high, true = (np.array([r[k] for r in records], np.float64) for k in ("age_low", "age_high", "age"))
+    bucket = age_bucket(true)
+    return dict(level=config.AGE_INTERVAL, coverage=interval_coverage(low, high, true),
+                mean_width=float((high - low).mean()), mean_age_std=float(np.mean([r["age_std"] for r in records])),
+                by_age_bucket={label: dict(n=int((bucket == b).sum()),
+                                           coverage=interval_coverage(low[bucket == b], high[bucket == b], true[bucket == b]))
+                               for b, label in enumerate(BUCKET_LABELS)})
+
+
 def headline(pred_age, true_age, pred_gender, true_gender) -> dict:
     """Gender accuracy, age MAE, CS(5): metrics.py's implementation, the one train.py reports."""
-    import metrics
-
-    return metrics.compute_metrics(np.asarray(pred_age, np.float64), np.asarray(true_age, np.float64),
+    return compute_metrics(np.asarray(pred_age, np.float64), np.asarray(true_age, np.float64),
                                    np.asarray(pred_gender, np.int64), np.asarray(true_gender, np.int64))
 
 
@@ -203,6 +251,26 @@ def format_table(result: dict) -> str:
     m = result["confusion"]["matrix"]
     lines += ["", "  confusion (rows: true, columns: predicted)", f"  {'':<9}{'female':>9}{'male':>9}",
               f"  {'female':<9}{m[0][0]:>9}{m[0][1]:>9}", f"  {'male':<9}{m[1][0]:>9}{m[1][1]:>9}"]
+    c = result["calibration"]
+    lines += ["", f"  gender ECE ({len(c['counts'])} bins) {_fmt(c['ece'], True)} at temperature {c['temperature']:.3g}"]
+    interval = result["age_interval"]
+    if interval is None:
+        lines.append("  age interval: none (an l1/l2 head predicts one value, no distribution)")
+    else:
+        lines.append(f"  age interval ({100 * interval['level']:g}%): coverage {_fmt(interval['coverage'], True)}, "
+                     f"mean width {interval['mean_width']:.1f} years")
+        lines.append("    by true age: " + ", ".join(f"{label} {_fmt(s['coverage'], True)}"
+                                                    for label, s in interval["by_age_bucket"].items() if s["n"]))
+    lines += ["", f"  {'gender':<8}{'true age':<9}{'n':>7}{'age MAE':>10}{'gender acc':>12}"]
+    for gender, rows in result["by_gender_age"].items():
+        for label, s in rows.items():
+            lines.append(f"  {gender:<8}{label:<9}{s['n']:>7}{_fmt(s['age_mae']):>10}{_fmt(s['gender_acc'], True):>12}"
+                         + (f"  (n < {result['min_group']}: too few)" if s["few"] else ""))
+    if "flip" in result:
+        lines += ["", f"  {'':<10}{'gender acc':>12}{'age MAE':>10}{'CS(5)':>10}{'gender ECE':>12}"]
+        for name, v in result["flip"].items():
+            lines.append(f"  {name:<10}{_fmt(v['gender_acc'], True):>12}{_fmt(v['age_mae']):>10}{_fmt(v['cs5'], True):>10}"
+                         f"{_fmt(v['gender_ece'], True):>12}")
     return "\n".join(lines)
 
 
@@ -247,21 +315,82 @@ def plot(out: Path, records: list[dict], result: dict) -> list[Path]:
     return paths
 
 
+def plot_trust(out: Path, result: dict) -> list[Path]:
+    """The reliability diagram (reliability.png) and the gender x age-bucket errors (groups.png)."""
+    plt = pyplot()
+    paths = [out / "reliability.png", out / "groups.png"]
+    c = result["calibration"]
+    edges = np.array(c["edges"])
+    centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    filled = [k for k, n in enumerate(c["counts"]) if n]
+    ax.bar(centres[filled], [c["accuracy"][k] for k in filled], width=width * 0.9, color="#4C72B0", label="accuracy")
+    ax.plot([c["confidence"][k] for k in filled], [c["accuracy"][k] for k in filled], "o", color="#DD8452",
+            label="(mean confidence, accuracy)")
+    for k in filled:
+        ax.annotate(f"{c['counts'][k]}", (centres[k], c["accuracy"][k]), ha="center", va="bottom", fontsize=7)
+    ax.plot([0, 1], [0, 1], color="#C44E52", lw=1, label="perfect calibration")
+    ax.set(xlim=(0.5, 1), ylim=(0, 1.05), xlabel="confidence of the predicted gender", ylabel="accuracy",
+           title=f"Gender reliability: ECE {100 * c['ece']:.2f}% (T = {c['temperature']:.3g})")
+    ax.legend(loc="upper left", fontsize=8)
+    save_figure(fig, paths[0])
+
+    table, labels = result["by_gender_age"], list(BUCKET_LABELS)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    x = np.arange(len(labels))
+    for g, (gender, rows) in enumerate(table.items()):
+        colour = {"female": "#C44E52", "male": "#4C72B0"}[gender]
+        for ax, key, scale in ((axes[0], "age_mae", 1), (axes[1], "gender_acc", 100)):
+            values = [(rows[b][key] or 0) * scale for b in labels]
+            bars = ax.bar(x + (g - 0.5) * 0.4, values, 0.4, color=colour, label=gender)
+            for bar, b in zip(bars, labels):
+                if rows[b]["few"]:  # too few faces to trust: pale and hatched
+                    bar.set_alpha(0.35)
+                    bar.set_hatch("//")
+                ax.annotate(f"{rows[b]['n']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                            va="bottom", fontsize=7)
+    axes[0].set(xticks=x, xticklabels=labels, xlabel="true age (years)", ylabel="age MAE (years)", title="Age MAE")
+    axes[1].set(xticks=x, xticklabels=labels, xlabel="true age (years)", ylabel="gender accuracy (%)", ylim=(0, 105),
+                title="Gender accuracy")
+    axes[0].legend()
+    fig.suptitle(f"Errors per gender x age (n above the bars; hatched: n < {result['min_group']})")
+    save_figure(fig, paths[1])
+    return paths
+
+
 def write_predictions(path: Path, records: list[dict]) -> None:
-    write_csv(path, ("image", "age", "gender", "pred_age", "pred_gender", "p_male"), records)
+    write_csv(path, ("image", "age", "gender", "pred_age", "pred_gender", "p_male") + INTERVAL_KEYS,
+              [{k: v for k, v in r.items() if k != "plain"} for r in records])
 
 
-def summarize(records: list[dict], skipped: dict) -> dict:
-    """metrics.json's content (less the run's settings) from the per-face records."""
+def trust(pred_age, p_male, true_age, true_gender) -> dict:
+    """The headline metrics and the gender ECE of one set of predictions (plain or flipped)."""
+    pred_gender = predicted_gender(p_male)
+    return dict(headline(pred_age, true_age, pred_gender, true_gender),
+                gender_ece=reliability(p_male, true_gender)["ece"])
+
+
+def summarize(records: list[dict], skipped: dict, temperature: float = 1.0, min_group: int = config.MIN_GROUP) -> dict:
+    """metrics.json's content (less the run's settings) from the per-face records; temperature: the one
+    the gender probabilities were made with (reported beside their ECE)."""
     if not records:
         raise UserError("no face could be evaluated" + (f" (skipped: {format_counts(skipped)})" if skipped else ""))
     pred_age = np.array([r["pred_age"] for r in records])
     true_age = np.array([r["age"] for r in records])
     pred_gender = np.array([r["pred_gender"] for r in records])
     true_gender = np.array([r["gender"] for r in records])
-    return dict(n=len(records), photos=len(records) + sum(skipped.values()), skipped=dict(sorted(skipped.items())),
-                metrics=headline(pred_age, true_age, pred_gender, true_gender),
-                **breakdown(pred_age, true_age, pred_gender, true_gender))
+    p_male = np.array([r["p_male"] for r in records])
+    result = dict(n=len(records), photos=len(records) + sum(skipped.values()), skipped=dict(sorted(skipped.items())),
+                  metrics=headline(pred_age, true_age, pred_gender, true_gender),
+                  **breakdown(pred_age, true_age, pred_gender, true_gender),
+                  calibration=dict(temperature=temperature, **reliability(p_male, true_gender)),
+                  age_interval=interval_report(records),
+                  by_gender_age=group_table(pred_age, true_age, pred_gender, true_gender, min_group), min_group=min_group)
+    if "plain" in records[0]:
+        plain = trust(np.array([r["plain"]["pred_age"] for r in records]), np.array([r["plain"]["p_male"] for r in records]),
+                      true_age, true_gender)
+        result["flip"] = dict(plain=plain, flipped=trust(pred_age, p_male, true_age, true_gender))
+    return result
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -283,6 +412,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--utkface/--csv: photo pixels per MTCNN call; bounds its memory (default: %(default)s)")
     p.add_argument("--workers", type=int, default=config.WORKERS, help="image decoding threads (default: %(default)s)")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N photos, 0 = all (default: %(default)s)")
+    p.add_argument("--flip", action="store_true",
+                   help="average each face with its mirror image; prints the plain and the flipped results")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="a .pt's gender temperature instead of the one it stores (1: uncalibrated; default: the stored one)")
+    p.add_argument("--min-group", type=int, default=config.MIN_GROUP,
+                   help="gender x age groups with fewer faces are flagged as too few to trust (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -306,19 +441,27 @@ def main(argv: list[str] | None = None) -> dict:
         items = items[:args.limit]
     device = pick_device(args.device)
     model, cfg = load_model(args.checkpoint, device)
+    check_flip(model, args.flip)
+    if args.temperature is not None:
+        if isinstance(model, OnnxModel):
+            raise UserError(f"--temperature: {args.checkpoint} has its temperature inside the graph; pass the .pt")
+        if not args.temperature > 0:
+            raise UserError(f"--temperature {args.temperature}: must be positive")
+        model.gender_temperature = args.temperature
+    temperature = cfg["gender_temperature"] if isinstance(model, OnnxModel) else model.gender_temperature
     if source["kind"] == "pre_processed":
-        records, skipped = evaluate_aligned(items, model, cfg, device, args.batch_size, args.workers)
+        records, skipped = evaluate_aligned(items, model, cfg, device, args.batch_size, args.workers, args.flip)
     else:
         records, skipped = evaluate_photos(items, model, cfg, device, args.batch_size, args.workers,
-                                           detect_pixels=args.detect_pixels)
+                                           detect_pixels=args.detect_pixels, flip=args.flip)
     if bad:
         skipped["bad_name"] = bad
-    result = summarize(records, skipped)
+    result = summarize(records, skipped, temperature, args.min_group)
     out = Path(args.out)
     write_predictions(out / "predictions.csv", records)
-    plots = plot(out, records, result)
+    plots = plot(out, records, result) + plot_trust(out, result)
     result = dict(checkpoint=str(args.checkpoint), source=source, arch=cfg.get("arch"), age_loss=cfg.get("age_loss"),
-                  size=cfg.get("size"), **result, plots=[p.name for p in plots], predictions="predictions.csv")
+                  size=cfg.get("size"), flipped=args.flip or bool(cfg.get("flip")), **result, plots=[p.name for p in plots], predictions="predictions.csv")
     write_json(out / "metrics.json", result)
     print(format_table(result))
     print(f"\nwrote {out / 'metrics.json'}, {out / 'predictions.csv'} and {', '.join(p.name for p in plots)}")

@@ -1,13 +1,18 @@
 """Export a checkpoint to ONNX, with the age rule inside, and check it against PyTorch.
 
     python export.py --checkpoint runs/r18_112/best.pt --out runs/r18_112/model.onnx
+    python export.py --checkpoint runs/r18_112/best.pt --flip   # the mirror image averaged in the graph
 
 The ONNX graph takes `face`: float32 (N, 3, S, S), an aligned face normalised exactly as
 data_gen.preprocess does (S and the normalisation are in the model's metadata), with N free,
 and returns
-  gender_prob  (N, 2)  softmax over (female, male)
+  gender_prob  (N, 2)  softmax over (female, male) of the logits divided by the checkpoint's
+                       calibration temperature (models.AgeGenderNet.head_outputs)
   age          (N,)    years, the checkpoint's own prediction rule (models.predict_age) applied
-so an ONNX user needs nothing from this repository. After writing, the file is run with
+  age_std, age_low, age_high  (N,)  the spread and the 80% interval of the predicted age
+                       distribution (ce/dex/mv); NaN for l1/l2 heads, which have none
+so an ONNX user needs nothing from this repository. With --flip the graph runs each face and its
+mirror image and averages their outputs (metadata flip=True; demo/serve/evaluate then flip). After writing, the file is run with
 onnxruntime on random inputs of two batch sizes other than the one traced, and the largest
 difference from PyTorch is printed; above --tolerance the script exits non-zero (and the file
 is kept, for inspection, under its name with .failed appended).
@@ -27,9 +32,11 @@ from inference import INPUT, OUTPUTS, load_model
 from utils import UserError, atomic_write_bytes, run_main
 
 
-def wrapped(model):
-    """The model plus its softmax and age rule, as one module returning (gender_prob, age)."""
+def wrapped(model, flip: bool = False):
+    """The model plus its head outputs (models.AgeGenderNet.head_outputs), as one module returning OUTPUTS."""
     import torch
+
+    from models import mirrored
 
     class Exported(torch.nn.Module):
         def __init__(self):
@@ -37,8 +44,9 @@ def wrapped(model):
             self.model = model
 
         def forward(self, face):
-            gender_logits, age_out = self.model(face)
-            return torch.softmax(gender_logits.float(), dim=1), self.model.predict_age(age_out)
+            gender_logits, age_out = self.model(mirrored(face) if flip else face)
+            out = self.model.head_outputs(gender_logits, age_out, flip=flip)
+            return tuple(out[k] for k in OUTPUTS)
 
     return Exported().eval()
 
@@ -72,7 +80,7 @@ def to_onnx(module, size: int, opset: int, exporter: str) -> tuple[bytes, str]:
                     else:
                         torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset,
                                           input_names=[INPUT], output_names=list(OUTPUTS),
-                                          dynamic_axes={INPUT: {0: "batch"}, OUTPUTS[0]: {0: "batch"}, OUTPUTS[1]: {0: "batch"}})
+                                          dynamic_axes={name: {0: "batch"} for name in (INPUT,) + OUTPUTS})
                 return path.read_bytes(), kind
             except Exception as e:  # the exporters raise many types; the next one gets its turn
                 errors.append(f"{kind}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -92,7 +100,8 @@ def add_metadata(data: bytes, meta: dict) -> bytes:
 
 
 def check(module, data: bytes, size: int, batches=(1, 5), seed: int = 0) -> float:
-    """Largest |onnxruntime - PyTorch| over both outputs, on random inputs of the given batch sizes."""
+    """Largest |onnxruntime - PyTorch| over all outputs, on random inputs of the given batch sizes
+    (NaN on both sides, the intervals of l1/l2 heads, counts as equal; on one side only, as inf)."""
     import onnxruntime as ort
     import torch
 
@@ -107,7 +116,9 @@ def check(module, data: bytes, size: int, batches=(1, 5), seed: int = 0) -> floa
         for name, e, o in zip(OUTPUTS, expected, got):
             if o.shape != e.shape:
                 raise UserError(f"onnxruntime gave {name} of shape {o.shape} for batch {n}; PyTorch {e.shape}")
-            worst = max(worst, float(np.abs(o.astype(np.float64) - e.astype(np.float64)).max()))
+            diff = np.abs(o.astype(np.float64) - e.astype(np.float64))
+            diff[np.isnan(o) & np.isnan(e)] = 0.0
+            worst = max(worst, float(np.nan_to_num(diff, nan=np.inf).max()))
     return worst
 
 
@@ -120,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: dynamo, falling back to torchscript (default: %(default)s)")
     p.add_argument("--tolerance", type=float, default=config.ONNX_TOLERANCE,
                    help="largest allowed |onnxruntime - PyTorch| (default: %(default)s)")
+    p.add_argument("--flip", action="store_true",
+                   help="average each face with its mirror image inside the graph (twice the compute)")
     return p.parse_args(argv)
 
 
@@ -132,11 +145,13 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".onnx")
     model, cfg = load_model(args.checkpoint, torch.device("cpu"))
     size = int(cfg["size"])
-    module = wrapped(model.float())
+    module = wrapped(model.float(), args.flip)
     data, used = to_onnx(module, size, args.opset, args.exporter)
     meta = dict(input=f"{INPUT}: float32 (N, 3, {size}, {size}), an aligned RGB face normalised as data_gen.preprocess",
-                outputs="gender_prob (N, 2): softmax over (female, male); age (N,): years",
-                size=size, arch=cfg.get("arch"), age_loss=cfg.get("age_loss"), checkpoint=str(args.checkpoint),
+                outputs="gender_prob (N, 2): softmax over (female, male) of logits / gender_temperature; age (N,): years; "
+                        f"age_std, age_low, age_high (N,): the spread and the {100 * config.AGE_INTERVAL:g}% interval of "
+                        "the age distribution (NaN: l1/l2)",
+                size=size, flip=args.flip, gender_temperature=model.gender_temperature, age_interval=config.AGE_INTERVAL, arch=cfg.get("arch"), age_loss=cfg.get("age_loss"), checkpoint=str(args.checkpoint),
                 exporter=used, mean=[float(v) for v in IMAGENET_MEAN], std=[float(v) for v in IMAGENET_STD])
     data = add_metadata(data, meta)
     diff = check(module, data, size)

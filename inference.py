@@ -11,8 +11,12 @@ face.py, models.py, data_gen.py, utils.py), never each other.
 
 A face record is what demo.py's results.json and serve.py's /predict hold: box [x1, y1, x2, y2]
 and score (MTCNN), landmarks 5 x [x, y], gender (female | male), gender_prob (the probability of
-that gender) and age (years). A batch of photos goes through MTCNN in one call and all of their
-faces through the network in one forward pass (data_gen.preprocess, the validation transform);
+that gender, calibrated by the checkpoint's temperature), age (years), and for the distribution
+heads (ce, dex, mv) age_std and the 80% interval age_low..age_high (years; null for l1/l2, which
+predict one value and no spread). With flip, each face and its mirror image go through the
+network in one batch and their outputs are averaged (models.AgeGenderNet.head_outputs). A batch
+of photos goes through MTCNN in one call and all of their faces through the network in one
+forward pass (data_gen.preprocess, the validation transform);
 the records are the same as analysing each photo alone (tests/test_inference.py checks).
 """
 from __future__ import annotations
@@ -41,13 +45,16 @@ import torch
 import config
 from data_gen import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from face import FaceDetector, align_face
-from models import load_checkpoint
-from utils import UserError, atomic_write_bytes, chunks_within, jpeg_bytes, pick_device, read_image_or_reason
+from metrics import fit_temperature
+from models import load_checkpoint, mirrored, model_args_of
+from utils import (UserError, atomic_torch_save, atomic_write_bytes, chunks_within, jpeg_bytes, pick_device,
+                   read_image_or_reason)
 
 GENDERS = ("female", "male")  # index = class id: 0 female, 1 male (as in labels.csv)
 COLOURS = {"female": (230, 60, 140), "male": (40, 120, 240)}  # RGB of a face's box and label: demo.py's drawings, serve.py's page
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-INPUT, OUTPUTS = "face", ("gender_prob", "age")  # the ONNX graph's names: export.py writes them, OnnxModel reads them
+INPUT, OUTPUTS = "face", ("gender_prob", "age", "age_std", "age_low", "age_high")  # the ONNX graph's names: export.py writes them, OnnxModel reads them
+INTERVAL_KEYS = ("age_std", "age_low", "age_high")  # NaN (l1/l2) in the arrays, null in the records
 
 T = TypeVar("T")
 
@@ -99,36 +106,65 @@ class OnnxModel:
         if not (np.allclose(mean, IMAGENET_MEAN) and np.allclose(std, IMAGENET_STD)):
             raise UserError(f"--checkpoint {path}: exported for the input normalisation mean {mean} std {std}, "
                             f"not this repository's ({list(IMAGENET_MEAN)}, {list(IMAGENET_STD)}); {redo}")
-        self.cfg = dict(size=size, arch=meta.get("arch"), age_loss=meta.get("age_loss"), onnx=str(path))
+        # files exported before the intervals have only gender_prob and age: the rest is then NaN (null)
+        self.outputs = [o.name for o in self.session.get_outputs() if o.name in OUTPUTS]
+        self.flip = meta.get("flip") == "True"  # exported with --flip: the mirror is inside the graph
+        self.cfg = dict(size=size, arch=meta.get("arch"), age_loss=meta.get("age_loss"), onnx=str(path), flip=self.flip,
+                        gender_temperature=float(meta.get("gender_temperature", 1.0)))
 
-    def __call__(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """x (N, 3, S, S) normalised, on the CPU -> (gender_prob (N, 2), age in years (N,))."""
-        prob, age = self.session.run(list(OUTPUTS), {INPUT: x.contiguous().numpy()})
-        return prob, age
+    def __call__(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """x (N, 3, S, S) normalised, on the CPU -> head_outputs' arrays: gender_prob (N, 2), age, age_std,
+        age_low, age_high (N,)."""
+        got = dict(zip(self.outputs, self.session.run(self.outputs, {INPUT: x.contiguous().numpy()})))
+        nan = np.full(len(x), np.nan, np.float32)
+        return {k: got.get(k, nan) for k in OUTPUTS}
 
 
-def predict(model, cfg: dict, faces: np.ndarray, device, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(p_male (N,), age in years (N,)) for aligned faces, uint8 (N, S, S, 3) RGB, by a load_model() model.
+PREDICTION_KEYS = ("p_male", "age") + INTERVAL_KEYS  # predict()'s arrays
+
+
+def check_flip(model, flip: bool) -> None:
+    """A UserError where flip is asked of an ONNX file exported without it (its graph cannot average)."""
+    if isinstance(model, OnnxModel) and flip and not model.flip:
+        raise UserError(f"--flip: {model.cfg['onnx']} was exported without it; export it again with "
+                        f"`python export.py --flip --out {model.cfg['onnx']}`, or drop --flip")
+
+
+def _as_prediction(out: dict) -> dict[str, np.ndarray]:
+    """head_outputs' tensors or OnnxModel's arrays -> {p_male, age, age_std, age_low, age_high} (N,) numpy."""
+    out = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+    return dict(p_male=out["gender_prob"][:, 1], **{k: out[k] for k in ("age",) + INTERVAL_KEYS})
+
+
+def predict(model, cfg: dict, faces: np.ndarray, device, batch_size: int = 64, flip: bool = False) -> dict[str, np.ndarray]:
+    """{p_male, age, age_std, age_low, age_high}: arrays (N,) for aligned faces, uint8 (N, S, S, 3) RGB,
+    by a load_model() model (the interval keys NaN for l1/l2 heads).
 
     The faces go through data_gen.preprocess, the transform of the validation data path, so
-    evaluation, the demo and the service see exactly what validation saw.
+    evaluation, the demo and the service see exactly what validation saw. flip: each face and
+    its mirror image in one batch, outputs averaged; a PyTorch model then also gives the plain
+    predictions of the same forward pass under "plain" (a dict like the result), which
+    evaluate.py reports beside them. An ONNX model flips only if exported with --flip (the
+    mirror is then inside its graph, whatever flip says).
     """
-    p_male, ages = [], []
+    check_flip(model, flip)
+    parts, plain = [], []
     with torch.inference_mode():
         for start in range(0, len(faces), batch_size):
             x = preprocess(faces[start:start + batch_size])  # (B, 3, S, S)
             if isinstance(model, OnnxModel):
-                prob, age = model(x)
-                p = prob[:, 1]
-            else:
-                gender_logits, age_out = model(x.to(device))
-                p = torch.softmax(gender_logits.float(), dim=1)[:, 1].cpu().numpy()
-                age = model.predict_age(age_out).cpu().numpy()
-            p_male.append(p)
-            ages.append(age)
-    if not p_male:
-        return np.zeros(0, np.float32), np.zeros(0, np.float32)
-    return np.concatenate(p_male), np.concatenate(ages)
+                parts.append(_as_prediction(model(x)))
+                continue
+            x = x.to(device)
+            gender_logits, age_out = model(mirrored(x) if flip else x)  # (B | 2B, 2), (B | 2B, 1 | num ages)
+            parts.append(_as_prediction(model.head_outputs(gender_logits, age_out, flip=flip)))
+            if flip:
+                n = len(x)
+                plain.append(_as_prediction(model.head_outputs(gender_logits[:n], age_out[:n])))
+    result = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0, np.float32) for k in PREDICTION_KEYS}
+    if plain:
+        result["plain"] = {k: np.concatenate([p[k] for p in plain]) for k in PREDICTION_KEYS}
+    return result
 
 
 def predicted_gender(p_male: np.ndarray) -> np.ndarray:
@@ -158,13 +194,15 @@ class Predictor:
 
     def __init__(self, checkpoint: str | Path, device: str = config.DEVICE, min_score: float = config.DEMO_MIN_SCORE,
                  min_face: int = config.DEMO_MIN_FACE, batch_size: int = config.EVAL_BATCH,
-                 photo_batch: int = config.DETECT_BATCH, detect_pixels: int = config.DETECT_PIXELS):
+                 photo_batch: int = config.DETECT_BATCH, detect_pixels: int = config.DETECT_PIXELS, flip: bool = False):
         self.device = pick_device(device)
         self.model, self.cfg = load_model(checkpoint, self.device)
         self.size = int(self.cfg["size"])
         self.detector = FaceDetector(device=str(self.device), min_face_size=min_face)
         self.min_score, self.batch_size = min_score, batch_size
         self.photo_batch, self.detect_pixels = photo_batch, detect_pixels
+        self.flip = flip or bool(self.cfg.get("flip"))  # an ONNX file exported with --flip always flips
+        check_flip(self.model, flip)
 
     def analyse(self, image: np.ndarray) -> list[dict]:
         """Every face of one RGB photo with score >= min_score (face records, best score first)."""
@@ -181,10 +219,11 @@ class Predictor:
             found.append((boxes[keep], scores[keep], marks[keep]))
             aligned += [align_face(image, m, self.size) for m in marks[keep]]
         if aligned:
-            p_male, ages = predict(self.model, self.cfg, np.stack(aligned), self.device, self.batch_size)
+            pred = predict(self.model, self.cfg, np.stack(aligned), self.device, self.batch_size, self.flip)
         out, at = [], 0
         for boxes, scores, marks in found:
-            out.append([face_record(boxes[k], scores[k], marks[k], p_male[at + k], ages[at + k]) for k in range(len(scores))])
+            out.append([face_record(boxes[k], scores[k], marks[k], {key: pred[key][at + k] for key in PREDICTION_KEYS})
+                        for k in range(len(scores))])
             at += len(scores)
         return out
 
@@ -206,12 +245,35 @@ class Predictor:
                 yield key, img, next(results) if isinstance(img, np.ndarray) else None
 
 
-def face_record(box: np.ndarray, score: float, marks: np.ndarray, p_male: float, age: float) -> dict:
-    """One face as results.json and /predict give it (rounded: sub-pixel and sub-0.01-year digits are noise)."""
-    gender, gender_prob = gender_of(p_male)
+def prediction_fields(pred: dict) -> dict:
+    """A face's gender, gender_prob, age, age_std, age_low, age_high from predict()'s values for it
+    (rounded: sub-0.01-year digits are noise; NaN intervals -> None)."""
+    gender, gender_prob = gender_of(pred["p_male"])
+    return dict(gender=gender, gender_prob=round(gender_prob, 4), age=round(float(pred["age"]), 2),
+                **{k: None if np.isnan(pred[k]) else round(float(pred[k]), 2) for k in INTERVAL_KEYS})
+
+
+def face_record(box: np.ndarray, score: float, marks: np.ndarray, pred: dict) -> dict:
+    """One face as results.json and /predict give it (rounded: sub-pixel digits are noise)."""
     return dict(box=[round(float(v), 2) for v in box], score=round(float(score), 4),
-                landmarks=[[round(float(x), 2), round(float(y), 2)] for x, y in marks],
-                gender=gender, gender_prob=round(gender_prob, 4), age=round(float(age), 2))
+                landmarks=[[round(float(x), 2), round(float(y), 2)] for x, y in marks], **prediction_fields(pred))
+
+
+def calibrate_checkpoint(path: str | Path, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                         device) -> float:
+    """Fit the gender temperature on (x, age, gender) batches (the validation split) and store it in the
+    checkpoint's model_args (rewritten atomically); returns it. train.py calls it on best.pt."""
+    model, _ = load_checkpoint(path, device)
+    logits, genders = [], []
+    with torch.inference_mode():
+        for x, _, gender in batches:
+            logits.append(model(x.to(device))[0].float().cpu())  # (B, 2)
+            genders.append(gender.cpu())
+    temperature = fit_temperature(torch.cat(logits).numpy(), torch.cat(genders).numpy())
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt["model_args"] = dict(model_args_of(ckpt), gender_temperature=temperature)
+    atomic_torch_save(ckpt, path)
+    return temperature
 
 
 def read_ahead(items: Iterable[T], read: Callable[[T], object], workers: int = config.WORKERS,

@@ -10,6 +10,12 @@ Age losses (`kind`) and what the age head outputs:
   dex     101 logits, cross-entropy (DEX, Rothe et al.); prediction = the expected age sum_i p_i * i
   mv      101 logits, mean-variance loss (Pan et al., CVPR 2018): cross-entropy + l1 * mean loss
           + l2 * variance loss of the predicted distribution; prediction = the expected age
+
+head_outputs() turns the two heads into what users see: the gender probability divided by the
+calibration temperature (gender_temperature, fitted on the validation split after training;
+1.0 in older checkpoints) and, for ce/dex/mv, the spread of the predicted age distribution:
+age_std and the central AGE_INTERVAL interval (age_low, age_high). l1/l2 predict one value and
+have no interval (NaN there, null in the records).
 """
 from __future__ import annotations
 
@@ -33,19 +39,23 @@ class AgeGenderNet(nn.Module):
 
     model_args (saved in every checkpoint) rebuild it: arch, age_loss, the age range of the class
     heads and the standardisation of the regression heads, which predict (age - age_mean) / age_std:
-    a target of unit scale keeps l2's gradients small at the large learning rates of big batches.
+    a target of unit scale keeps l2's gradients small at the large learning rates of big batches;
+    gender_temperature divides the gender logits of the probability users see (not the loss).
     """
 
     def __init__(self, arch: str, age_loss: str, min_age: int = config.MIN_AGE, max_age: int = config.MAX_AGE,
-                 age_mean: float = config.AGE_MEAN, age_std: float = config.AGE_STD):
+                 age_mean: float = config.AGE_MEAN, age_std: float = config.AGE_STD, gender_temperature: float = 1.0):
         super().__init__()
         if arch not in ARCHS:
             raise UserError(f"--arch {arch}: unknown; choose one of {', '.join(ARCHS)}")
         if age_loss not in AGE_LOSSES:
             raise UserError(f"--age-loss {age_loss}: unknown; choose one of {', '.join(AGE_LOSSES)}")
+        if not gender_temperature > 0:
+            raise UserError(f"gender_temperature {gender_temperature}: must be positive")
         self.model_args = dict(arch=arch, age_loss=age_loss, min_age=min_age, max_age=max_age, age_mean=age_mean,
-                               age_std=age_std)
+                               age_std=age_std, gender_temperature=float(gender_temperature))
         self.kind, self.min_age, self.age_mean, self.age_std = age_loss, min_age, age_mean, age_std
+        self.gender_temperature = float(gender_temperature)
         self.register_buffer("ages", torch.arange(min_age, max_age + 1, dtype=torch.float32), persistent=False)
         self.backbone = getattr(torchvision.models, arch)(weights=None)
         features = self.backbone.fc.in_features
@@ -66,12 +76,51 @@ class AgeGenderNet(nn.Module):
 
     def predict_age(self, age_out: torch.Tensor) -> torch.Tensor:
         """Predicted age in years (N,) float32 from the age head's output, by the rule of its loss."""
+        return self._years(self._age_value(age_out))
+
+    def _age_value(self, age_out: torch.Tensor) -> torch.Tensor:
+        """What flip averaging averages: the distribution (N, num ages) of ce/dex/mv, the value (N, 1) of l1/l2."""
         age_out = age_out.float()
+        return age_out if self.kind in REGRESSION else age_out.softmax(dim=1)
+
+    def _years(self, value: torch.Tensor) -> torch.Tensor:
+        """(N,) years from _age_value's output, by the rule of the loss."""
         if self.kind in REGRESSION:
-            return age_out[:, 0] * self.age_std + self.age_mean
+            return value[:, 0] * self.age_std + self.age_mean
         if self.kind == "ce":
-            return (age_out.argmax(dim=1) + self.min_age).float()
-        return age_out.softmax(dim=1) @ self.ages  # dex, mv: the expected age
+            return (value.argmax(dim=1) + self.min_age).float()
+        return value @ self.ages  # dex, mv: the expected age
+
+    def head_outputs(self, gender_logits: torch.Tensor, age_out: torch.Tensor, flip: bool = False,
+                     interval: float = config.AGE_INTERVAL) -> dict[str, torch.Tensor]:
+        """What a user sees, float32: gender_prob (N, 2) (softmax of logits / gender_temperature), age (N,)
+        years, age_std, age_low, age_high (N,) (NaN for l1/l2).
+
+        flip: the batch (2N) holds N faces then their mirror images (mirrored()); the two gender
+        probabilities and the two age distributions (l1/l2: values) of each face are averaged.
+        age_low/age_high: the (1 - interval) / 2 and (1 + interval) / 2 quantiles of the age
+        distribution, i.e. the smallest age whose cumulative probability reaches them, so at least
+        `interval` of the predicted mass lies in [age_low, age_high].
+        """
+        prob = torch.softmax(gender_logits.float() / self.gender_temperature, dim=1)  # (B, 2)
+        value = self._age_value(age_out)  # (B, num ages) or (B, 1)
+        if flip:
+            n = prob.shape[0] // 2
+            prob, value = (prob[:n] + prob[n:]) / 2, (value[:n] + value[n:]) / 2  # (N, 2), (N, num ages | 1)
+        age = self._years(value)  # (N,)
+        if self.kind in REGRESSION:
+            nan = torch.full_like(age, float("nan"))
+            return dict(gender_prob=prob, age=age, age_std=nan, age_low=nan, age_high=nan)
+        mean = value @ self.ages  # (N,)
+        std = ((value * (self.ages[None, :] - mean[:, None]) ** 2).sum(dim=1)).clamp_min(0).sqrt()  # (N,)
+        cdf = value.cumsum(dim=1)  # (N, num ages)
+        last = float(len(self.ages) - 1)
+
+        def quantile(q: float) -> torch.Tensor:  # (N,) years: classes below the one where the cdf reaches q
+            return (cdf < q).float().sum(dim=1).clamp(max=last) + self.min_age
+
+        return dict(gender_prob=prob, age=age, age_std=std, age_low=quantile((1 - interval) / 2),
+                    age_high=quantile((1 + interval) / 2))
 
     def age_loss(self, age_out: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
         """Mean age loss over the batch; age_out (N, 1 | num ages), age (N,) integer years.
@@ -96,6 +145,11 @@ class AgeGenderNet(nn.Module):
              age_weight: float) -> torch.Tensor:
         """The training objective, in fp32: gender cross-entropy + age_weight * age loss (a scalar)."""
         return F.cross_entropy(gender_logits.float(), gender) + age_weight * self.age_loss(age_out, age)
+
+
+def mirrored(x: torch.Tensor) -> torch.Tensor:
+    """(2N, 3, S, S): the faces x (N, 3, S, S), then their horizontal mirror images (for head_outputs(flip=True))."""
+    return torch.cat([x, x.flip(3)])
 
 
 def build_model(arch: str, age_loss: str, pretrained: str = "none", **head) -> AgeGenderNet:

@@ -6,18 +6,20 @@
 Endpoints:
   POST /predict  the photo as the multipart form field `image` -> 200 {"faces": [...], "width": W,
                  "height": H}, each face as in demo.py's results.json (box [x1, y1, x2, y2], score,
-                 landmarks 5 x [x, y], gender, gender_prob, age), in the upright photo's pixels (its
+                 landmarks 5 x [x, y], gender, gender_prob, age, age_std, age_low, age_high: null
+                 for l1/l2 heads), in the upright photo's pixels (its
                  EXIF orientation applied). A missing field, an empty upload or a truncated image: 400;
                  a file that is not an image: 415; an upload over --max-bytes or a photo of more
                  than --detect-pixels pixels: 413; each with {"error": "..."} saying why.
-  GET /health    {"status": "ok", "checkpoint", "backend": onnxruntime | torch, "size", "device"}
+  GET /health    {"status": "ok", "checkpoint", "backend": onnxruntime | torch, "size", "device", "flip"}
   GET /          a page where one picks or drops a photo and sees its faces drawn, and the JSON.
 
 Requests are decoded concurrently in worker threads; one inference thread owns the model and
 takes every photo waiting (after --wait-ms for more to arrive) as one batch through
 inference.Predictor: MTCNN once for the batch, one forward pass for all its faces. With a .onnx
 checkpoint (export.py) the age/gender network runs in onnxruntime; only the MTCNN detector
-(face.py) is torch.
+(face.py) is torch. --flip averages each face with its mirror image (a .onnx: export it with
+--flip); /health says whether it is on.
 """
 from __future__ import annotations
 
@@ -130,7 +132,7 @@ def make_app(predictor: Predictor, checkpoint: str, max_bytes: int = config.SERV
     @app.get("/health")
     async def health() -> dict:
         return dict(status="ok", checkpoint=checkpoint, size=predictor.size, device=str(predictor.device),
-                    backend="onnxruntime" if isinstance(predictor.model, OnnxModel) else "torch")
+                    backend="onnxruntime" if isinstance(predictor.model, OnnxModel) else "torch", flip=predictor.flip)
 
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
@@ -193,8 +195,9 @@ PAGE = """<!doctype html>
 const COLOURS = __COLOURS__;
 const $ = (id) => document.getElementById(id);
 
-function label(f) {
-  return `${f.gender}, ${Math.round(f.age)} (${Math.round(100 * f.gender_prob)}%)`;
+function label(f) {  // as demo.py's: female 97%, 29 (24-35)
+  const interval = f.age_low === null || f.age_low === undefined ? "" : ` (${Math.round(f.age_low)}-${Math.round(f.age_high)})`;
+  return `${f.gender} ${Math.round(100 * f.gender_prob)}%, ${Math.round(f.age)}${interval}`;
 }
 
 function draw(bitmap, result) {
@@ -270,6 +273,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ignore detections whose MTCNN score is below this (default: %(default)s)")
     p.add_argument("--min-face", type=int, default=config.DEMO_MIN_FACE,
                    help="smallest face looked for, in pixels (default: %(default)s)")
+    p.add_argument("--flip", action="store_true",
+                   help="average each face with its mirror image (twice the network's work; a .onnx must be exported with --flip)")
     args = p.parse_args(argv)
     for name in ("max_bytes", "photo_batch", "detect_pixels"):
         if getattr(args, name) < 1:
@@ -282,7 +287,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     predictor = Predictor(args.checkpoint, args.device, args.min_score, args.min_face, photo_batch=args.photo_batch,
-                          detect_pixels=args.detect_pixels)
+                          detect_pixels=args.detect_pixels, flip=args.flip)
     app = make_app(predictor, str(args.checkpoint), args.max_bytes, args.wait_ms)
     backend = "onnxruntime" if isinstance(predictor.model, OnnxModel) else f"torch on {predictor.device}"
     print(f"serving {args.checkpoint} ({backend}) on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)

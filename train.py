@@ -12,6 +12,8 @@ Every epoch trains on the train split, validates on the valid split and writes, 
   best.pt        the same for the epoch with the lowest score = age_mae + BEST_GENDER_WEIGHT *
                  (1 - gender_acc), so 1 point of gender accuracy is worth 0.1 year of MAE (default)
   tb/            TensorBoard scalars: tensorboard --logdir OUT/tb
+At the end, one gender temperature is fitted on the validation split and stored in best.pt
+(model_args.gender_temperature): the probability demo/serve/evaluate show is then calibrated.
 Checkpoints hold plain values and state dicts only: torch.load(path, weights_only=True) reads them.
 A fresh run (no --resume) over an existing OUT starts its metrics.jsonl and tb/ over.
 The learning rate is a function of the epochs done (warm-up, then cosine): a run resumed with another
@@ -36,6 +38,7 @@ from tqdm import tqdm
 
 import config
 from data_gen import make_loader
+from inference import calibrate_checkpoint
 from metrics import MetricSums
 from models import AGE_LOSSES, ARCHS, AgeGenderNet, build_model, model_args_of
 from utils import (UserError, append_jsonl, atomic_torch_save, atomic_write_text, git_commit, pick_device, read_jsonl,
@@ -416,6 +419,9 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     if master:
         print(f"best: epoch {best['epoch']}, validation gender accuracy {100 * best['gender_acc']:.2f}%, "
               f"age MAE {best['age_mae']:.2f} years ({out / 'best.pt'})")
+        # the gender probability users see: calibrated on the validation split (this process's share of it)
+        print(f"gender temperature {calibrate_checkpoint(out / 'best.pt', valid_loader, device):.3f} "
+              "(fitted on the validation split, stored in best.pt)")
     return best
 
 

@@ -150,13 +150,15 @@ def test_known_outputs(tmp_path, samples, checkpoint, monkeypatch):
     """A model whose predictions are known: every metric is checked against numbers worked out by hand."""
     import torch
 
-    class Known(torch.nn.Module):  # every face: p(male) = 4 / (1 + 4) = 0.8, an l1 head saying 38 years
+    import models
+
+    class Known(models.AgeGenderNet):  # every face: p(male) = 4 / (1 + 4) = 0.8, an l1 head saying 38 years
+        def __init__(self):
+            super().__init__("resnet18", "l1", age_mean=0.0, age_std=1.0)  # its head rules; the output in years
+
         def forward(self, x):
             n = x.shape[0]
             return torch.tensor([[0.0, float(np.log(4))]]).repeat(n, 1), torch.full((n, 1), 38.0)
-
-        def predict_age(self, age_out):
-            return age_out[:, 0]
 
     monkeypatch.setattr(ev, "load_model", lambda path, device: (Known(), {"arch": "x", "age_loss": "l1", "size": 112}))
     folder = tmp_path / "utk"
@@ -276,3 +278,46 @@ def test_decoding_runs_at_most_ahead_photos_in_advance(monkeypatch):
     for consumed, (item, _) in enumerate(stream, start=1):
         assert len(decoded) <= consumed + 4  # not the whole list at once
     assert consumed == 50 and decoded == [it.path for it in items]
+
+
+def test_flip_intervals_calibration_and_groups_end_to_end(tmp_path, aligned_faces, capsys):
+    """A dex checkpoint with a temperature, --flip: metrics.json gains (and keeps every old key) the
+    interval coverage, the ECE at that temperature, the group table, plain vs flipped; the CSV the intervals."""
+    import torch
+
+    import metrics
+    import models
+    from utils import write_jpeg
+
+    torch.manual_seed(3)
+    model = models.build_model("resnet18", "dex", "none", gender_temperature=3.0)
+    ckpt = tmp_path / "dex.pt"
+    torch.save({"model": model.state_dict(), "model_args": model.model_args,
+                "config": {"arch": "resnet18", "age_loss": "dex", "size": 112}}, ckpt)
+    data = tmp_path / "data"
+    rows = ["image,source,identity,age,gender,split"]
+    for i, (face, (name, age, gender)) in enumerate(zip(aligned_faces, LABELS)):
+        write_jpeg(data / "faces" / "00" / f"{i}.jpg", face)
+        rows.append(f"faces/00/{i}.jpg,00/{name},{i},{age},{gender},valid")
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "eval"
+    m = ev.main(["--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--device", "cpu", "--flip",
+                 "--min-group", "2"])
+    printed = capsys.readouterr().out
+    assert {"n", "photos", "skipped", "metrics", "by_age_bucket", "by_gender", "confusion", "plots",
+            "predictions"} <= set(m)
+    assert set(m["flip"]) == {"plain", "flipped"} and "plain" in printed and "flipped" in printed
+    assert m["flip"]["flipped"]["age_mae"] == pytest.approx(m["metrics"]["age_mae"])
+    assert m["calibration"]["temperature"] == 3.0 and sum(m["calibration"]["counts"]) == 3
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    low, high, true = (np.array([float(r[k]) for r in rows]) for k in ("age_low", "age_high", "age"))
+    assert (low <= np.array([float(r["pred_age"]) for r in rows])).all()
+    assert m["age_interval"]["coverage"] == pytest.approx(((low <= true) & (true <= high)).mean())
+    assert m["calibration"]["ece"] == pytest.approx(metrics.expected_calibration_error(
+        np.array([float(r["p_male"]) for r in rows]), np.array([int(r["gender"]) for r in rows])), abs=1e-6)
+    assert sum(s["n"] for g in m["by_gender_age"].values() for s in g.values()) == m["n"] == 3
+    assert m["by_gender_age"]["female"]["30-39"] == dict(n=1, age_mae=pytest.approx(float(abs(
+        float(rows[0]["pred_age"]) - 34))), gender_acc=float(rows[0]["pred_gender"] == "0"), few=True)
+    assert {"reliability.png", "groups.png"} <= set(m["plots"]) and (out / "groups.png").is_file()
+    assert json.loads((out / "metrics.json").read_text())["flip"] == m["flip"]

@@ -39,12 +39,13 @@ def test_onnx_matches_torch_at_other_batch_sizes(exported, checkpoint):
     assert json.loads(meta["mean"]) == list(IMAGENET_MEAN) and json.loads(meta["std"]) == list(IMAGENET_STD)
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == ["gender_prob", "age"]
+    assert [o.name for o in session.get_outputs()] == ["gender_prob", "age", "age_std", "age_low", "age_high"]
     s = int(cfg["size"])
     for n in (3, 7):
         x = torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(n))
-        prob, age = session.run(None, {"face": x.numpy()})
+        prob, age, *interval = session.run(None, {"face": x.numpy()})
         assert prob.shape == (n, 2) and age.shape == (n,)
+        assert all(v.shape == (n,) and np.isnan(v).all() for v in interval)  # an l1 head: no interval
         with torch.inference_mode():
             logits, age_out = model(x)  # the bare model + the repo's own rule, outside the wrapper
             want_prob = torch.softmax(logits, 1).numpy()
@@ -79,11 +80,59 @@ def test_expected_age_rule_is_inside_the_graph(tmp_path):
     assert result["max_diff"] < 1e-3
     session = ort.InferenceSession(str(tmp_path / "dex.onnx"), providers=["CPUExecutionProvider"])
     x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))
-    _, age = session.run(None, {"face": x.numpy()})
+    _, age, *_ = session.run(None, {"face": x.numpy()})
     with torch.inference_mode():
         p = torch.softmax(model(x)[1], 1)
     want = (p * torch.arange(101, dtype=torch.float32)).sum(1).numpy()  # sum_i p_i * i, by hand
     assert age.shape == (2,) and np.abs(age - want).max() < 1e-3
+
+
+def test_temperature_flip_and_interval_inside_the_graph(tmp_path):
+    """A dex head with a stored temperature, exported with --flip: the ONNX outputs equal the repo's
+    rule worked out here by hand (logits / T, the face and its mirror averaged, quantiles of the cdf),
+    and the .onnx's predict() equals the .pt's with flip."""
+    import models
+    from inference import predict
+
+    torch.manual_seed(2)
+    model = models.build_model("resnet18", "dex", "none", gender_temperature=2.5).eval()
+    ckpt = tmp_path / "dex.pt"
+    torch.save({"model": model.state_dict(), "model_args": model.model_args,
+                "config": {"arch": "resnet18", "age_loss": "dex", "size": 112}}, ckpt)
+    out = tmp_path / "dex_flip.onnx"
+    assert export.main(["--checkpoint", str(ckpt), "--out", str(out), "--flip"])["max_diff"] < 1e-3
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["flip"] == "True" and float(meta["gender_temperature"]) == 2.5
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+    prob, age, std, low, high = session.run(None, {"face": x.numpy()})
+    with torch.inference_mode():
+        (g1, a1), (g2, a2) = model(x), model(x.flip(3))
+    p = ((torch.softmax(g1 / 2.5, 1) + torch.softmax(g2 / 2.5, 1)) / 2).numpy()
+    dist = ((torch.softmax(a1, 1) + torch.softmax(a2, 1)) / 2).numpy().astype(np.float64)  # (3, 101)
+    ages = np.arange(101)
+    mean = dist @ ages
+    cdf = dist.cumsum(1)
+    np.testing.assert_allclose(prob, p, atol=1e-5)
+    np.testing.assert_allclose(age, mean, atol=1e-3)
+    np.testing.assert_allclose(std, np.sqrt((dist * (ages - mean[:, None]) ** 2).sum(1)), atol=1e-3)
+    np.testing.assert_array_equal(low, [ages[np.argmax(c >= 0.1)] for c in cdf])
+    np.testing.assert_array_equal(high, [ages[np.argmax(c >= 0.9)] for c in cdf])
+
+    faces_u8 = np.random.default_rng(1).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
+    onnx_model, cfg = load_model(out, torch.device("cpu"))
+    torch_model, torch_cfg = load_model(ckpt, torch.device("cpu"))
+    got, want = predict(onnx_model, cfg, faces_u8, "cpu", flip=True), predict(torch_model, torch_cfg, faces_u8, "cpu", flip=True)
+    for key in ("p_male", "age", "age_std", "age_low", "age_high"):
+        np.testing.assert_allclose(got[key], want[key], atol=1e-3)
+
+
+def test_flip_needs_a_flip_export(exported):
+    from inference import predict
+
+    onnx_model, cfg = load_model(exported[0], torch.device("cpu"))
+    with pytest.raises(UserError, match="exported without it; export it again with `python export.py --flip"):
+        predict(onnx_model, cfg, np.zeros((1, 112, 112, 3), np.uint8), "cpu", flip=True)
 
 
 def test_demo_and_evaluate_take_the_onnx_file(exported, checkpoint, samples, tmp_path):
@@ -107,11 +156,11 @@ def test_demo_and_evaluate_take_the_onnx_file(exported, checkpoint, samples, tmp
     onnx_model, cfg = load_model(out, torch.device("cpu"))
     assert isinstance(onnx_model, OnnxModel) and cfg["size"] == 112 and cfg["age_loss"] == "l1"
     torch_model, torch_cfg = load_model(checkpoint, torch.device("cpu"))
-    p1, a1 = predict(onnx_model, cfg, faces_u8, "cpu", batch_size=2)  # batches of 2, 2, 1
-    p2, a2 = predict(torch_model, torch_cfg, faces_u8, "cpu")
-    assert p1.shape == a1.shape == (5,)
-    np.testing.assert_allclose(p1, p2, atol=1e-4)
-    np.testing.assert_allclose(a1, a2, atol=1e-3)
+    got = predict(onnx_model, cfg, faces_u8, "cpu", batch_size=2)  # batches of 2, 2, 1
+    want = predict(torch_model, torch_cfg, faces_u8, "cpu")
+    assert got["p_male"].shape == got["age"].shape == (5,)
+    np.testing.assert_allclose(got["p_male"], want["p_male"], atol=1e-4)
+    np.testing.assert_allclose(got["age"], want["age"], atol=1e-3)
 
 
 def test_an_onnx_file_not_from_export_is_refused(tmp_path, exported):

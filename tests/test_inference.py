@@ -26,6 +26,9 @@ class Counter(torch.nn.Module):
     def predict_age(self, age_out):
         return self.model.predict_age(age_out)
 
+    def head_outputs(self, gender_logits, age_out, flip=False):
+        return self.model.head_outputs(gender_logits, age_out, flip)
+
 
 @pytest.fixture(scope="module")
 def photos(samples):
@@ -49,7 +52,7 @@ def test_batched_equals_one_at_a_time(checkpoint, photos):
     # 6 photos, 4 a batch: two MTCNN calls and two forward passes, with all faces of each group
     assert predictor.model.batches == [4, 2]
     for face in alone[4]:
-        assert set(face) == {"box", "score", "landmarks", "gender", "gender_prob", "age"}
+        assert set(face) == {"box", "score", "landmarks", "gender", "gender_prob", "age", "age_std", "age_low", "age_high"}
         assert face["gender"] in ("female", "male") and 0.5 <= face["gender_prob"] <= 1
 
 

@@ -49,7 +49,7 @@ def test_predict_gives_the_faces_of_the_photo(server, checkpoint, samples, expec
     assert status == 200
     assert body == dict(faces=expected["astronaut.jpg"], width=512, height=512)
     assert get_json(server + "/health") == (200, dict(status="ok", checkpoint=str(checkpoint), size=112, device="cpu",
-                                                      backend="torch"))
+                                                      backend="torch", flip=False))
 
 
 def test_16_concurrent_requests_give_16_right_answers(server, samples, expected):

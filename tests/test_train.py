@@ -239,3 +239,18 @@ def test_compile_wraps_ddp_not_the_reverse(tmp_path, monkeypatch):
         assert isinstance(model._orig_mod, DistributedDataParallel)
     finally:
         dist.destroy_process_group()
+
+
+def test_best_pt_holds_the_temperature_fitted_on_the_valid_split(run, data):
+    """train.py's last step: one gender temperature fitted on the validation split, stored in best.pt only."""
+    from metrics import fit_temperature
+
+    model, _ = load_checkpoint(run / "best.pt", "cpu")
+    genders = np.array([int(line.split(",")[4]) for line in (data / "labels.csv").read_text().splitlines()[1:]
+                        if line.endswith(",valid")])
+    with torch.no_grad():
+        logits = model(preprocess(np.load(data / "faces_valid.npy")))[0].numpy()
+    stored = torch.load(run / "best.pt", weights_only=True)["model_args"]["gender_temperature"]
+    assert stored != 1.0 and model.gender_temperature == stored
+    assert stored == pytest.approx(fit_temperature(logits, genders), rel=1e-3)
+    assert torch.load(run / "last.pt", weights_only=True)["model_args"]["gender_temperature"] == 1.0
