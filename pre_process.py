@@ -1,6 +1,7 @@
 """IMDB-WIKI metadata -> aligned faces + labels.csv.
 
     python pre_process.py --root data/imdb_crop --out data/imdb_112 --size 112
+    torchrun --nproc_per_node=8 pre_process.py --device cuda ...   # the photos shared by 8 GPUs
 
 Reads imdb.mat (or wiki.mat) under --root, computes each photo's age, filters, caps the number
 of photos per age, detects the face and its 5 landmarks with MTCNN (face.py), aligns it onto the
@@ -13,6 +14,8 @@ ArcFace template and writes:
   OUT/age_hist.png          the age distribution after the cap
   OUT/faces_{train,valid}.npy  every face of a split in one uint8 array (unless --no-pack, which deletes
                                old ones), and faces_{train,valid}.json, the images each holds
+Under torchrun each process aligns its share (RANK of WORLD_SIZE, GPU LOCAL_RANK) and rank 0 writes
+labels.csv, summary.json (with each rank's photo count) and the packed arrays once all are done.
 A rerun skips faces already written; labels.csv is written last, from what is on disk, so a
 killed run loses nothing and a rerun ends with the same files. `--pack-only` packs an existing OUT.
 """
@@ -23,12 +26,13 @@ import datetime as dt
 import hashlib
 import json
 import multiprocessing as mp
+import os
 import signal
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -369,18 +373,84 @@ def remove_stale_temp(out: Path) -> None:
         stale.unlink()
 
 
+def init_shards(device_name: str) -> tuple[int, int, str]:
+    """(rank, world size, MTCNN device): torchrun's RANK, WORLD_SIZE and LOCAL_RANK (GPU), or (0, 1, device) alone.
+
+    gloo on any device: the processes only wait for each other and exchange a few counts.
+    """
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(device_name)
+    if world > 1:
+        import torch.distributed as dist  # here: the spawned decode workers import this module, and torch is heavy
+
+        if device.type == "cuda":
+            if device.index is not None:
+                raise UserError(f"--device {device} under torchrun: every process would use that one GPU; pass "
+                                "--device cuda (process N takes cuda:N) and choose GPUs with CUDA_VISIBLE_DEVICES")
+            device = type(device)("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        # a rank whose share was written before a kill waits for the others' whole run: no 30-minute default
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=dt.timedelta(days=7))
+    return rank, world, str(device)
+
+
+def on_rank0(world: int, rank: int, step: Callable[[], None]) -> None:
+    """step() on rank 0 alone while the others wait; a UserError it raises is raised by every rank."""
+    error = None
+    if rank == 0:
+        try:
+            step()
+        except UserError as e:
+            error = str(e)
+    if world > 1:
+        import torch.distributed as dist  # see init_shards
+
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise UserError(error)
+
+
+def gather(world: int, value: object) -> list:
+    """Every rank's value, in rank order (the value alone in a single process); a barrier too."""
+    if world == 1:
+        return [value]
+    import torch.distributed as dist  # see init_shards
+
+    values: list = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    rank, world, device = init_shards(args.device)
+    try:
+        run(args, rank, world, device)
+    finally:
+        if world > 1:
+            import torch.distributed as dist  # see init_shards
+
+            dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, rank: int, world: int, device: str) -> None:
+    """main's work in process `rank` of `world`: its share of the photos; rank 0 also the outputs, at the end."""
     out = Path(args.out)
-    remove_stale_temp(out)
     if args.pack_only:
-        if not (out / "labels.csv").is_file():
-            raise UserError(f"--pack-only: {out / 'labels.csv'} not found; run pre_process.py without --pack-only first")
-        return pack(out)
+        if rank == 0:
+            remove_stale_temp(out)
+            if not (out / "labels.csv").is_file():
+                raise UserError(f"--pack-only: {out / 'labels.csv'} not found; run pre_process.py without --pack-only first")
+            pack(out)
+        return
     if args.size < 32:
         raise UserError(f"--size {args.size}: too small to hold a face; use 112 or 224")
-    check_face_settings(out, args.size, args.fallback)
-    device = str(pick_device(args.device))
+    if not 0 <= args.min_face_fraction < 1:
+        raise UserError(f"--min-face-fraction {args.min_face_fraction}: use a fraction of the short side in [0, 1), "
+                        f"e.g. {config.MIN_FACE_FRACTION} (0: search every face size from 20 px)")
+    # before any rank writes: a stale temp file swept later could be another rank's live one
+    on_rank0(world, rank, lambda: (remove_stale_temp(out), check_face_settings(out, args.size, args.fallback)))
     root = Path(args.root)
     name, meta = load_meta(find_mat(root, args.dataset), args.dataset)
     ages, keep, dropped = filter_meta(meta, root, args.min_face_score, config.MIN_AGE, config.MAX_AGE)
@@ -389,19 +459,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.limit:
         chosen = chosen[:args.limit]
     splits = assign_split(meta.identity[chosen], meta.full_path[chosen], args.split, args.valid_fraction, args.seed)
-    print(f"{name}: {len(meta.full_path)} photos, {int(keep.sum())} pass the filters, {len(chosen)} after the cap")
+    if rank == 0:
+        print(f"{name}: {len(meta.full_path)} photos, {int(keep.sum())} pass the filters, {len(chosen)} after the cap"
+              + (f", shared by {world} processes" if world > 1 else ""))
 
     targets = [out / face_path(meta.full_path[i]) for i in chosen]
-    todo = [(root / meta.full_path[i], t) for i, t in zip(chosen, targets) if not t.is_file()]
-    if len(todo) < len(chosen):
-        print(f"{len(chosen) - len(todo)} faces already written, skipped")
-    if not 0 <= args.min_face_fraction < 1:
-        raise UserError(f"--min-face-fraction {args.min_face_fraction}: use a fraction of the short side in [0, 1), "
-                        f"e.g. {config.MIN_FACE_FRACTION} (0: search every face size from 20 px)")
+    # each rank's share depends on the selection alone, not on what is on disk, so a rerun splits it alike
+    share = [(root / meta.full_path[i], t) for i, t in zip(chosen[rank::world], targets[rank::world])]
+    todo = [(src, t) for src, t in share if not t.is_file()]
+    if len(todo) < len(share):
+        print(f"{len(share) - len(todo)} faces already written, skipped" + (f" (rank {rank})" if world > 1 else ""))
     aligned, retried = align_all(todo, args.size, args.fallback, device, args.workers, args.batch, args.quality,
                                  args.min_face_fraction, args.sort_batches)
-    for reason, n in aligned.items():
-        dropped[reason] = dropped.get(reason, 0) + n
+    ranks = gather(world, dict(dropped=aligned, retried=retried, photos=len(todo) - sum(aligned.values())))
+    if rank != 0:
+        return
+    for r in ranks:
+        for reason, n in r["dropped"].items():
+            dropped[reason] = dropped.get(reason, 0) + n
 
     rows = [dict(image=face_path(meta.full_path[i]), source=meta.full_path[i], identity=meta.identity[i],
                  age=int(ages[i]), gender=int(meta.gender[i]), split=s)
@@ -409,10 +484,11 @@ def main(argv: list[str] | None = None) -> None:
     kept_ages = np.array([r["age"] for r in rows], dtype=np.int64)
     plot_ages(out / "age_hist.png", kept_ages, args.per_age)
     write_json(out / "summary.json", dict(
-        dataset=name, photos=len(meta.full_path), kept=len(rows), dropped=dropped, retried=retried,
+        dataset=name, photos=len(meta.full_path), kept=len(rows), dropped=dropped,
+        retried=sum(r["retried"] for r in ranks),
         train=sum(r["split"] == "train" for r in rows), valid=sum(r["split"] == "valid" for r in rows),
         male=sum(r["gender"] == 1 for r in rows), female=sum(r["gender"] == 0 for r in rows),
-        size=args.size, settings=vars(args)))
+        size=args.size, ranks=[dict(rank=i, photos=r["photos"]) for i, r in enumerate(ranks)], settings=vars(args)))
     write_labels(out, rows)
     if args.pack:
         pack(out)
