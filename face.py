@@ -808,10 +808,8 @@ def detect_in_crops(detector: FaceDetector, images: list[np.ndarray], fraction: 
     # the min face in the shrunk photo: _ONET_SIDE, or the photo's own where it was not shrunk
     found = detector.detect([im for im, _ in shrunk], [int(m / k.min()) for m, (_, k) in zip(min_faces, shrunk)])
     found = [_unshrunk(f, k) for f, (_, k) in zip(found, shrunk)]
-    retry = [i for i, faces in enumerate(found) if len(faces) == 0]
+    retried = [len(faces) == 0 for faces in found]
+    retry = [i for i, again in enumerate(retried) if again]
     for i, faces in zip(retry, detector.detect([images[i] for i in retry]) if retry else []):
         found[i] = faces
-    retried = [False] * len(images)
-    for i in retry:
-        retried[i] = True
     return found, retried
