@@ -14,9 +14,10 @@ Measures, on the same machine, data and model, each pair timed back to back and 
                       decoded per sample by FaceDataset in a DataLoader, batch 32), ResNet-18 at the
                       data's size; a third mode, the naive step over the packed loader, splits the
                       ratio into the loader's and the step's
-  preprocess_speedup  faces aligned per second, batched (pre_process.py's path: FaceDetector.detect on
-                      --detect-batch photos at once, central face, align_face) over per-image (one
-                      photo per detect call), on the same decoded built-in crops
+  preprocess_speedup  faces aligned per second, batched (pre_process.py's path, align_batch: faces sought
+                      from config.MIN_FACE_FRACTION of the short side in --detect-batch photos at once,
+                      central face, align_face) over per-image (one photo per call), on the same decoded
+                      built-in crops enlarged to IMDB's sizes (short side 150-700 px, median ~430)
   infer_ms_per_image  one photo end to end (detect, align, predict: inference.Predictor.analyse) with
                       the model exported to ONNX (export.py; onnxruntime), and with the PyTorch model
                       (infer_torch_ms_per_image), both from a --checkpoint or a random ResNet-18
@@ -575,19 +576,25 @@ def bench_loop(args: argparse.Namespace, data: Path, tmp: Path, device: torch.de
 # --- pre-processing ------------------------------------------------------------------------------
 
 def align_photos(detector, photos: list[np.ndarray], batch: int, size: int) -> int:
-    """pre_process.align_all's work (face.detect_and_align) on decoded photos, batch photos a call: faces aligned."""
-    from face import detect_and_align
+    """pre_process.align_all's work (pre_process.align_batch) on decoded photos, batch photos a call: faces aligned."""
+    from pre_process import align_batch
 
-    return sum(face is not None for start in range(0, len(photos), batch)
-               for face in detect_and_align(detector, photos[start:start + batch], size))
+    return sum(len(align_batch(detector, [(None, p) for p in photos[start:start + batch]], size, False,
+                               config.MIN_FACE_FRACTION)[0]) for start in range(0, len(photos), batch))
 
 
 def bench_preprocess(args: argparse.Namespace, data: Path, photos_dir: Path, device: torch.device, size: int) -> dict:
-    """Faces aligned per second, batched over per-image, on the same decoded photos, alternated over the rounds."""
+    """Faces aligned per second, batched over per-image, on the same decoded photos, alternated over the rounds.
+
+    The built-in crops (~180 px) are enlarged to IMDB's spread of sizes first (synth_imdb.imdb_sized: short
+    side 150-700 px, median ~430), the work per photo depending on its size.
+    """
     from face import FaceDetector
+    from synth_imdb import imdb_sized
 
     paths = train_sources(data, photos_dir, args.preprocess_photos)
-    photos = [read_image(p) for p in paths]  # decoded once: both modes time detection + alignment only
+    rng = np.random.default_rng(0)
+    photos = [imdb_sized(rng, read_image(p)) for p in paths]  # decoded once: both modes time detection + alignment only
     detector = FaceDetector(device=str(device))
     modes = {"batched": args.detect_batch, "per_image": 1}
     warm = photos[:max(1, min(len(photos), args.detect_batch))]

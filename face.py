@@ -50,6 +50,7 @@ IMDB_MARGIN = 0.4
 # --- MTCNN constants of the mtcnn 1.0.0 package (its keyword defaults) -----------------------
 
 _MIN_SIZE = 12  # P-Net's receptive field: the smallest pyramid level it can see a face in
+_ONET_SIDE = 48  # O-Net's input: the detail at which every face is finally judged
 _PNET_STRIDE = 2
 _PNET_CELL = 12
 _NMS_PNET_PER_SCALE = 0.5
@@ -540,16 +541,21 @@ class FaceDetector:
         return np.ascontiguousarray(image)
 
     @torch.inference_mode()
-    def detect(self, images: Sequence[np.ndarray]) -> list[Faces]:
+    def detect(self, images: Sequence[np.ndarray], min_face_sizes: Sequence[int] | None = None) -> list[Faces]:
         """Faces of each RGB uint8 (H, W, 3) image (sizes may differ; (H, W) gray is accepted); one Faces per image.
 
-        Results equal those of detecting each image alone, up to float rounding.
+        min_face_sizes, one per image, replaces self.min_face_size for that image's pyramid (P-Net
+        then never scans the scales of smaller faces). Results equal those of detecting each image
+        alone, up to float rounding.
         """
         if len(images) == 0:
             return []
-        batch = _Batch([self._as_rgb(im) for im in images], self.device)
         n = len(images)
-        boxes, img = self._stage_pnet(batch)
+        min_faces = [self.min_face_size] * n if min_face_sizes is None else list(min_face_sizes)
+        if len(min_faces) != n:
+            raise ValueError(f"{len(min_faces)} min_face_sizes for {n} images")
+        batch = _Batch([self._as_rgb(im) for im in images], self.device)
+        boxes, img = self._stage_pnet(batch, min_faces)
         if boxes.shape[0]:
             boxes, img = self._stage_rnet(batch, boxes, img)
         if boxes.shape[0] == 0:
@@ -571,12 +577,12 @@ class FaceDetector:
             at += c
         return out
 
-    def _stage_pnet(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stage_pnet(self, batch: _Batch, min_faces: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidate square boxes (N, 4) and their image index (N,) from the pyramid of every image."""
         dev = self.device
         rects: list[tuple[int, float, int, int]] = []  # pyramid levels: (image, scale, h, w)
-        for i, (h, w) in enumerate(batch.shapes):
-            for s in pyramid_scales(h, w, self.min_face_size, self.scale_factor):
+        for i, ((h, w), min_face) in enumerate(zip(batch.shapes, min_faces)):
+            for s in pyramid_scales(h, w, min_face, self.scale_factor):
                 # the package passes shape * scale (float) as the size; TF truncates it to int32
                 hs, ws = int(h * s), int(w * s)
                 if _pnet_out(hs) > 0 and _pnet_out(ws) > 0:
@@ -739,16 +745,71 @@ def detect_and_align(detector: FaceDetector, images: list[np.ndarray], size: int
     (center_landmarks), box None and score 0.
     """
     found = detector.detect(images) if images else []
-    out: list[dict | None] = []
-    for img, faces in zip(images, found):
-        i = central_face(faces, img.shape)
-        if i is None and not center_fallback:
-            out.append(None)
-            continue
-        if i is None:
-            marks, box, score = center_landmarks(img.shape, size), None, 0.0
-        else:
-            marks = np.asarray(faces.landmarks[i], dtype=np.float32)
-            box, score = np.asarray(faces.boxes[i], dtype=np.float32), float(np.asarray(faces.scores)[i])
-        out.append(dict(face=align_face(img, marks, size), box=box, landmarks=marks, score=score))
-    return out
+    return [align_central(img, faces, size, center_fallback) for img, faces in zip(images, found)]
+
+
+def align_central(image: np.ndarray, faces: Faces, size: int, center_fallback: bool = False) -> dict | None:
+    """detect_and_align's result for one photo whose faces were found already."""
+    i = central_face(faces, image.shape)
+    if i is None and not center_fallback:
+        return None
+    if i is None:
+        marks, box, score = center_landmarks(image.shape, size), None, 0.0
+    else:
+        marks = np.asarray(faces.landmarks[i], dtype=np.float32)
+        box, score = np.asarray(faces.boxes[i], dtype=np.float32), float(np.asarray(faces.scores)[i])
+    return dict(face=align_face(image, marks, size), box=box, landmarks=marks, score=score)
+
+
+def crop_min_face(detector: FaceDetector, shape: Sequence[int], fraction: float) -> int:
+    """The smallest face worth looking for in an IMDB-WIKI crop of this shape: fraction of its short side.
+
+    The labelled face spans 1 / (1 + 2 * IMDB_MARGIN) ~ 0.56 of the crop, so at a fraction well
+    below that P-Net skips only scales where that face cannot be. Never below the detector's own.
+    """
+    return max(detector.min_face_size, int(fraction * min(shape[:2])))
+
+
+def _shrunk(image: np.ndarray, min_face: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image, (kx, ky)): the image area-shrunk so that min_face becomes about _ONET_SIDE px, and the factors.
+
+    O-Net, the last stage, sees every face as a 48 x 48 crop, so a face of that size or more loses
+    nothing O-Net would see, while P-Net's input, the normalised copy and the crops all shrink.
+    """
+    factor = min_face / _ONET_SIDE
+    h, w = image.shape[:2]
+    if factor <= 1:
+        return image, np.ones(2, np.float32)
+    small = cv2.resize(image, (max(round(w / factor), 1), max(round(h / factor), 1)), interpolation=cv2.INTER_AREA)
+    return small, np.array([w / small.shape[1], h / small.shape[0]], np.float32)
+
+
+def _unshrunk(faces: Faces, k: np.ndarray) -> Faces:
+    """Faces found in a photo shrunk by k = (kx, ky), in the photo's own pixels (pixel centres map to centres)."""
+    if (k == 1).all():
+        return faces
+    shift = (k - 1) / 2  # (x + 0.5) * k - 0.5
+    return Faces(faces.boxes * np.tile(k, 2) + np.tile(shift, 2), faces.scores, faces.landmarks * k + shift)
+
+
+def detect_in_crops(detector: FaceDetector, images: list[np.ndarray], fraction: float
+                    ) -> tuple[list[Faces], list[bool]]:
+    """Faces of IMDB-WIKI crops, looked for from crop_min_face up; (faces, retried) per photo.
+
+    Each photo is searched shrunk (_shrunk) for faces of crop_min_face px and up; boxes and
+    landmarks come back in the photo's own pixels. A photo with no face that large is detected
+    again in full with the detector's full pyramid (retried True), so every photo a plain
+    detect() finds a face in still has one.
+    """
+    if not images:
+        return [], []
+    min_faces = [crop_min_face(detector, im.shape, fraction) for im in images]
+    shrunk = [_shrunk(im, m) for im, m in zip(images, min_faces)]
+    # the min face in the shrunk photo: _ONET_SIDE, or the photo's own where it was not shrunk
+    found = detector.detect([im for im, _ in shrunk], [int(m / k.min()) for m, (_, k) in zip(min_faces, shrunk)])
+    found = [_unshrunk(f, k) for f, (_, k) in zip(found, shrunk)]
+    retried = [len(faces) == 0 for faces in found]
+    retry = [i for i, again in enumerate(retried) if again]
+    for i, faces in zip(retry, detector.detect([images[i] for i in retry]) if retry else []):
+        found[i] = faces
+    return found, retried

@@ -1,6 +1,7 @@
 """IMDB-WIKI metadata -> aligned faces + labels.csv.
 
     python pre_process.py --root data/imdb_crop --out data/imdb_112 --size 112
+    torchrun --nproc_per_node=8 pre_process.py --device cuda ...   # the photos shared by 8 GPUs
 
 Reads imdb.mat (or wiki.mat) under --root, computes each photo's age, filters, caps the number
 of photos per age, detects the face and its 5 landmarks with MTCNN (face.py), aligns it onto the
@@ -8,10 +9,13 @@ ArcFace template and writes:
   OUT/faces/NN/<name>.jpg   the aligned faces (SIZE x SIZE, RGB JPEG)
   OUT/faces/settings.json   the --size and --fallback they were made with (a rerun must match)
   OUT/labels.csv            image,source,identity,age,gender,split  (gender: 1 male, 0 female)
-  OUT/summary.json          counts kept and dropped per reason, and the settings used
+  OUT/summary.json          counts kept and dropped per reason, the photos this run retried with MTCNN's
+                            full pyramid (--min-face-fraction), and the settings used
   OUT/age_hist.png          the age distribution after the cap
   OUT/faces_{train,valid}.npy  every face of a split in one uint8 array (unless --no-pack, which deletes
                                old ones), and faces_{train,valid}.json, the images each holds
+Under torchrun each process aligns its share (RANK of WORLD_SIZE, GPU LOCAL_RANK) and rank 0 writes
+labels.csv, summary.json (with each rank's photo count) and the packed arrays once all are done.
 A rerun skips faces already written; labels.csv is written last, from what is on disk, so a
 killed run loses nothing and a rerun ends with the same files. `--pack-only` packs an existing OUT.
 """
@@ -22,12 +26,13 @@ import datetime as dt
 import hashlib
 import json
 import multiprocessing as mp
+import os
 import signal
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -186,41 +191,94 @@ def check_face_settings(out: Path, size: int, fallback: str) -> None:
 
 
 def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: str, workers: int,
-              batch: int, quality: int) -> dict:
-    """Detect, align and write every (source, target) pair; returns dropped count per reason.
+              batch: int, quality: int, min_face_fraction: float = config.MIN_FACE_FRACTION,
+              sort_batches: int = config.SORT_BATCHES) -> tuple[dict, int]:
+    """Detect, align and write every (source, target) pair: (dropped count per reason, photos retried).
 
-    `workers` processes decode while MTCNN runs, but at most a batch or so ahead of it: the decoded
-    photos held at once (a few MB each at full size) stay bounded however many photos there are.
+    `workers` processes decode while MTCNN runs, but at most a batch or so ahead of it, and write
+    the faces; the photos held at once (a few MB each at full size) stay bounded however many
+    photos there are: the decode-ahead window, and `sort_batches` batches sorted by size.
+    Faces are looked for from min_face_fraction of each photo's short side up (0: from
+    MTCNN's 20 px); a photo with none that large is retried with the full pyramid.
     """
     from tqdm import tqdm
 
-    from face import FaceDetector, detect_and_align
+    import face  # here, not at the top: the spawned decode workers import this module, and face loads torch
 
-    detector = FaceDetector(device=device)
+    detector = face.FaceDetector(device=device)
     dropped: dict[str, int] = {}
+    retried = 0
     ahead = max(batch, 2 * workers)  # the next batch, and enough queued to keep every worker busy
     # spawn: fork after torch threads start can deadlock; Ctrl-C is the parent's to handle
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=signal.signal,
                                initargs=(signal.SIGINT, signal.SIG_IGN)) if workers > 0 else _InlineExecutor()
+    writes: deque[Future] = deque()
+    undecoded = 0  # photos that failed to decode, already on the progress bar
     try:
-        with tqdm(total=len(todo), desc="align", unit="face") as bar:
-            photos = decode_ahead(pool, [src for src, _ in todo], ahead)
-            for start in range(0, len(todo), batch):
-                chunk = todo[start:start + batch]
-                decoded = [next(photos) for _ in chunk]
-                good = [i for i, img in enumerate(decoded) if not isinstance(img, str)]
-                for reason in (img for img in decoded if isinstance(img, str)):
-                    dropped[reason] = dropped.get(reason, 0) + 1
-                aligned = detect_and_align(detector, [decoded[i] for i in good], size, fallback == "center")
-                for i, face in zip(good, aligned):
-                    if face is None:
-                        dropped["no_face"] = dropped.get("no_face", 0) + 1
-                    else:
-                        write_jpeg(chunk[i][1], face["face"], quality)
-                bar.update(len(chunk))
+        with tqdm(total=len(todo), desc="align", unit="photo") as bar:
+            photos = zip((dst for _, dst in todo), decode_ahead(pool, [src for src, _ in todo], ahead))
+            for chunk in size_sorted_batches(photos, batch, sort_batches, dropped):
+                faces, again = align_batch(detector, chunk, size, fallback == "center", min_face_fraction)
+                retried += again
+                if len(faces) < len(chunk):
+                    dropped["no_face"] = dropped.get("no_face", 0) + len(chunk) - len(faces)
+                for dst, pixels in faces:
+                    writes.append(pool.submit(write_jpeg, dst, pixels, quality))
+                while len(writes) > ahead or (writes and writes[0].done()):  # bounded; a failed write raises here
+                    writes.popleft().result()
+                unread = sum(n for reason, n in dropped.items() if reason != "no_face") - undecoded
+                bar.update(len(chunk) + unread)
+                undecoded += unread
+            while writes:
+                writes.popleft().result()
+            bar.update(bar.total - bar.n)  # photos that failed to decode after the last batch
     finally:
         pool.shutdown(cancel_futures=True)
-    return dropped
+    return dropped, retried
+
+
+def align_batch(detector: "face.FaceDetector", chunk: list[tuple[Path, np.ndarray]], size: int, center_fallback: bool,
+                min_face_fraction: float) -> tuple[list[tuple[Path, np.ndarray]], int]:
+    """([(target, aligned face (size, size, 3))] of the photos with a face, photos retried) for one batch.
+
+    A function of its own so that no decoded photo outlives its batch (the caller's locals would).
+    """
+    import face  # see align_all
+
+    images = [img for _, img in chunk]
+    if min_face_fraction > 0:
+        found, again = face.detect_in_crops(detector, images, min_face_fraction)
+    else:
+        found, again = detector.detect(images), []
+    aligned = [(dst, face.align_central(img, faces, size, center_fallback)) for (dst, img), faces in zip(chunk, found)]
+    return [(dst, a["face"]) for dst, a in aligned if a is not None], sum(again)
+
+
+def size_sorted_batches(photos: Iterable[tuple[Path, np.ndarray | str]], batch: int, sort_batches: int,
+                        dropped: dict[str, int]) -> Iterator[list[tuple[Path, np.ndarray]]]:
+    """Batches of decoded (target, photo), sorted by shape within windows of sort_batches batches.
+
+    Photos of one shape share P-Net's tiles (its cost is the tile's area, padding included); the
+    window bounds the photos held. A photo that failed to decode is counted in dropped instead.
+    """
+    window: list[tuple[Path, np.ndarray]] = []
+    for dst, img in photos:
+        if isinstance(img, str):
+            dropped[img] = dropped.get(img, 0) + 1
+            continue
+        window.append((dst, img))
+        if len(window) == batch * max(sort_batches, 1):
+            yield from _sorted_chunks(window, batch)
+            window = []
+    yield from _sorted_chunks(window, batch)
+
+
+def _sorted_chunks(window: list[tuple[Path, np.ndarray]], batch: int) -> Iterator[list[tuple[Path, np.ndarray]]]:
+    # by aspect, then area: faces sought from a fraction of the short side make a photo's pyramid a
+    # function of its aspect alone; the full pyramid's grows with the area
+    window.sort(key=lambda item: (item[1].shape[0] / item[1].shape[1], item[1].shape[0] * item[1].shape[1]))
+    for start in range(0, len(window), batch):
+        yield window[start:start + batch]
 
 
 def decode_ahead(pool: Executor, paths: list[Path], ahead: int) -> Iterator[np.ndarray | str]:
@@ -289,6 +347,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=config.SEED, help="seeds the cap and the split (default: %(default)s)")
     p.add_argument("--workers", type=int, default=config.WORKERS, help="decoding processes, 0 = inline (default: %(default)s)")
     p.add_argument("--batch", type=int, default=config.DETECT_BATCH, help="photos per MTCNN call (default: %(default)s)")
+    p.add_argument("--min-face-fraction", type=float, default=config.MIN_FACE_FRACTION,
+                   help="look for faces from this fraction of each photo's short side up, retrying a photo without "
+                        "one with MTCNN's full pyramid (0: the full pyramid only) (default: %(default)s)")
+    p.add_argument("--sort-batches", type=int, default=config.SORT_BATCHES,
+                   help="decoded photos are sorted by size this many batches at a time (default: %(default)s)")
     p.add_argument("--device", default=config.DEVICE, help="MTCNN device: auto, cpu, cuda (default: %(default)s)")
     p.add_argument("--quality", type=int, default=config.JPEG_QUALITY, help="JPEG quality of the faces (default: %(default)s)")
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
@@ -310,18 +373,84 @@ def remove_stale_temp(out: Path) -> None:
         stale.unlink()
 
 
+def init_shards(device_name: str) -> tuple[int, int, str]:
+    """(rank, world size, MTCNN device): torchrun's RANK, WORLD_SIZE and LOCAL_RANK (GPU), or (0, 1, device) alone.
+
+    gloo on any device: the processes only wait for each other and exchange a few counts.
+    """
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(device_name)
+    if world > 1:
+        import torch.distributed as dist  # here: the spawned decode workers import this module, and torch is heavy
+
+        if device.type == "cuda":
+            if device.index is not None:
+                raise UserError(f"--device {device} under torchrun: every process would use that one GPU; pass "
+                                "--device cuda (process N takes cuda:N) and choose GPUs with CUDA_VISIBLE_DEVICES")
+            device = type(device)("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        # a rank whose share was written before a kill waits for the others' whole run: no 30-minute default
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=dt.timedelta(days=7))
+    return rank, world, str(device)
+
+
+def on_rank0(world: int, rank: int, step: Callable[[], None]) -> None:
+    """step() on rank 0 alone while the others wait; a UserError it raises is raised by every rank."""
+    error = None
+    if rank == 0:
+        try:
+            step()
+        except UserError as e:
+            error = str(e)
+    if world > 1:
+        import torch.distributed as dist  # see init_shards
+
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise UserError(error)
+
+
+def gather(world: int, value: object) -> list:
+    """Every rank's value, in rank order (the value alone in a single process); a barrier too."""
+    if world == 1:
+        return [value]
+    import torch.distributed as dist  # see init_shards
+
+    values: list = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    rank, world, device = init_shards(args.device)
+    try:
+        run(args, rank, world, device)
+    finally:
+        if world > 1:
+            import torch.distributed as dist  # see init_shards
+
+            dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, rank: int, world: int, device: str) -> None:
+    """main's work in process `rank` of `world`: its share of the photos; rank 0 also the outputs, at the end."""
     out = Path(args.out)
-    remove_stale_temp(out)
     if args.pack_only:
-        if not (out / "labels.csv").is_file():
-            raise UserError(f"--pack-only: {out / 'labels.csv'} not found; run pre_process.py without --pack-only first")
-        return pack(out)
+        if rank == 0:
+            remove_stale_temp(out)
+            if not (out / "labels.csv").is_file():
+                raise UserError(f"--pack-only: {out / 'labels.csv'} not found; run pre_process.py without --pack-only first")
+            pack(out)
+        return
     if args.size < 32:
         raise UserError(f"--size {args.size}: too small to hold a face; use 112 or 224")
-    check_face_settings(out, args.size, args.fallback)
-    device = str(pick_device(args.device))
+    if not 0 <= args.min_face_fraction < 1:
+        raise UserError(f"--min-face-fraction {args.min_face_fraction}: use a fraction of the short side in [0, 1), "
+                        f"e.g. {config.MIN_FACE_FRACTION} (0: search every face size from 20 px)")
+    # before any rank writes: a stale temp file swept later could be another rank's live one
+    on_rank0(world, rank, lambda: (remove_stale_temp(out), check_face_settings(out, args.size, args.fallback)))
     root = Path(args.root)
     name, meta = load_meta(find_mat(root, args.dataset), args.dataset)
     ages, keep, dropped = filter_meta(meta, root, args.min_face_score, config.MIN_AGE, config.MAX_AGE)
@@ -330,14 +459,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.limit:
         chosen = chosen[:args.limit]
     splits = assign_split(meta.identity[chosen], meta.full_path[chosen], args.split, args.valid_fraction, args.seed)
-    print(f"{name}: {len(meta.full_path)} photos, {int(keep.sum())} pass the filters, {len(chosen)} after the cap")
+    if rank == 0:
+        print(f"{name}: {len(meta.full_path)} photos, {int(keep.sum())} pass the filters, {len(chosen)} after the cap"
+              + (f", shared by {world} processes" if world > 1 else ""))
 
     targets = [out / face_path(meta.full_path[i]) for i in chosen]
-    todo = [(root / meta.full_path[i], t) for i, t in zip(chosen, targets) if not t.is_file()]
-    if len(todo) < len(chosen):
-        print(f"{len(chosen) - len(todo)} faces already written, skipped")
-    for reason, n in align_all(todo, args.size, args.fallback, device, args.workers, args.batch, args.quality).items():
-        dropped[reason] = dropped.get(reason, 0) + n
+    # each rank's share depends on the selection alone, not on what is on disk, so a rerun splits it alike
+    share = [(root / meta.full_path[i], t) for i, t in zip(chosen[rank::world], targets[rank::world])]
+    todo = [(src, t) for src, t in share if not t.is_file()]
+    if len(todo) < len(share):
+        print(f"{len(share) - len(todo)} faces already written, skipped" + (f" (rank {rank})" if world > 1 else ""))
+    aligned, retried = align_all(todo, args.size, args.fallback, device, args.workers, args.batch, args.quality,
+                                 args.min_face_fraction, args.sort_batches)
+    ranks = gather(world, dict(dropped=aligned, retried=retried, photos=len(todo) - sum(aligned.values())))
+    if rank != 0:
+        return
+    for r in ranks:
+        for reason, n in r["dropped"].items():
+            dropped[reason] = dropped.get(reason, 0) + n
 
     rows = [dict(image=face_path(meta.full_path[i]), source=meta.full_path[i], identity=meta.identity[i],
                  age=int(ages[i]), gender=int(meta.gender[i]), split=s)
@@ -346,9 +485,10 @@ def main(argv: list[str] | None = None) -> None:
     plot_ages(out / "age_hist.png", kept_ages, args.per_age)
     write_json(out / "summary.json", dict(
         dataset=name, photos=len(meta.full_path), kept=len(rows), dropped=dropped,
+        retried=sum(r["retried"] for r in ranks),
         train=sum(r["split"] == "train" for r in rows), valid=sum(r["split"] == "valid" for r in rows),
         male=sum(r["gender"] == 1 for r in rows), female=sum(r["gender"] == 0 for r in rows),
-        size=args.size, settings=vars(args)))
+        size=args.size, ranks=[dict(rank=i, photos=r["photos"]) for i, r in enumerate(ranks)], settings=vars(args)))
     write_labels(out, rows)
     if args.pack:
         pack(out)

@@ -106,6 +106,19 @@ def paint(rng: np.random.Generator, photo: np.ndarray, marks: np.ndarray, age: i
     return np.clip(out * tint + noise, 0, 255).astype(np.uint8)
 
 
+def imdb_sized(rng: np.random.Generator, photo: np.ndarray) -> np.ndarray:
+    """A square crop resized to IMDB's spread of sizes: short side 150-700 px (median ~430), long side up to 1.3x.
+
+    The long side keeps the 40% margin; the short one is cut evenly on both sides, as a crop
+    clipped by its photo's edge is (the face stays central, filling more of the short side).
+    """
+    short = int(np.clip(rng.lognormal(np.log(430), 0.35), 150, 700))
+    long = int(short * rng.uniform(1.0, 1.3))
+    big = cv2.resize(photo, (long, long), interpolation=cv2.INTER_AREA if long < photo.shape[0] else cv2.INTER_CUBIC)
+    cut = (long - short) // 2
+    return np.ascontiguousarray(big[:, cut:cut + short] if rng.random() < 0.5 else big[cut:cut + short])
+
+
 def generate(out: Path, n: int, seed: int = 0, photos_per_person: int = 4,
              dirty_fraction: float = 0.05) -> tuple[dict, dict]:
     """Write OUT/imdb.mat and n photos.

@@ -337,3 +337,55 @@ def test_keras_max_pool_matches_padded_max_pool(k, s, same, size, channels_last)
             pads += [pad // 2, pad - pad // 2]
         ref = torch.nn.functional.pad(x, pads, value=float("-inf"))
     torch.testing.assert_close(face.keras_max_pool(x, k, s, same), torch.nn.functional.max_pool2d(ref, k, s))
+
+
+# --- IMDB-WIKI crops: faces looked for from a fraction of the short side up ---------------------
+
+def imdb_crop(image: np.ndarray, box: np.ndarray, zoom: int) -> np.ndarray:
+    """The face of box cut with IMDB-WIKI's 40% margin on every side, enlarged zoom times (an IMDB-sized crop)."""
+    import cv2
+
+    cx, cy = (box[:2] + box[2:]) / 2
+    half = 0.9 * max(box[2] - box[0], box[3] - box[1])  # (1 + 2 * 0.4) / 2 of the face's side
+    crop = image[int(cy - half):int(cy + half), int(cx - half):int(cx + half)]
+    return cv2.resize(crop, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_CUBIC)
+
+
+def test_crops_are_searched_shrunk_and_find_the_full_pyramids_face(detector, portraits, alone):
+    """A 3x-enlarged IMDB-style crop is searched at under half size (its smallest face sought is 48 px there), no
+    retry; the landmarks, back in the crop's pixels, are the full-size search's to 5% of the face (measured: up to
+    3.3%; the full-size search itself moves its landmarks by up to 2.8% between the crop at 2x and at 3x)."""
+    crops = [imdb_crop(p, a.boxes[0], 3) for p, a in zip(portraits, alone[:3])]
+    plain = detector.detect(crops)
+    found, retried = face.detect_in_crops(detector, crops, 0.25)
+    assert retried == [False] * 3
+    for crop, a, b in zip(crops, plain, found):
+        assert face.crop_min_face(detector, crop.shape, 0.25) > 2 * 48  # so it was searched at under half size
+        i, j = face.central_face(a, crop.shape), face.central_face(b, crop.shape)
+        side = a.boxes[i, 2] - a.boxes[i, 0]
+        assert np.abs(b.landmarks[j] - a.landmarks[i]).max() < 0.05 * side
+        assert np.abs(b.boxes[j] - a.boxes[i]).max() < 0.1 * side
+
+
+def test_a_face_below_the_derived_minimum_is_found_by_the_retry(detector, images, alone):
+    """The astronaut's ~100 px face in its 512 px photo: at 0.5 of the short side (256 px) the first pass finds
+    nothing, and the retry with the full pyramid finds the plain detect()'s face."""
+    assert face.crop_min_face(detector, images[0].shape, 0.5) > 2 * (alone[0].boxes[0, 3] - alone[0].boxes[0, 1])
+    first = detector.detect([images[0]], [face.crop_min_face(detector, images[0].shape, 0.5)])[0]
+    assert len(first) == 0  # the face is too small for the first pass
+    found, retried = face.detect_in_crops(detector, [images[0], imdb_crop(images[0], alone[0].boxes[0], 1)], 0.5)
+    assert retried == [True, False]
+    np.testing.assert_allclose(found[0].boxes, alone[0].boxes, atol=1e-3)
+    np.testing.assert_allclose(found[0].landmarks, alone[0].landmarks, atol=1e-3)
+
+
+def test_per_image_min_face_sizes_equal_detectors_of_that_size(detector, images):
+    """detect(images, min_face_sizes) gives each image what a detector with its min_face_size gives."""
+    sizes = [20, 40, 64, 30]
+    together = detector.detect(images, sizes)
+    for im, size, got in zip(images, sizes, together):
+        want = face.FaceDetector(device="cpu", min_face_size=size).detect([im])[0]
+        assert len(got) == len(want)
+        np.testing.assert_allclose(got.boxes, want.boxes, atol=1e-3)
+    with pytest.raises(ValueError, match="min_face_sizes"):
+        detector.detect(images, sizes[:2])

@@ -1,4 +1,5 @@
-"""pre_process.align_all decodes at most a batch or so ahead of detection, and writes the same faces."""
+"""pre_process.align_all decodes at most a batch or so ahead of detection (plus its size-sorting window), and
+writes the same faces."""
 import time
 import tracemalloc
 
@@ -10,8 +11,8 @@ import pre_process
 from utils import read_image, write_jpeg
 
 
-@pytest.mark.parametrize("workers", [1, 0])
-def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, workers):
+@pytest.mark.parametrize("workers,sort_batches", [(1, 1), (0, 1), (1, 3)])
+def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, workers, sort_batches):
     n, batch, side = 40, 4, 700
     photo_bytes = side * side * 3  # one decoded photo in the parent
     todo = []
@@ -21,21 +22,22 @@ def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, worke
         todo.append((src, tmp_path / "faces" / f"{i}.jpg"))
     held = []  # decoded photos alive in the parent at each detection, from the bytes traced
 
-    def slow_detect_and_align(detector, images, size, center_fallback):
+    def slow_detect(detector, images, fraction):
         time.sleep(0.1)  # detection is the slow step, so decoding has time to race ahead
         held.append(tracemalloc.get_traced_memory()[0] / photo_bytes)
-        return [dict(face=np.ascontiguousarray(img[:size, :size])) for img in images]
+        return images, [False] * len(images)
 
     monkeypatch.setattr(face, "FaceDetector", lambda device: None)
-    monkeypatch.setattr(face, "detect_and_align", slow_detect_and_align)
+    monkeypatch.setattr(face, "detect_in_crops", slow_detect)
+    monkeypatch.setattr(face, "align_central", lambda img, found, size, center: dict(face=np.ascontiguousarray(img[:size, :size])))
     tracemalloc.start()
     try:
-        dropped = pre_process.align_all(todo, 32, "drop", "cpu", workers, batch, 95)
+        dropped, retried = pre_process.align_all(todo, 32, "drop", "cpu", workers, batch, 95, sort_batches=sort_batches)
     finally:
         tracemalloc.stop()
-    assert dropped == {} and len(held) == n // batch
-    # the batch being detected and the next one decoded ahead of it (+ half a photo of bookkeeping); the
-    # unbounded imap over every photo held 32 of the 40 here
-    assert max(held) <= 2 * batch + 0.5, [round(h, 1) for h in held]
+    assert dropped == {} and retried == 0 and len(held) == n // batch
+    # the sorting window's batches and the next one decoded ahead of them (+ half a photo of bookkeeping);
+    # the unbounded imap over every photo held 32 of the 40 here
+    assert max(held) <= (sort_batches + 1) * batch + 0.5, [round(h, 1) for h in held]
     for i, (_, dst) in enumerate(todo):
         assert abs(read_image(dst).mean() - 6 * i) < 2  # every face written from its own photo, in order
