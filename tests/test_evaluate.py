@@ -180,16 +180,21 @@ def test_known_outputs(tmp_path, samples, checkpoint, monkeypatch):
         assert [float(r["p_male"]) for r in csv.DictReader(f)] == pytest.approx([0.8] * 3)
 
 
-def test_pre_processed_valid_split(tmp_path, samples, checkpoint, aligned_faces):
-    """--data reads the valid rows of labels.csv, the aligned faces as they are."""
+def write_aligned_data(data, aligned_faces, valid: int):
+    """A data dir of the aligned sample faces with LABELS' truths, the first `valid` rows in the valid split."""
     from utils import write_jpeg
 
-    data = tmp_path / "data"
     rows = ["image,source,identity,age,gender,split"]
     for i, (face, (name, age, gender)) in enumerate(zip(aligned_faces, LABELS)):
         write_jpeg(data / "faces" / "00" / f"{i}.jpg", face)
-        rows.append(f"faces/00/{i}.jpg,00/{name},{i},{age},{gender},{'valid' if i < 2 else 'train'}")
+        rows.append(f"faces/00/{i}.jpg,00/{name},{i},{age},{gender},{'valid' if i < valid else 'train'}")
     (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    return data
+
+
+def test_pre_processed_valid_split(tmp_path, samples, checkpoint, aligned_faces):
+    """--data reads the valid rows of labels.csv, the aligned faces as they are."""
+    data = write_aligned_data(tmp_path / "data", aligned_faces, valid=2)
     out = tmp_path / "eval"
     ev.main(["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--device", "cpu"])
     m, rows = check_against_predictions(out, 2)  # the train row is not evaluated
@@ -287,19 +292,13 @@ def test_flip_intervals_calibration_and_groups_end_to_end(tmp_path, aligned_face
 
     import metrics
     import models
-    from utils import write_jpeg
 
     torch.manual_seed(3)
     model = models.build_model("resnet18", "dex", "none", gender_temperature=3.0)
     ckpt = tmp_path / "dex.pt"
     torch.save({"model": model.state_dict(), "model_args": model.model_args,
                 "config": {"arch": "resnet18", "age_loss": "dex", "size": 112}}, ckpt)
-    data = tmp_path / "data"
-    rows = ["image,source,identity,age,gender,split"]
-    for i, (face, (name, age, gender)) in enumerate(zip(aligned_faces, LABELS)):
-        write_jpeg(data / "faces" / "00" / f"{i}.jpg", face)
-        rows.append(f"faces/00/{i}.jpg,00/{name},{i},{age},{gender},valid")
-    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    data = write_aligned_data(tmp_path / "data", aligned_faces, valid=len(LABELS))
     out = tmp_path / "eval"
     m = ev.main(["--checkpoint", str(ckpt), "--data", str(data), "--out", str(out), "--device", "cpu", "--flip",
                  "--min-group", "2"])
