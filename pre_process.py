@@ -37,8 +37,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 import config
-from utils import (UserError, pick_device, pyplot, read_image, read_image_or_reason, run_main, save_figure, write_csv,
-                   write_json, write_jpeg)
+from utils import (UserError, pick_device, process_device, pyplot, read_image, read_image_or_reason, run_main,
+                   save_figure, write_csv, write_json, write_jpeg)
 
 FIELDS = ("dob", "photo_taken", "full_path", "gender", "face_score", "second_face_score")
 
@@ -379,15 +379,10 @@ def init_shards(device_name: str) -> tuple[int, int, str]:
     gloo on any device: the processes only wait for each other and exchange a few counts.
     """
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(device_name)
+    device = process_device(pick_device(device_name), world, int(os.environ.get("LOCAL_RANK", 0)))
     if world > 1:
         import torch.distributed as dist  # here: the spawned decode workers import this module, and torch is heavy
 
-        if device.type == "cuda":
-            if device.index is not None:
-                raise UserError(f"--device {device} under torchrun: every process would use that one GPU; pass "
-                                "--device cuda (process N takes cuda:N) and choose GPUs with CUDA_VISIBLE_DEVICES")
-            device = type(device)("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         # a rank whose share was written before a kill waits for the others' whole run: no 30-minute default
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=dt.timedelta(days=7))
     return rank, world, str(device)

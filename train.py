@@ -41,8 +41,8 @@ from data_gen import make_loader
 from inference import calibrate_checkpoint
 from metrics import MetricSums
 from models import AGE_LOSSES, ARCHS, AgeGenderNet, build_model, model_args_of
-from utils import (UserError, append_jsonl, atomic_torch_save, atomic_write_text, git_commit, pick_device, read_jsonl,
-                   run_main, seed_everything, write_json)
+from utils import (UserError, append_jsonl, atomic_torch_save, atomic_write_text, git_commit, pick_device,
+                   process_device, read_jsonl, run_main, seed_everything, write_json)
 
 # settings a checkpoint cannot be resumed under if they change: they change the model or its input
 RESUME_MUST_MATCH = ("arch", "age_loss", "size")
@@ -117,16 +117,6 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return rank, world, device
-
-
-def process_device(device: torch.device, world: int, local_rank: int) -> torch.device:
-    """Under torchrun each process takes the GPU of its LOCAL_RANK; one GPU named for all would fail in NCCL."""
-    if world == 1 or device.type != "cuda":
-        return device
-    if device.index is not None:
-        raise UserError(f"--device {device} under torchrun: every process would use that one GPU; pass --device cuda "
-                        "(process N takes cuda:N) and choose the GPUs with CUDA_VISIBLE_DEVICES")
-    return torch.device("cuda", local_rank)
 
 
 def wrap_model(raw: torch.nn.Module, args: argparse.Namespace, world: int, device: torch.device) -> torch.nn.Module:

@@ -237,6 +237,16 @@ def pick_device(name: str) -> "torch.device":
     return torch.device(name)
 
 
+def process_device(device: "torch.device", world: int, local_rank: int) -> "torch.device":
+    """Under torchrun each process takes the GPU of its LOCAL_RANK; one GPU named for all would fail in NCCL."""
+    if world == 1 or device.type != "cuda":
+        return device
+    if device.index is not None:
+        raise UserError(f"--device {device} under torchrun: every process would use that one GPU; pass --device cuda "
+                        "(process N takes cuda:N) and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    return type(device)("cuda", local_rank)
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this id runs on this machine (to tell a live run's temp file from a killed one's)."""
     try:

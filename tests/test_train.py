@@ -9,6 +9,7 @@ import torch
 
 import config
 import train
+import utils
 from data_gen import preprocess
 from metrics import compute_metrics
 import models
@@ -217,11 +218,11 @@ def test_default_batch_is_the_devices(data, tmp_path, capsys):
 
 def test_each_torchrun_process_takes_its_own_gpu():
     cuda = torch.device("cuda")
-    assert train.process_device(cuda, 4, 2) == torch.device("cuda", 2)
-    assert train.process_device(torch.device("cuda", 1), 1, 0) == torch.device("cuda", 1)  # one process: as asked
-    assert train.process_device(torch.device("cpu"), 4, 2) == torch.device("cpu")
+    assert utils.process_device(cuda, 4, 2) == torch.device("cuda", 2)
+    assert utils.process_device(torch.device("cuda", 1), 1, 0) == torch.device("cuda", 1)  # one process: as asked
+    assert utils.process_device(torch.device("cpu"), 4, 2) == torch.device("cpu")
     with pytest.raises(UserError, match="--device cuda:1 under torchrun.*pass --device cuda.*CUDA_VISIBLE_DEVICES"):
-        train.process_device(torch.device("cuda", 1), 2, 0)
+        utils.process_device(torch.device("cuda", 1), 2, 0)
 
 
 def test_compile_wraps_ddp_not_the_reverse(tmp_path, monkeypatch):
