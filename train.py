@@ -41,8 +41,8 @@ from data_gen import make_loader
 from inference import calibrate_checkpoint
 from metrics import MetricSums
 from models import AGE_LOSSES, ARCHS, AgeGenderNet, build_model, model_args_of
-from utils import (UserError, append_jsonl, atomic_torch_save, atomic_write_text, git_commit, pick_device,
-                   process_device, read_jsonl, run_main, seed_everything, write_json)
+from utils import (CtrlCBetweenSteps, UserError, append_jsonl, atomic_torch_save, atomic_write_text, git_commit,
+                   pick_device, process_device, read_jsonl, run_main, seed_everything, write_json)
 
 # settings a checkpoint cannot be resumed under if they change: they change the model or its input
 RESUME_MUST_MATCH = ("arch", "age_loss", "size")
@@ -186,12 +186,13 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # --- one epoch --------------------------------------------------------------------------------
 
 def train_one_epoch(model, loss_fn, loader, optimizer, autocast, args, epoch: int, world: int, device: torch.device,
-                    writer) -> tuple[float, float]:
+                    writer, ctrl_c: CtrlCBetweenSteps) -> tuple[float, float]:
     """(mean training loss over all processes, images/s over all processes).
 
     model: the network as trained (DDP, compiled); loss_fn: AgeGenderNet.loss of the model inside.
     Each step's lr is the schedule at the middle of that step (lr_at with args' peak_lr).
     writer: rank 0's TensorBoard writer; None on the other ranks, which show no bar either.
+    ctrl_c: where a Ctrl-C stops the epoch (between two steps).
     """
     model.train()
     memory_format = memory_format_of(args)
@@ -200,7 +201,7 @@ def train_one_epoch(model, loss_fn, loader, optimizer, autocast, args, epoch: in
     seen, start = 0, time.perf_counter()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{args.epochs} train", unit="step", disable=writer is None,
                leave=False, dynamic_ncols=True)
-    for step, (x, age, gender) in enumerate(loader, 1):
+    for step, (x, age, gender) in enumerate(ctrl_c.steps(loader), 1):
         x = x.contiguous(memory_format=memory_format)  # (B, 3, S, S)
         with autocast():
             gender_logits, age_out = model(x)  # (B, 2), (B, 1 | 101), float32
@@ -234,7 +235,7 @@ def stop_if_nonfinite(nonfinite: torch.Tensor, epoch: int, step: int, out: str) 
 
 
 @torch.inference_mode()
-def validate(raw: AgeGenderNet, loader, args, device: torch.device, show_bar: bool) -> dict:
+def validate(raw: AgeGenderNet, loader, args, device: torch.device, show_bar: bool, ctrl_c: CtrlCBetweenSteps) -> dict:
     """gender_acc, age_mae, cs5, loss over the whole valid split (the sum of every process's stripe).
 
     raw is the model without DDP (the stripes differ in length, and DDP's forward would wait for
@@ -244,7 +245,7 @@ def validate(raw: AgeGenderNet, loader, args, device: torch.device, show_bar: bo
     raw.eval()
     memory_format = memory_format_of(args)
     sums = MetricSums(device)
-    for x, age, gender in tqdm(loader, desc="valid", unit="step", disable=not show_bar, leave=False, dynamic_ncols=True):
+    for x, age, gender in tqdm(ctrl_c.steps(loader), total=len(loader), desc="valid", unit="step", disable=not show_bar, leave=False, dynamic_ncols=True):
         gender_logits, age_out = raw(x.contiguous(memory_format=memory_format))  # (B, 2), (B, 1 | 101)
         loss = raw.loss(gender_logits, age_out, gender, age, args.age_weight)
         sums.update(raw.predict_age(age_out), age, gender_logits.argmax(dim=1), gender, loss)
@@ -378,23 +379,24 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             print(changes)
     epoch, began = start_epoch, time.time()
     try:
-        for epoch in range(start_epoch, args.epochs + 1):
-            started = time.perf_counter()
-            train_loader.set_epoch(epoch)
-            train_loss, images_per_s = train_one_epoch(model, raw.loss, train_loader, optimizer, autocast, args, epoch,
-                                                       world, device, writer)
-            sync_buffers(raw)
-            m = validate(raw, valid_loader, args, device, show_bar=master)
-            record = dict(epoch=epoch, gender_acc=m["gender_acc"], age_mae=m["age_mae"], cs5=m["cs5"],
-                          train_loss=train_loss, val_loss=m["loss"],
-                          score=m["age_mae"] + args.best_gender_weight * (1 - m["gender_acc"]),
-                          lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started,
-                          train_images_per_s=images_per_s)
-            improved = best is None or record["score"] < best["score"]
-            if improved:
-                best = {k: record[k] for k in ("epoch", "score", "gender_acc", "age_mae", "cs5")}
-            if master:
-                save_epoch(out, writer, record, improved, best, cfg, raw, optimizer)
+        with CtrlCBetweenSteps() as ctrl_c:
+            for epoch in range(start_epoch, args.epochs + 1):
+                started = time.perf_counter()
+                train_loader.set_epoch(epoch)
+                train_loss, images_per_s = train_one_epoch(model, raw.loss, train_loader, optimizer, autocast, args,
+                                                           epoch, world, device, writer, ctrl_c)
+                sync_buffers(raw)
+                m = validate(raw, valid_loader, args, device, show_bar=master, ctrl_c=ctrl_c)
+                record = dict(epoch=epoch, gender_acc=m["gender_acc"], age_mae=m["age_mae"], cs5=m["cs5"],
+                              train_loss=train_loss, val_loss=m["loss"],
+                              score=m["age_mae"] + args.best_gender_weight * (1 - m["gender_acc"]),
+                              lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started,
+                              train_images_per_s=images_per_s)
+                improved = best is None or record["score"] < best["score"]
+                if improved:
+                    best = {k: record[k] for k in ("epoch", "score", "gender_acc", "age_mae", "cs5")}
+                if master:
+                    save_epoch(out, writer, record, improved, best, cfg, raw, optimizer)
     except KeyboardInterrupt:
         if master:  # what a user needs after Ctrl-C: what is safe on disk and how to go on
             last = out / "last.pt"  # ask the disk: Ctrl-C can land between the save and anything after it

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 REPO = Path(__file__).resolve().parent
+T = TypeVar("T")
 
 
 class UserError(Exception):
@@ -36,6 +38,41 @@ def run_main(main: Callable[[], Any]) -> None:
         print("interrupted (Ctrl-C): stopped; files written so far are complete", file=sys.stderr)
         sys.exit(130)
 
+
+
+class CtrlCBetweenSteps:
+    """Within `with`, a first Ctrl-C only asks to stop; `check()` (called between steps) raises it.
+
+    A KeyboardInterrupt that lands anywhere can land inside a constructor (a tqdm bar's __init__ once
+    took it, and the bar's __del__ then printed a traceback over the clean message): raised only at
+    `check()`, it lands where the loop is between two whole steps. A second Ctrl-C interrupts at once,
+    for a step that hangs. Main thread only (Python's rule for signal handlers).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> "CtrlCBetweenSteps":
+        self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def steps(self, items: Iterable[T]) -> Iterator[T]:
+        """items, with check() before each one."""
+        for item in items:
+            self.check()
+            yield item
 
 # --- atomic writes: a killed process leaves the old file or the new one, never half of one ---
 
@@ -180,7 +217,6 @@ def read_image_or_reason(path: str | os.PathLike) -> np.ndarray | str:
         return "missing_file"
 
 
-T = TypeVar("T")
 
 
 def chunks_within(items: Iterable[T], budget: float, cost: Callable[[T], float] = lambda item: 1,
