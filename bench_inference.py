@@ -2,13 +2,16 @@
 
     python bench_inference.py folder --checkpoint runs/r18_112/best.onnx   # the batching ratio
     python bench_inference.py serve --checkpoint runs/r18_112/best.onnx    # requests/s, p50/p99
+    python bench_inference.py folder --checkpoint runs/r18_112/best.pt --device cuda --crops 400   # photos/s on a GPU
 
 folder: the sample portraits of images/ plus --crops built-in crops (synth_imdb.py's IMDB-WIKI
         look-alike photos, written to a temp folder), analysed by inference.Predictor (a) one
         photo at a time, read then analysed, as demo.py did, and (b) as a folder: decoded ahead in
         threads and analysed --photo-batch photos per MTCNN call and forward pass. The two are
-        alternated over --repeats rounds after a warm-up; their face records must be identical.
-        Prints ms per photo of each and the ratio (one at a time / batched).
+        alternated over --repeats rounds after a warm-up; their face records must be identical (on
+        the CPU; on a GPU, cuDNN's kernels depend on the batch's shape, so they are compared and the
+        verdict recorded). Prints ms per photo and photos/s of each and the ratio (one at a time /
+        batched); --out writes them as JSON (bench.py reads it).
 serve:  starts serve.py on a free port of 127.0.0.1 (loopback only), sends --requests POST /predict
         of the sample portraits from --clients concurrent clients, checks every answer is a 200 with
         the faces of that photo, prints requests/s and the p50/p99 latency, and stops the server.
@@ -34,7 +37,7 @@ import numpy as np
 
 import config
 from inference import Predictor, decoded, ensure_samples, list_images
-from utils import REPO, UserError, read_image, read_image_or_reason, run_main
+from utils import REPO, UserError, read_image, read_image_or_reason, run_main, write_json
 
 LOOPBACK = "127.0.0.1"
 
@@ -63,7 +66,7 @@ def batched(predictor: Predictor, paths: list[Path], workers: int) -> list[list[
 
 
 def bench_folder(args: argparse.Namespace) -> dict:
-    predictor = Predictor(args.checkpoint, "cpu", min_face=args.min_face, photo_batch=args.photo_batch)
+    predictor = Predictor(args.checkpoint, args.device, min_face=args.min_face, photo_batch=args.photo_batch)
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         paths = ensure_samples(REPO / config.IMAGES) + builtin_crops(Path(tmp), args.crops)
         modes = {"one_at_a_time": lambda: one_at_a_time(predictor, paths),
@@ -81,12 +84,14 @@ def bench_folder(args: argparse.Namespace) -> dict:
     identical = results["one_at_a_time"] == results["batched"]
     ms = {name: 1000 * sum(s) / len(s) / len(paths) for name, s in seconds.items()}
     res = dict(photos=len(paths), faces=sum(len(f) for f in results["batched"]), ms_per_photo=ms,
-               ratio=ms["one_at_a_time"] / ms["batched"], identical=identical, photo_batch=args.photo_batch,
-               workers=args.workers, load_average=os.getloadavg(), cpus=os.cpu_count())
-    print(f"{len(paths)} photos ({res['faces']} faces): one at a time {ms['one_at_a_time']:.1f} ms/photo, "
-          f"batched {ms['batched']:.1f} ms/photo: {res['ratio']:.2f}x; results identical: {identical}; "
+               photos_per_s={name: 1000 / v for name, v in ms.items()}, ratio=ms["one_at_a_time"] / ms["batched"],
+               identical=identical, device=str(predictor.device), photo_batch=args.photo_batch, workers=args.workers,
+               load_average=os.getloadavg(), cpus=os.cpu_count())
+    print(f"{len(paths)} photos ({res['faces']} faces) on {predictor.device}: one at a time "
+          f"{ms['one_at_a_time']:.1f} ms/photo, batched {ms['batched']:.1f} ms/photo "
+          f"({res['photos_per_s']['batched']:.0f} photos/s): {res['ratio']:.2f}x; results identical: {identical}; "
           f"load average {res['load_average'][0]:.1f} on {res['cpus']} cores")
-    if not identical:
+    if not identical and predictor.device.type == "cpu":
         raise UserError("batched and one-at-a-time results differ")
     return res
 
@@ -190,6 +195,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--photo-batch", type=int, default=config.DETECT_BATCH, help="folder: photos per batch (default: %(default)s)")
     p.add_argument("--workers", type=int, default=config.WORKERS, help="folder: decoding threads (default: %(default)s)")
     p.add_argument("--min-face", type=int, default=config.DEMO_MIN_FACE, help="smallest face, px (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="folder: cpu | cuda | cuda:N | auto (default: %(default)s)")
+    p.add_argument("--out", default=None, help="write the results as JSON here (default: print only)")
     p.add_argument("--requests", type=int, default=400, help="serve: requests in all (default: %(default)s)")
     p.add_argument("--clients", type=int, default=16, help="serve: concurrent clients (default: %(default)s)")
     args = p.parse_args(argv)
@@ -200,7 +207,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    return bench_folder(args) if args.mode == "folder" else bench_serve(args)
+    res = bench_folder(args) if args.mode == "folder" else bench_serve(args)
+    if args.out:
+        write_json(args.out, res)
+    return res
 
 
 if __name__ == "__main__":

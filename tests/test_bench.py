@@ -4,6 +4,7 @@ Timings are never asserted: only that every measure runs, lands in bench.json an
 """
 import json
 import math
+import signal
 import stat
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from utils import REPO
 
 NUMBERS = ("train_speedup", "train_tuned_images_per_s", "train_naive_images_per_s", "train_naive_packed_images_per_s",
            "train_tuned_bare_images_per_s", "train_ceiling", "preprocess_speedup", "preprocess_batched_faces_per_s",
-           "preprocess_per_image_faces_per_s", "infer_ms_per_image", "infer_torch_ms_per_image", "threads", "seconds")
+           "preprocess_per_image_faces_per_s", "infer_ms_per_image", "infer_torch_ms_per_image", "infer_folder_photos_per_s",
+           "infer_folder_one_at_a_time_photos_per_s", "infer_folder_speedup", "threads", "seconds")
 PEER_KEYS = ("peer_infer_ms_per_image", "infer_speedup_vs_peer", "peer_skipped", "peer")
 
 
@@ -83,6 +85,11 @@ def test_modes_ran_as_described(run):
     faces = res["details"]["infer_faces_per_photo"]
     assert faces["ours"] == faces["ours_torch"] and sum(faces["ours"]) >= 3  # ONNX and PyTorch: the same faces
     assert res["settings"]["min_face"] == bench.PEER_MIN_FACE
+    folder = res["details"]["folder"]  # bench_inference.py folder's own JSON: the sample portraits and one crop
+    assert folder["photos"] == res["settings"]["folder_photos"] == 3 + 1 and folder["identical"] is True
+    assert res["infer_folder_speedup"] == pytest.approx(
+        res["infer_folder_photos_per_s"] / res["infer_folder_one_at_a_time_photos_per_s"], rel=1e-9)
+    assert res["errors"] == {}
 
 
 def test_peer_missing_is_reported_as_skipped(run):
@@ -194,3 +201,28 @@ def test_peer_path_with_a_stand_in_peer(tmp_path, samples):
 def test_the_real_peer_runs_offline(samples):
     res = bench.time_peer(str(bench.PEER_PYTHON), [samples / "grace_hopper.jpg"], 1, 1)
     assert res["version"] == "2.0.0" and res["photos"][0]["faces"] == 1 and bench.mean_ms(res) > 0
+
+
+def test_sigterm_keeps_the_finished_phases_and_says_which_did_not_finish(run, tmp_path):
+    """`timeout` stops bench.py with SIGTERM: the phase in flight and those after it are recorded, the JSON written."""
+    _, _, tmp = run
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "bench.py", "--quick", "--no-grid", "--no-loop", "--device", "cpu", "--data",
+           str(tmp / "faces_112"), "--photos", str(tmp / "crop"), "--peer-python", str(tmp / "no-peer" / "bin" / "python"),
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # just before the pre-processing phase, or in it
+            if line.startswith("bench on cpu"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2, err[-3000:]
+    res = json.loads(out.read_text())
+    skipped = "skipped: the run was stopped before it"
+    assert res["errors"]["preprocess"] in (skipped, "TimeUp: stopped by SIGTERM (a time limit, e.g. `timeout`)")
+    assert all(res["errors"][k] == skipped for k in ("folder", "train", "infer"))
+    assert res["preprocess_speedup"] is None and res["train_speedup"] is None and res["infer_ms_per_image"] is None
+    assert "phase(s) did not finish" in err and str(out) in err
