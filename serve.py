@@ -9,7 +9,8 @@ Endpoints:
                  landmarks 5 x [x, y], gender, gender_prob, age, age_std, age_low, age_high: null
                  for l1/l2 heads), in the upright photo's pixels (its
                  EXIF orientation applied). A missing field, an empty upload or a truncated image: 400;
-                 a file that is not an image: 415; an upload over --max-bytes or a photo of more
+                 a file that is not an image: 415; an upload over --max-bytes (a chunked one too,
+                 refused as it streams in, never spooled whole) or a photo of more
                  than --detect-pixels pixels: 413; each with {"error": "..."} saying why.
   GET /health    {"status": "ok", "checkpoint", "backend": onnxruntime | torch, "size", "device", "flip"}
   GET /          a page where one picks or drops a photo and sees its faces drawn, and the JSON.
@@ -140,8 +141,11 @@ def make_app(predictor: Predictor, checkpoint: str, max_bytes: int = config.SERV
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > max_bytes + FORM_SLACK:  # refused before reading the body
             return error(413, too_big)
+        body = await body_within(request, max_bytes + FORM_SLACK)  # a chunked upload states no length
+        if body is None:
+            return error(413, too_big)
         try:
-            form = await request.form(max_files=1, max_fields=8)
+            form = await with_body(request, body).form(max_files=1, max_fields=8)
         except Exception as e:  # starlette's MultiPartException and the parser's errors: a malformed body
             return error(400, f"not a readable multipart form ({e}); send the photo as multipart/form-data, "
                               "e.g. curl -F image=@photo.jpg")
@@ -174,6 +178,29 @@ def make_app(predictor: Predictor, checkpoint: str, max_bytes: int = config.SERV
 
     return app
 
+
+
+async def body_within(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None as soon as more than limit bytes have come (the rest is never read).
+
+    Starlette's form parser would spool a whole upload to disk before anyone could look at its size.
+    """
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def with_body(request: Request, body: bytes) -> Request:
+    """A request like `request` whose body, already read, is `body`."""
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict:
+        return messages.pop() if messages else {"type": "http.disconnect"}
+    return Request(request.scope, receive)
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Age and gender</title>

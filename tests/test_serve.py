@@ -1,8 +1,11 @@
 """serve.py over HTTP on the loopback interface: answers, concurrency, bad uploads, ONNX, and the page in a browser."""
 import base64
+import contextlib
 import json
 import os
+import select
 import shutil
+import socket
 import subprocess
 import time
 import urllib.error
@@ -178,3 +181,21 @@ def test_the_page_draws_the_faces_in_a_browser(server, samples, expected, tmp_pa
     finally:
         driver.terminate()
         driver.wait(timeout=20)
+
+
+def test_a_chunked_upload_over_the_limit_is_refused_while_it_streams_in(server):
+    """No Content-Length to refuse up front: the service stops reading at the limit, never taking the whole body."""
+    host, port = server.removeprefix("http://").split(":")
+    chunk, most = b"\xff" * 65536, 64 * 2**20  # a body of 64 MiB, over 300 times the limit
+    sent = 0
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
+        with contextlib.suppress(ConnectionError):  # the service may close the connection after its answer
+            while sent < most and not select.select([conn], [], [], 0)[0]:  # until an answer is waiting
+                conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+        answer = conn.recv(65536).decode("latin-1")
+    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+    assert "over the limit" in answer
+    assert sent < 16 * 2**20, f"{sent:,} bytes were sent before the answer: the service read on past the limit"
