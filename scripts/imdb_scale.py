@@ -1,6 +1,7 @@
 """pre_process.py end to end on a full-size imdb.mat: time, photos/s and peak memory at IMDB's scale.
 
     .venv/bin/python scripts/imdb_scale.py --rows 460723 --photos 3000 --device auto -- --workers 8
+    OMP_NUM_THREADS=4 python scripts/imdb_scale.py --rows 30000 --photos 400 --device cpu --nproc 2   # sharded
 
 Writes (once, cached in --work; a rerun with the same --rows/--photos/--pool/--seed reuses it) an
 imdb.mat of --rows rows in IMDB's real field layout (synth_imdb.write_mat: dob, photo_taken,
@@ -22,7 +23,9 @@ sees only the photo rows. Their ages are the pool's (1-90, about uniform), so th
 age drops none of them below ~400,000 photos (over_cap is reported either way).
 
 Then pre_process.py runs as a subprocess (--root the dataset, --out a fresh WORK/out_SIZE, --size,
---device, and any arguments after --), and again into the same folder: the rerun skips every face
+--device, and any arguments after --; with --nproc N > 1 under `torchrun --standalone
+--nproc_per_node N`, the photos shared among N processes, each given OMP_NUM_THREADS=1 by torchrun
+unless it is set: set it to the cores per process to compare with one process fairly), and again into the same folder: the rerun skips every face
 already written, so its time is the fixed cost (start-up, metadata, labels, packing) and the
 difference is the align phase, as in scripts/pre_process_speed.py (the rerun does detect again the
 few photos in which no face was found). Reported: wall time of both, align photos/s = photos
@@ -207,6 +210,8 @@ def main() -> None:
     p.add_argument("--out-json", default=None, help="the results as JSON (default: WORK/results.json)")
     p.add_argument("--seed", type=int, default=0, help="seeds the dataset (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=os.cpu_count(), help="processes writing the photos (default: %(default)s, the CPUs)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="pre_process.py processes (torchrun --nproc_per_node) (default: %(default)s, plain python)")
     p.add_argument("extra", nargs="*", help="more pre_process.py arguments, after --")
     args = p.parse_args()
     work = Path(args.work)
@@ -218,7 +223,9 @@ def main() -> None:
 
     out = work / f"out_{args.size}"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "pre_process.py", "--root", str(root), "--out", str(out), "--size", str(args.size),
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+                if args.nproc > 1 else [sys.executable])
+    cmd = [*launcher, "pre_process.py", "--root", str(root), "--out", str(out), "--size", str(args.size),
            "--device", args.device, *args.extra]
     load = os.getloadavg()[0]
     run = timed_run(cmd, work / "run.log")
@@ -231,13 +238,14 @@ def main() -> None:
         rows=summary["photos"], photo_rows=args.photos, pool=min(args.pool, args.photos), detected=detected,
         kept=summary["kept"], retried=summary["retried"], over_cap=dropped.get("over_cap", 0), dropped=dropped,
         run=run, rerun=rerun, align_s=align_s, align_photos_per_s=detected / align_s if align_s > 0 else None,
-        end_to_end_photos_per_s=detected / run["seconds"], device=args.device, size=args.size, extra=args.extra,
+        end_to_end_photos_per_s=detected / run["seconds"], nproc=args.nproc, ranks=summary.get("ranks"),
+        omp_num_threads=os.environ.get("OMP_NUM_THREADS"), device=args.device, size=args.size, extra=args.extra,
         cpus=os.cpu_count(), load_before=load, dataset=str(root), dataset_build_s=build_s if built else None,
         command=cmd)
     write_json(Path(args.out_json) if args.out_json else work / "results.json", result)
 
     rate = f"{result['align_photos_per_s']:.1f}" if align_s > 0 else "n/a (rerun not faster)"
-    print(f"""pre_process.py --device {args.device} --size {args.size} {' '.join(args.extra)}
+    print(f"""pre_process.py --device {args.device} --size {args.size} {' '.join(args.extra)}, {args.nproc} process(es)
   rows parsed            {result['rows']:>10,}
   photos detected        {detected:>10,}   (photo rows {args.photos:,}, over_cap {result['over_cap']})
   faces kept             {result['kept']:>10,}   (retried with the full pyramid: {result['retried']})
