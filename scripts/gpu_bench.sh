@@ -6,6 +6,9 @@
 #   SCALE_SECONDS=0 OUT=/tmp/b PYTHON=.venv/bin/python scripts/gpu_bench.sh --device cpu --quick --loop-batches 8 16 --steps 2 --repeats 1
 #                                         a dry run on the CPU (arguments go on to bench.py; only a
 #                                         CUDA run is copied into results/)
+#   scripts/gpu_bench.sh --shards         on the same machine, a second call: pre_process.py sharded
+#                                         (issue 11): 1 CPU process against torchrun's 2, 4 threads
+#                                         each, on 400 IMDB-sized photos (~1.5 min)
 #
 # On the device machine (torch 2.11 / torchvision 0.26, no tensorboardX, mtcnn or lz4): `run` with
 # carry [".whl"], timeout_s 600 and the command `bash scripts/gpu_bench.sh`; the JSON and the log
@@ -37,6 +40,14 @@ if [[ -n "$missing" ]] && compgen -G ".whl/*.whl" >/dev/null; then  # the device
 fi
 out=${OUT:-results}
 mkdir -p "$out"
+if [[ "${1:-}" == "--shards" ]]; then  # the device machine's 16 cores: room for two processes of 4 threads
+    for n in 1 2; do
+        OMP_NUM_THREADS=4 timeout --kill-after=10 150 "$PYTHON" scripts/imdb_scale.py --rows 30000 --photos 400 \
+            --device cpu --nproc "$n" --work /tmp/imdb_shards --out-json "$out/shards_$n.json" -- --workers 2 \
+            2>&1 | tee "$out/shards_$n.log"
+    done
+    exit 0
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 # Time: about 5-6 minutes on an H200 (estimated from the phases' sizes, not yet measured): bench.py
