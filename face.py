@@ -156,11 +156,12 @@ def keras_max_pool(x: torch.Tensor, k: int, s: int, same: bool) -> torch.Tensor:
     pad before. On NCHW tensors, written as a running max over k strided views per axis: on a CPU
     several times faster than torch's max-pool layer. On NHWC (channels_last) tensors torch's
     layer is the fast one, and it is used where TF's padding is all after the input (ceil_mode).
+    Exported to ONNX it is that layer (MaxPool) wherever it is exact.
     """
     exporting = torch.onnx.is_in_onnx_export()
     if exporting and (k <= 2 or not same):
-        # TF's padding is then all after and < s, so the layer's floor / ceil mode is exact for any input
-        # size: no shape arithmetic is traced, and P-Net's graph takes any H, W
+        # TF's padding is then none ("valid") or at most 1, after the input, so the layer's floor / ceil mode
+        # is exact for every input size: no shape arithmetic is traced, and P-Net's graph takes any H, W
         return F.max_pool2d(x, k, s, ceil_mode=same)
     outs, pads = [], []
     for length in x.shape[2:]:
