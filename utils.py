@@ -1,4 +1,4 @@
-"""Helpers shared by every script: errors, atomic writes, images, seeding, devices, code version.
+"""Helpers shared by every script: errors, atomic writes, images, onnxruntime sessions, seeding, devices, code version.
 
 Not run directly.
 """
