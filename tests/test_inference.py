@@ -80,6 +80,7 @@ def test_an_onnx_model_runs_no_torch_network(checkpoint, onnx_checkpoint, photos
 
     monkeypatch.setattr(torch.nn.Module, "__call__", no_torch_network)
     got = [predictor.analyse(img) for _, img in photos] + predictor.analyse_batch([img for _, img in photos])
+    assert got[:6] == got[6:]  # one at a time and batched: identical records (bench_inference.py folder relies on it)
     assert [len(faces) for faces in got] == [len(faces) for faces in want * 2] == [1, 1, 1, 1, 2, 0] * 2
     for g, w in zip(sum(got, []), sum(want * 2, [])):
         assert np.abs(np.subtract(g["box"], w["box"])).max() <= 0.02
