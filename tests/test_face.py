@@ -216,7 +216,7 @@ def test_onnx_backend_finds_the_torch_faces(onnx_detector, images, alone):
     assert [len(f) for f in onnx_detector.detect([gray, images[0]])] == [0, 1]
 
 
-def test_onnx_nets_are_exported_once_into_the_cache(tmp_path, monkeypatch, capsys):
+def test_onnx_nets_are_exported_once_into_the_cache(portraits, tmp_path, monkeypatch, capsys):
     """The first detector exports the three graphs into the cache; a later one (another process) only reads them.
     An unwritable cache costs the export each time, with a warning, but still detects."""
     face.onnx_mtcnn(tmp_path)
@@ -239,15 +239,9 @@ def test_onnx_nets_are_exported_once_into_the_cache(tmp_path, monkeypatch, capsy
     detector = face.FaceDetector(backend="onnx", onnx_cache=tmp_path / "a_file" / "cache")
     assert exported == ["pnet", "rnet", "onet"]
     assert "cannot write the MTCNN ONNX cache" in capsys.readouterr().err
-    assert len(detector.detect([skimage_astronaut()])[0]) == 1
+    assert len(detector.detect(portraits[:1])[0]) == 1
     with pytest.raises(ValueError, match="CPU"):
         face.FaceDetector(device="meta", backend="onnx")
-
-
-def skimage_astronaut() -> np.ndarray:
-    import skimage.data
-
-    return skimage.data.astronaut()
 
 
 # --- the building blocks against plain re-implementations --------------------------------------
