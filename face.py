@@ -158,17 +158,15 @@ def keras_max_pool(x: torch.Tensor, k: int, s: int, same: bool) -> torch.Tensor:
     layer is the fast one, and it is used where TF's padding is all after the input (ceil_mode).
     Exported to ONNX it is that layer (MaxPool) wherever it is exact.
     """
-    exporting = torch.onnx.is_in_onnx_export()
-    if exporting and (k <= 2 or not same):
-        # TF's padding is then none ("valid") or at most 1, after the input, so the layer's floor / ceil mode
-        # is exact for every input size: no shape arithmetic is traced, and P-Net's graph takes any H, W
-        return F.max_pool2d(x, k, s, ceil_mode=same)
     outs, pads = [], []
     for length in x.shape[2:]:
         out = -(-length // s) if same else (length - k) // s + 1
         outs.append(out)
         pads.append(max((out - 1) * s + k - length, 0) if same else 0)
-    # (one channel reads as both layouts: such a tensor keeps the strided path)
+    # (one channel reads as both layouts: such a tensor keeps the strided path). Exported, the layer is taken
+    # wherever it is exact: the strided views would fix the traced size's padding in the graph, wrong for
+    # P-Net's other sizes.
+    exporting = torch.onnx.is_in_onnx_export()
     if (exporting or x.is_contiguous(memory_format=torch.channels_last)) and x.shape[1] > 1 and all(p // 2 == 0 for p in pads):
         y = F.max_pool2d(x, k, s, ceil_mode=same)
         if list(y.shape[2:]) == outs:  # ceil_mode drops a window that would start in the padding
