@@ -4,6 +4,7 @@ Scripts read these as their argparse defaults, so `python train.py --help` shows
 them and any of them can be overridden on the command line. Change a default
 here, not in the scripts.
 """
+import os
 
 # --- pre_process.py: IMDB-WIKI metadata -> aligned faces -------------------------------
 ROOT = "data/imdb_crop"  # the unpacked faces-only archive: holds imdb.mat (or wiki.mat) and 00..99/
@@ -65,6 +66,7 @@ DEMO_MIN_FACE = 40  # smallest face demo.py looks for, px: smaller ones are blur
 SHEET_ROWS = 10  # photos in demo.py --sheet's table (the original README showed 10)
 ONNX_OPSET = 18  # export.py's ONNX opset (onnxruntime 1.17+ runs it)
 ONNX_TOLERANCE = 1e-3  # export.py fails if onnxruntime and PyTorch differ by more (probabilities and years)
+MTCNN_ONNX_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "age_gender", "mtcnn_onnx")  # MTCNN's nets exported to ONNX once (for .onnx models), reused by every later run
 
 # --- serve.py --------------------------------------------------------------------------------
 SERVE_HOST = "127.0.0.1"  # the interface serve.py listens on (0.0.0.0: every interface; put a proxy with TLS in front)

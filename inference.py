@@ -47,8 +47,8 @@ from data_gen import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from face import FaceDetector, align_face
 from metrics import fit_temperature
 from models import load_checkpoint, mirrored, model_args_of
-from utils import (UserError, atomic_torch_save, atomic_write_bytes, chunks_within, jpeg_bytes, pick_device,
-                   read_image_or_reason)
+from utils import (UserError, atomic_torch_save, atomic_write_bytes, chunks_within, jpeg_bytes, onnx_session,
+                   pick_device, read_image_or_reason)
 
 GENDERS = ("female", "male")  # index = class id: 0 female, 1 male (as in labels.csv)
 COLOURS = {"female": (230, 60, 140), "male": (40, 120, 240)}  # RGB of a face's box and label: demo.py's drawings, serve.py's page
@@ -88,14 +88,9 @@ class OnnxModel:
     """
 
     def __init__(self, path: Path):
-        import onnxruntime as ort  # lazy: only .onnx checkpoints need it
-
         redo = f"export it again: `python export.py --checkpoint best.pt --out {path}`"
         try:
-            options = ort.SessionOptions()
-            # its threads must not spin between runs: they would steal the cores from torch's detector
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = onnx_session(str(path))
         except Exception as e:  # onnxruntime's own exception types (Fail, InvalidProtobuf, ...)
             raise UserError(f"--checkpoint {path}: onnxruntime cannot load it ({str(e).splitlines()[0]}); {redo}") from e
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -198,7 +193,10 @@ class Predictor:
         self.device = pick_device(device)
         self.model, self.cfg = load_model(checkpoint, self.device)
         self.size = int(self.cfg["size"])
-        self.detector = FaceDetector(device=str(self.device), min_face_size=min_face)
+        # an ONNX model gets the detector's nets in onnxruntime too: no torch network on its path, all on the CPU
+        onnx = isinstance(self.model, OnnxModel)
+        self.detector = FaceDetector(device="cpu" if onnx else str(self.device), min_face_size=min_face,
+                                     backend="onnx" if onnx else "torch")
         self.min_score, self.batch_size = min_score, batch_size
         self.photo_batch, self.detect_pixels = photo_batch, detect_pixels
         self.flip = flip or bool(self.cfg.get("flip"))  # an ONNX file exported with --flip always flips

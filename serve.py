@@ -18,9 +18,10 @@ Endpoints:
 Requests are decoded concurrently in worker threads; one inference thread owns the model and
 takes every photo waiting (after --wait-ms for more to arrive) as one batch through
 inference.Predictor: MTCNN once for the batch, one forward pass for all its faces. With a .onnx
-checkpoint (export.py) the age/gender network runs in onnxruntime; only the MTCNN detector
-(face.py) is torch. --flip averages each face with its mirror image (a .onnx: export it with
---flip); /health says whether it is on.
+checkpoint (export.py) the age/gender network and MTCNN's three nets (face.py) run in onnxruntime,
+on the CPU: no torch network on the request path (torch only does the arithmetic between MTCNN's
+nets). --flip averages each face with its mirror image (a .onnx: export it with --flip);
+/health says whether it is on.
 """
 from __future__ import annotations
 

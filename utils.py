@@ -1,4 +1,4 @@
-"""Helpers shared by every script: errors, atomic writes, images, seeding, devices, code version.
+"""Helpers shared by every script: errors, atomic writes, images, onnxruntime sessions, seeding, devices, code version.
 
 Not run directly.
 """
@@ -250,6 +250,22 @@ def jpeg_bytes(rgb: np.ndarray, quality: int = 95) -> bytes:
 def write_jpeg(path: str | os.PathLike, rgb: np.ndarray, quality: int = 95) -> None:
     """Atomically write an RGB uint8 array as JPEG."""
     atomic_write_bytes(path, jpeg_bytes(rgb, quality))
+
+
+# --- onnxruntime ---------------------------------------------------------------------------
+
+def onnx_session(model: str | bytes) -> "onnxruntime.InferenceSession":
+    """An onnxruntime session on the CPU for an .onnx path or its bytes, as inference.OnnxModel and the
+    ONNX MTCNN (face.OnnxNet) run them.
+
+    Its threads do not spin after a run: spinning threads would hold the cores that the next step
+    needs (torch's code between runs, or another session: the detector's nets and the model take turns).
+    """
+    import onnxruntime as ort  # lazy: only ONNX models and the ONNX detector need it
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 # --- reproducibility and devices -----------------------------------------------------------

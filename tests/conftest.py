@@ -1,4 +1,4 @@
-"""Shared fixtures: the sample photos, a tiny checkpoint in train.py's format, aligned sample faces."""
+"""Shared fixtures: the sample photos, a tiny checkpoint in train.py's format and its ONNX export, aligned sample faces."""
 import pytest
 
 from utils import REPO
@@ -27,6 +27,16 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "best.pt"
     torch.save({"model": model.state_dict(), "model_args": model.model_args,
                 "config": {"arch": "resnet18", "age_loss": "l1", "size": SIZE}}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def onnx_checkpoint(checkpoint, tmp_path_factory):
+    """That checkpoint exported to ONNX by export.py."""
+    import export
+
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export.main(["--checkpoint", str(checkpoint), "--out", str(path)])
     return path
 
 

@@ -175,6 +175,75 @@ def test_pnet_on_packed_canvas_equals_pnet_alone():
     torch.testing.assert_close(prob[:, 1:1 + ob[0], 22:22 + ob[1]], prob_b)
 
 
+# --- the nets in onnxruntime -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def onnx_detector():
+    """The detector with its nets in onnxruntime (exported into the user's cache on the first run, ~15 s)."""
+    return face.FaceDetector(device="cpu", backend="onnx")
+
+
+def test_onnx_nets_equal_the_torch_nets():
+    """Each exported net on inputs it was not traced with: P-Net at odd sizes on a packed canvas (its mask), R-Net and
+    O-Net at other batch sizes; the outputs are torch's to float rounding."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 3, 37, 53, generator=g)
+    valid = torch.rand(3, 1, 35, 51, generator=g) > 0.3
+    cases = [(0, (x, valid)), (1, (torch.randn(7, 3, 24, 24, generator=g),)), (2, (torch.randn(1, 3, 48, 48, generator=g),))]
+    nets, onnx_nets = face.load_mtcnn(), face.onnx_mtcnn()
+    for i, args in cases:
+        with torch.no_grad():
+            want = nets[i](*args)
+        got = onnx_nets[i](*args)
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape
+            # P-Net's cells whose window leaves the mask are garbage on both sides (NaN where all of it is -inf)
+            ok = torch.isfinite(b)
+            torch.testing.assert_close(a[ok], b[ok], rtol=1e-4, atol=1e-5)
+            assert ok.float().mean() > 0.3
+
+
+def test_onnx_backend_finds_the_torch_faces(onnx_detector, images, alone):
+    """The portraits alone and a batch of photos of three sizes: the same faces as with the torch nets."""
+    for found in ([onnx_detector.detect([im])[0] for im in images], onnx_detector.detect(images)):
+        for a, b in zip(alone, found):
+            assert len(a) == len(b) >= 1
+            np.testing.assert_allclose(b.boxes, a.boxes, atol=0.01)  # px; measured: up to 0.0004
+            np.testing.assert_allclose(b.landmarks, a.landmarks, atol=0.01)  # measured: up to 0.0008
+            np.testing.assert_allclose(b.scores, a.scores, atol=1e-4)
+    gray = np.full((240, 320, 3), 128, np.uint8)
+    assert [len(f) for f in onnx_detector.detect([gray, images[0]])] == [0, 1]
+
+
+def test_onnx_nets_are_exported_once_into_the_cache(portraits, tmp_path, monkeypatch, capsys):
+    """The first detector exports the three graphs into the cache; a later one (another process) only reads them.
+    An unwritable cache costs the export each time, with a warning, but still detects."""
+    face.onnx_mtcnn(tmp_path)
+    files = sorted(tmp_path.rglob("*.onnx"))
+    assert [f.name for f in files] == ["onet.onnx", "pnet.onnx", "rnet.onnx"]
+    assert len({f.parent for f in files}) == 1 and len(files[0].parent.name) == 16  # one folder, named by the key
+    graphs = {f.stem: f.read_bytes() for f in files}
+
+    def must_not_export(name, net):
+        raise AssertionError("exported again, though the cache holds the graphs")
+
+    key = face._onnx_key()
+    monkeypatch.setattr(face, "_onnx_key", lambda: key)  # it hashes the code of _export_net, replaced below
+    monkeypatch.setattr(face, "_export_net", must_not_export)
+    face.FaceDetector(backend="onnx", onnx_cache=tmp_path)
+    assert sorted(tmp_path.rglob("*")) == sorted([files[0].parent, *files])  # no temp files left
+    exported = []
+    monkeypatch.setattr(face, "_export_net", lambda name, net: exported.append(name) or graphs[name])
+    (tmp_path / "a_file").write_text("")
+    detector = face.FaceDetector(backend="onnx", onnx_cache=tmp_path / "a_file" / "cache")
+    assert exported == ["pnet", "rnet", "onet"]
+    assert "cannot write the MTCNN ONNX cache" in capsys.readouterr().err
+    assert len(detector.detect(portraits[:1])[0]) == 1
+    with pytest.raises(ValueError, match="CPU"):
+        face.FaceDetector(device="meta", backend="onnx")
+
+
 # --- the building blocks against plain re-implementations --------------------------------------
 
 def _tf_resize_area_reference(img: np.ndarray, oh: int, ow: int) -> np.ndarray:

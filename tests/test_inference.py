@@ -69,6 +69,25 @@ def test_groups_bounded_by_pixels_and_errors_pass_through(checkpoint, photos):
     assert seen == [2, 1, 1, 1]
 
 
+def test_an_onnx_model_runs_no_torch_network(checkpoint, onnx_checkpoint, photos, monkeypatch):
+    """With a .onnx model, the request path calls no torch module (MTCNN's nets included), and finds the faces
+    the .pt model's path finds, with the same predictions to onnxruntime's rounding."""
+    want = inference.Predictor(checkpoint, "cpu", 0.9).analyse_batch([img for _, img in photos])
+    predictor = inference.Predictor(onnx_checkpoint, "cpu", 0.9)
+
+    def no_torch_network(module, *args, **kwargs):
+        raise AssertionError(f"torch ran {type(module).__name__} on the request path of an .onnx model")
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", no_torch_network)
+    got = [predictor.analyse(img) for _, img in photos] + predictor.analyse_batch([img for _, img in photos])
+    assert got[:6] == got[6:]  # one at a time and batched: identical records (bench_inference.py folder relies on it)
+    assert [len(faces) for faces in got] == [len(faces) for faces in want * 2] == [1, 1, 1, 1, 2, 0] * 2
+    for g, w in zip(sum(got, []), sum(want * 2, [])):
+        assert np.abs(np.subtract(g["box"], w["box"])).max() <= 0.02
+        assert np.abs(np.subtract(g["landmarks"], w["landmarks"])).max() <= 0.02
+        assert g["gender"] == w["gender"] and abs(g["age"] - w["age"]) < 0.02
+
+
 def test_read_ahead_is_bounded_and_ordered():
     started = []
 

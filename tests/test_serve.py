@@ -84,12 +84,8 @@ def test_bad_uploads_get_4xx_and_the_service_keeps_serving(server, samples, expe
     assert status == 200 and body["faces"] == expected["camera.jpg"]
 
 
-def test_an_onnx_checkpoint_is_run_by_onnxruntime(checkpoint, samples, expected, tmp_path_factory):
-    import export
-
-    onnx = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    export.main(["--checkpoint", str(checkpoint), "--out", str(onnx)])
-    proc, url = start_server(onnx, "--device", "cpu")
+def test_an_onnx_checkpoint_is_run_by_onnxruntime(onnx_checkpoint, samples, expected):
+    proc, url = start_server(onnx_checkpoint, "--device", "cpu")
     try:
         assert get_json(url + "/health")[1]["backend"] == "onnxruntime"
         status, body = post_image(url + "/predict", (samples / "grace_hopper.jpg").read_bytes(), "grace_hopper.jpg")
@@ -97,7 +93,8 @@ def test_an_onnx_checkpoint_is_run_by_onnxruntime(checkpoint, samples, expected,
         stop_server(proc)
     assert status == 200
     [face], [want] = body["faces"], expected["grace_hopper.jpg"]
-    assert face["box"] == want["box"] and face["gender"] == want["gender"]
+    # MTCNN's nets in onnxruntime too: the same face to float rounding
+    assert np.abs(np.subtract(face["box"], want["box"])).max() <= 0.02 and face["gender"] == want["gender"]
     assert abs(face["age"] - want["age"]) < 0.02 and abs(face["gender_prob"] - want["gender_prob"]) < 2e-4
 
 
