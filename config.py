@@ -33,7 +33,8 @@ MV_LAMBDAS = (0.2, 0.05)  # mean-variance loss weights of the mean and variance 
 # --- train.py ----------------------------------------------------------------------------
 OUT = "runs/r18_112"  # run directory: config.json, metrics.jsonl, last.pt, best.pt, TensorBoard
 AGE_LOSS = "l1"  # l1 | l2 | ce | dex | mv (see models.py for each head and prediction rule)
-AGE_WEIGHT = 0.1  # total loss = gender CE + AGE_WEIGHT * age loss (the original: 0.1)
+AGE_WEIGHT = 0.1  # total loss = gender CE + AGE_WEIGHT * age loss: l1 in years, ce/dex in nats (the original: 0.1)
+AGE_WEIGHT_L2 = 0.01  # --age-loss l2's default weight instead: its loss is in years^2 (the original: 0.01; 0.1 diverges at a GPU batch's lr)
 BATCH_SIZE_CUDA = 256  # per process on a GPU: a fraction of a big card's memory (ResNet-50 at 224: ~11 GiB); lr scales with it
 BATCH_SIZE_CPU = 32  # per process on the CPU, and the original's batch
 EPOCHS = 30  # passes over the training split

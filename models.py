@@ -4,8 +4,8 @@ Not run directly: train.py builds and trains the model, demo.py / evaluate.py / 
 load_checkpoint() and turn its age output into years with model.predict_age().
 
 Age losses (`kind`) and what the age head outputs:
-  l1, l2  1 value, the standardised age (years - AGE_MEAN) / AGE_STD (regression); loss: |error| or
-          error^2 in those units; prediction = AGE_MEAN + AGE_STD * that value
+  l1, l2  1 value, the standardised age (years - AGE_MEAN) / AGE_STD (regression); prediction =
+          AGE_MEAN + AGE_STD * that value; loss: |error| or error^2 of the prediction, in years
   ce      101 logits over ages 0..100, cross-entropy; prediction = the most likely age (argmax)
   dex     101 logits, cross-entropy (DEX, Rothe et al.); prediction = the expected age sum_i p_i * i
   mv      101 logits, mean-variance loss (Pan et al., CVPR 2018): cross-entropy + l1 * mean loss
@@ -38,9 +38,9 @@ class AgeGenderNet(nn.Module):
     """ResNet features, average-pooled, feeding two linear heads: gender (2 logits) and age (1 or one per year).
 
     model_args (saved in every checkpoint) rebuild it: arch, age_loss, the age range of the class
-    heads and the standardisation of the regression heads, which predict (age - age_mean) / age_std:
-    a target of unit scale keeps l2's gradients small at the large learning rates of big batches;
-    gender_temperature divides the gender logits of the probability users see (not the loss).
+    heads and the standardisation of the regression heads, which predict (age - age_mean) / age_std
+    (unit-scale parameters, zero-initialised at age_mean) yet train exactly as a head that outputs years
+    (see _age_head); gender_temperature divides the gender logits of the probability users see (not the loss).
     """
 
     def __init__(self, arch: str, age_loss: str, min_age: int = config.MIN_AGE, max_age: int = config.MAX_AGE,
@@ -72,7 +72,21 @@ class AgeGenderNet(nn.Module):
         # class, and validation must see the outputs evaluate.py sees
         with torch.autocast(x.device.type, enabled=False):
             f = f.float()
-            return self.gender_head(f), self.age_head(f)  # (N, 2), (N, 1 | num ages) float32
+            return self.gender_head(f), self._age_head(f)  # (N, 2), (N, 1 | num ages) float32
+
+    def _age_head(self, f: torch.Tensor) -> torch.Tensor:
+        """age_head(f) (N, 1 | num ages) from the features f (N, C) float32; for l1/l2 with gradients scaled.
+
+        The l1/l2 loss is in years, i.e. on age_std * output, so plain SGD would move this head age_std^2
+        times as far (in years) as it moves a head that outputs years, the original's; at a GPU batch's lr
+        that made l2 diverge. Dividing its parameters' gradients by age_std^2 gives exactly the years
+        head's steps (momentum and weight decay included), while the values stay unchanged.
+        """
+        if self.kind not in REGRESSION or not torch.is_grad_enabled():
+            return self.age_head(f)
+        scale = 1.0 / self.age_std ** 2
+        weight, bias = (p.detach() + (p - p.detach()) * scale for p in (self.age_head.weight, self.age_head.bias))
+        return F.linear(f, weight, bias)
 
     def predict_age(self, age_out: torch.Tensor) -> torch.Tensor:
         """Predicted age in years (N,) float32 from the age head's output, by the rule of its loss."""
@@ -125,12 +139,14 @@ class AgeGenderNet(nn.Module):
     def age_loss(self, age_out: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
         """Mean age loss over the batch; age_out (N, 1 | num ages), age (N,) integer years.
 
-        l1/l2 compare standardised ages, so l1 is the error in units of age_std years, l2 its square.
+        l1/l2 compare the predicted age in years (age_mean + age_std * output), as the original did, so
+        --age-weight keeps its meaning: l1 is the error in years, l2 in years^2. The head still outputs
+        the standardised age (unit scale, zero-initialised at age_mean).
         """
         age_out = age_out.float()
         if self.kind in REGRESSION:
             loss = F.l1_loss if self.kind == "l1" else F.mse_loss
-            return loss(age_out[:, 0], (age.float() - self.age_mean) / self.age_std)
+            return loss(self._years(age_out), age.float())
         ce = F.cross_entropy(age_out, age.long() - self.min_age)
         if self.kind in ("ce", "dex"):
             return ce

@@ -60,8 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="imagenet (torchvision download), none, or PATH to a local backbone state dict (default: %(default)s)")
     p.add_argument("--age-loss", default=config.AGE_LOSS, choices=AGE_LOSSES,
                    help="age head and loss, see models.py (default: %(default)s)")
-    p.add_argument("--age-weight", type=float, default=config.AGE_WEIGHT,
-                   help="loss = gender CE + this * age loss (default: %(default)s)")
+    p.add_argument("--age-weight", type=float, default=None,
+                   help=f"loss = gender CE + this * age loss, l1 in years, l2 in years^2 (default: {config.AGE_WEIGHT}; "
+                        f"{config.AGE_WEIGHT_L2} with --age-loss l2)")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"images per step per process (default: {config.BATCH_SIZE_CUDA} on CUDA, "
                         f"{config.BATCH_SIZE_CPU} on the CPU; 32 is the original's)")
@@ -103,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.prefetch < 0:
         p.error("--prefetch must be 0 or more")
+    if args.age_weight is None:  # l2's loss is in years^2, the others' in years or nats: each its own default
+        args.age_weight = config.AGE_WEIGHT_L2 if args.age_loss == "l2" else config.AGE_WEIGHT
     return args
 
 

@@ -83,7 +83,7 @@ def test_losses_by_hand(nets):
     mean, std = config.AGE_MEAN, config.AGE_STD
     out = torch.tensor([[0.0], [1.0]])  # ages mean and mean + std
     target = torch.tensor([round(mean) + 3, round(mean + std) - 10])
-    errors = [(mean - target[0].item()) / std, (mean + std - target[1].item()) / std]  # in units of std
+    errors = [mean - target[0].item(), mean + std - target[1].item()]  # in years, the original's units
     assert nets["l1"].age_loss(out, target).item() == pytest.approx(sum(abs(e) for e in errors) / 2)
     assert nets["l2"].age_loss(out, target).item() == pytest.approx(sum(e * e for e in errors) / 2)
     logits = one_hot_logits({20: 0.5, 30: 0.5})
@@ -96,6 +96,35 @@ def test_losses_by_hand(nets):
     gender_ce = torch.nn.functional.cross_entropy(gender_logits, torch.tensor([1])).item()
     assert nets["dex"].loss(gender_logits, logits, torch.tensor([1]), torch.tensor([20]), 0.1).item() == \
         pytest.approx(gender_ce + 0.1 * ce, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2"])
+def test_the_standardised_head_trains_as_a_head_in_years(kind):
+    """The loss and every SGD step (momentum, weight decay) match a head that outputs years (age_std 1, the
+    original's units), so --age-weight means what it meant there; the head's values are age_head's own."""
+    torch.manual_seed(0)
+    x, gender, age = torch.randn(8, 3, 32, 32), torch.randint(0, 2, (8,)), torch.randint(10, 80, (8,))
+    runs = []
+    for std in (config.AGE_STD, 1.0):
+        torch.manual_seed(1)
+        model = build_model("resnet18", kind, age_mean=config.AGE_MEAN, age_std=std)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        losses, ages = [], []
+        for _ in range(4):
+            gender_logits, age_out = model(x)
+            loss = model.loss(gender_logits, age_out, gender, age, 0.1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+            ages.append(model.predict_age(age_out.detach()))  # (8,) years
+        runs.append((torch.stack(losses), torch.stack(ages)))
+        features = torch.randn(4, model.age_head.in_features)
+        assert torch.equal(model._age_head(features), model.age_head(features))  # only the gradients are scaled
+    (standardised_loss, standardised_ages), (years_loss, years_ages) = runs
+    assert (standardised_ages[-1] - config.AGE_MEAN).abs().max() > 0.1  # the head has moved
+    torch.testing.assert_close(standardised_loss, years_loss, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(standardised_ages, years_ages, rtol=1e-4, atol=1e-3)
 
 
 def test_unknown_settings_are_user_errors():

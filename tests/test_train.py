@@ -196,7 +196,8 @@ def test_bf16_training_validates_what_evaluate_reproduces(data, tmp_path):
 
 @pytest.mark.parametrize("kind", models.AGE_LOSSES)
 def test_every_age_loss_trains_at_the_gpu_batch_and_its_scaled_lr(tmp_path_factory, tmp_path, kind):
-    """Batch 256 with the lr scaled for a global batch of 1024 (peak 0.32): no nan or inf, as raw-year l2 once gave."""
+    """Batch 256 with the lr scaled for a global batch of 1024 (peak 0.32), each loss at its default weight: no nan
+    or inf. l2 at 0.1 in years^2, or its loss in years without models' gradient scaling of the head, diverges here."""
     big = tmp_path_factory.getbasetemp() / "big"
     if not (big / "labels.csv").is_file():
         make_fake_data(big, n_train=512, n_valid=16, pack=True)
@@ -214,6 +215,15 @@ def test_default_batch_is_the_devices(data, tmp_path, capsys):
         train.parse_args(["--help"])
     said = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
     assert f"(default: {config.BATCH_SIZE_CUDA} on CUDA, {config.BATCH_SIZE_CPU} on the CPU;" in said
+
+
+def test_default_age_weight_is_the_originals_per_loss():
+    """l2's loss is in years^2: it defaults to the original's 0.01, which trains at the GPU batch's lr
+    (test_every_age_loss_trains_at_the_gpu_batch_and_its_scaled_lr) where 0.1 diverges."""
+    assert train.parse_args([]).age_weight == config.AGE_WEIGHT == 0.1
+    assert train.parse_args(["--age-loss", "l2"]).age_weight == config.AGE_WEIGHT_L2 == 0.01
+    assert [train.parse_args(["--age-loss", k]).age_weight for k in ("ce", "dex", "mv")] == [config.AGE_WEIGHT] * 3
+    assert train.parse_args(["--age-loss", "l2", "--age-weight", "0.5"]).age_weight == 0.5
 
 
 def test_each_torchrun_process_takes_its_own_gpu():
