@@ -176,7 +176,7 @@ def check_face_settings(out: Path, size: int, fallback: str) -> None:
     if first is None:
         made = {}  # nothing to mix with
     elif record.is_file():
-        made = json.loads(record.read_text(encoding="utf-8"))
+        made = read_face_settings(record)
     else:  # faces written before the record existed: they tell their size, not their fallback
         made = dict(size=read_image(first).shape[0])
     if any(made.get(k, v) != v for k, v in wanted.items()):
@@ -188,6 +188,18 @@ def check_face_settings(out: Path, size: int, fallback: str) -> None:
                         "remake every face")
     if made != wanted:
         write_json(record, wanted)
+
+
+def read_face_settings(record: Path) -> dict:
+    """OUT/faces/settings.json as written by check_face_settings; a damaged one is a UserError that says the fix."""
+    try:
+        made = json.loads(record.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        made = None
+    if not isinstance(made, dict):
+        raise UserError(f"{record} is damaged (not the JSON object pre_process.py writes there); delete it and rerun: "
+                        "the size is then read from the faces already written")
+    return made
 
 
 def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: str, workers: int,

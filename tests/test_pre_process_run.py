@@ -115,6 +115,15 @@ def test_faces_made_before_the_record_tell_their_size(tmp_path):
     assert json.loads((out / "faces" / "settings.json").read_text()) == dict(size=112, fallback="center")
 
 
+@pytest.mark.parametrize("damage", [b"{\"size\": 11", b"\xff\xfe", b"[112]"])
+def test_a_damaged_settings_record_is_a_user_error_that_says_the_fix(tmp_path, damage):
+    out = tmp_path / "old"
+    write_jpeg(out / "faces" / "00" / "a.jpg", np.zeros((112, 112, 3), np.uint8))
+    (out / "faces" / "settings.json").write_bytes(damage)
+    with pytest.raises(UserError, match=r"settings.json is damaged .*delete it and rerun"):
+        pre_process.check_face_settings(out, 112, "drop")
+
+
 def test_default_out_follows_the_size():
     assert pre_process.parse_args([]).out == config.DATA == "data/imdb_112"
     assert pre_process.parse_args(["--size", "224"]).out == "data/imdb_224"
