@@ -46,8 +46,8 @@ import numpy as np
 
 import config
 # before face (torch): inference sets torch's OpenMP spinning, read when torch loads
-from inference import (GENDERS, INTERVAL_KEYS, Labelled, OnnxModel, check_flip, load_model, predict, predicted_gender,
-                       read_ahead, read_csv_labels, read_utkface)
+from inference import (GENDERS, INTERVAL_KEYS, Labelled, OnnxModel, check_flip, detector_for, load_model, predict,
+                       predicted_gender, read_ahead, read_csv_labels, read_utkface)
 from metrics import compute_metrics, interval_coverage, reliability
 from face import detect_and_align
 from utils import UserError, chunks_within, pick_device, pyplot, read_image_or_reason, run_main, save_figure, write_csv, write_json
@@ -116,9 +116,7 @@ def evaluate_photos(items: list[Labelled], model, cfg: dict, device, batch_size:
     the aligned faces are then predicted batch_size at a time.
     """
     if detector is None:
-        from face import FaceDetector
-
-        detector = FaceDetector(device=str(device))
+        detector = detector_for(model, device)
     size = int(cfg["size"])
     records, skipped = [], {}
 

@@ -179,6 +179,14 @@ def pixels(image: np.ndarray) -> int:
     return int(image.shape[0] * image.shape[1])
 
 
+def detector_for(model, device: torch.device | str, min_face: int = 20) -> FaceDetector:
+    """The MTCNN detector to go with model: for an ONNX model its nets run in onnxruntime too, on the CPU, so
+    that no torch network runs on that model's path."""
+    onnx = isinstance(model, OnnxModel)
+    return FaceDetector(device="cpu" if onnx else str(device), min_face_size=min_face,
+                        backend="onnx" if onnx else "torch")
+
+
 class Predictor:
     """Detector + model: every face of a batch of photos with its gender and age.
 
@@ -193,10 +201,7 @@ class Predictor:
         self.device = pick_device(device)
         self.model, self.cfg = load_model(checkpoint, self.device)
         self.size = int(self.cfg["size"])
-        # an ONNX model gets the detector's nets in onnxruntime too: no torch network on its path, all on the CPU
-        onnx = isinstance(self.model, OnnxModel)
-        self.detector = FaceDetector(device="cpu" if onnx else str(self.device), min_face_size=min_face,
-                                     backend="onnx" if onnx else "torch")
+        self.detector = detector_for(self.model, self.device, min_face)
         self.min_score, self.batch_size = min_score, batch_size
         self.photo_batch, self.detect_pixels = photo_batch, detect_pixels
         self.flip = flip or bool(self.cfg.get("flip"))  # an ONNX file exported with --flip always flips

@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 import evaluate as ev
 import inference
@@ -320,3 +321,21 @@ def test_flip_intervals_calibration_and_groups_end_to_end(tmp_path, aligned_face
         float(rows[0]["pred_age"]) - 34))), gender_acc=float(rows[0]["pred_gender"] == "0"), few=True)
     assert {"reliability.png", "groups.png"} <= set(m["plots"]) and (out / "groups.png").is_file()
     assert json.loads((out / "metrics.json").read_text())["flip"] == m["flip"]
+
+
+def test_labelled_photos_with_an_onnx_model_run_no_torch_network(checkpoint, onnx_checkpoint, samples, monkeypatch):
+    """evaluate.py --csv / --utkface with a .onnx: MTCNN's nets in onnxruntime too, the same faces as the .pt finds."""
+    items = [inference.Labelled(samples / name, age, gender)
+             for name, age, gender in (("astronaut.jpg", 45, 0), ("camera.jpg", 40, 1), ("grace_hopper.jpg", 79, 0))]
+    pt_model, pt_cfg = inference.load_model(checkpoint, "cpu")
+    want, _ = ev.evaluate_photos(items, pt_model, pt_cfg, "cpu", 8, 1)
+    model, cfg = inference.load_model(onnx_checkpoint, "cpu")
+
+    def no_torch_network(module, *args, **kwargs):
+        raise AssertionError(f"torch ran {type(module).__name__} while evaluating with an .onnx model")
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", no_torch_network)
+    got, skipped = ev.evaluate_photos(items, model, cfg, "cpu", 8, 1)
+    assert skipped == {} and len(got) == len(want) == 3
+    for g, w in zip(got, want):
+        assert g["pred_gender"] == w["pred_gender"] and abs(g["pred_age"] - w["pred_age"]) < 0.05
