@@ -108,7 +108,8 @@ def evaluate_aligned(items: list[Labelled], model, cfg: dict, device, batch_size
 
 
 def evaluate_photos(items: list[Labelled], model, cfg: dict, device, batch_size: int, workers: int,
-                    detector=None, detect_pixels: int = config.DETECT_PIXELS, flip: bool = False) -> tuple[list[dict], dict]:
+                    detector=None, detect_pixels: int = config.DETECT_PIXELS, flip: bool = False
+                    ) -> tuple[list[dict], dict]:
     """Detect, align and predict raw labelled photos: (records, skipped count per reason).
 
     MTCNN's working memory grows with the pixels it is given, so each detection call gets at most
@@ -213,7 +214,7 @@ def interval_report(records: list[dict]) -> dict | None:
 def headline(pred_age, true_age, pred_gender, true_gender) -> dict:
     """Gender accuracy, age MAE, CS(5): metrics.py's implementation, the one train.py reports."""
     return compute_metrics(np.asarray(pred_age, np.float64), np.asarray(true_age, np.float64),
-                                   np.asarray(pred_gender, np.int64), np.asarray(true_gender, np.int64))
+                           np.asarray(pred_gender, np.int64), np.asarray(true_gender, np.int64))
 
 
 # --- outputs -----------------------------------------------------------------------------------
@@ -459,7 +460,8 @@ def main(argv: list[str] | None = None) -> dict:
     write_predictions(out / "predictions.csv", records)
     plots = plot(out, records, result) + plot_trust(out, result)
     result = dict(checkpoint=str(args.checkpoint), source=source, arch=cfg.get("arch"), age_loss=cfg.get("age_loss"),
-                  size=cfg.get("size"), flipped=args.flip or bool(cfg.get("flip")), **result, plots=[p.name for p in plots], predictions="predictions.csv")
+                  size=cfg.get("size"), flipped=args.flip or bool(cfg.get("flip")), **result,
+                  plots=[p.name for p in plots], predictions="predictions.csv")
     write_json(out / "metrics.json", result)
     print(format_table(result))
     print(f"\nwrote {out / 'metrics.json'}, {out / 'predictions.csv'} and {', '.join(p.name for p in plots)}")

@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
                 outputs="gender_prob (N, 2): softmax over (female, male) of logits / gender_temperature; age (N,): years; "
                         f"age_std, age_low, age_high (N,): the spread and the {100 * config.AGE_INTERVAL:g}% interval of "
                         "the age distribution (NaN: l1/l2)",
-                size=size, flip=args.flip, gender_temperature=model.gender_temperature, age_interval=config.AGE_INTERVAL, arch=cfg.get("arch"), age_loss=cfg.get("age_loss"), checkpoint=str(args.checkpoint),
+                size=size, flip=args.flip, gender_temperature=model.gender_temperature, age_interval=config.AGE_INTERVAL,
+                arch=cfg.get("arch"), age_loss=cfg.get("age_loss"), checkpoint=str(args.checkpoint),
                 exporter=used, mean=[float(v) for v in IMAGENET_MEAN], std=[float(v) for v in IMAGENET_STD])
     data = add_metadata(data, meta)
     diff = check(module, data, size)

@@ -166,8 +166,8 @@ def keras_max_pool(x: torch.Tensor, k: int, s: int, same: bool) -> torch.Tensor:
     # (one channel reads as both layouts: such a tensor keeps the strided path). Exported, the layer is taken
     # wherever it is exact: the strided views would fix the traced size's padding in the graph, wrong for
     # P-Net's other sizes.
-    exporting = torch.onnx.is_in_onnx_export()
-    if (exporting or x.is_contiguous(memory_format=torch.channels_last)) and x.shape[1] > 1 and all(p // 2 == 0 for p in pads):
+    layer = torch.onnx.is_in_onnx_export() or x.is_contiguous(memory_format=torch.channels_last)
+    if layer and x.shape[1] > 1 and all(p // 2 == 0 for p in pads):
         y = F.max_pool2d(x, k, s, ceil_mode=same)
         if list(y.shape[2:]) == outs:  # ceil_mode drops a window that would start in the padding
             return y

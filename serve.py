@@ -180,7 +180,6 @@ def make_app(predictor: Predictor, checkpoint: str, max_bytes: int = config.SERV
     return app
 
 
-
 async def body_within(request: Request, limit: int) -> bytes | None:
     """The request's body, or None as soon as more than limit bytes have come (the rest is never read).
 
@@ -202,6 +201,7 @@ def with_body(request: Request, body: bytes) -> Request:
     async def receive() -> dict:
         return messages.pop() if messages else {"type": "http.disconnect"}
     return Request(request.scope, receive)
+
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Age and gender</title>

@@ -248,7 +248,9 @@ def validate(raw: AgeGenderNet, loader, args, device: torch.device, show_bar: bo
     raw.eval()
     memory_format = memory_format_of(args)
     sums = MetricSums(device)
-    for x, age, gender in tqdm(ctrl_c.steps(loader), total=len(loader), desc="valid", unit="step", disable=not show_bar, leave=False, dynamic_ncols=True):
+    bar = tqdm(ctrl_c.steps(loader), total=len(loader), desc="valid", unit="step", disable=not show_bar, leave=False,
+               dynamic_ncols=True)
+    for x, age, gender in bar:
         gender_logits, age_out = raw(x.contiguous(memory_format=memory_format))  # (B, 2), (B, 1 | 101)
         loss = raw.loss(gender_logits, age_out, gender, age, args.age_weight)
         sums.update(raw.predict_age(age_out), age, gender_logits.argmax(dim=1), gender, loss)

@@ -39,7 +39,6 @@ def run_main(main: Callable[[], Any]) -> None:
         sys.exit(130)
 
 
-
 class CtrlCBetweenSteps:
     """Within `with`, a first Ctrl-C only asks to stop; `check()` (called between steps) raises it.
 
@@ -73,6 +72,7 @@ class CtrlCBetweenSteps:
         for item in items:
             self.check()
             yield item
+
 
 # --- atomic writes: a killed process leaves the old file or the new one, never half of one ---
 
@@ -215,8 +215,6 @@ def read_image_or_reason(path: str | os.PathLike) -> np.ndarray | str:
         return e.reason
     except FileNotFoundError:
         return "missing_file"
-
-
 
 
 def chunks_within(items: Iterable[T], budget: float, cost: Callable[[T], float] = lambda item: 1,

@@ -25,12 +25,13 @@ age drops none of them below ~400,000 photos (over_cap is reported either way).
 Then pre_process.py runs as a subprocess (--root the dataset, --out a fresh WORK/out_SIZE, --size,
 --device, and any arguments after --; with --nproc N > 1 under `torchrun --standalone
 --nproc_per_node N`, the photos shared among N processes, each given OMP_NUM_THREADS=1 by torchrun
-unless it is set: set it to the cores per process to compare with one process fairly), and again into the same folder: the rerun skips every face
-already written, so its time is the fixed cost (start-up, metadata, labels, packing) and the
-difference is the align phase, as in scripts/pre_process_speed.py (the rerun does detect again the
-few photos in which no face was found). Reported: wall time of both, align photos/s = photos
-detected / (run - rerun), end-to-end photos/s, rows parsed, photos detected, faces kept, retried
-and over_cap (from OUT/summary.json), and peak memory two ways:
+unless it is set: set it to the cores per process to compare with one process fairly), and again
+into the same folder: the rerun skips every face already written, so its time is the fixed cost
+(start-up, metadata, labels, packing) and the difference is the align phase, as in
+scripts/pre_process_speed.py (the rerun does detect again the few photos in which no face was
+found). Reported: wall time of both, align photos/s = photos detected / (run - rerun), end-to-end
+photos/s, rows parsed, photos detected, faces kept, retried and over_cap (from OUT/summary.json),
+and peak memory two ways:
   - max RSS from os.wait4, the same number as resource.getrusage(RUSAGE_CHILDREN).ru_maxrss but for
     that one run: the largest single process among pre_process.py and the workers it waited for,
     not their sum, so it covers the spawned decode workers only partially;
