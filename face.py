@@ -617,7 +617,6 @@ class FaceDetector:
         self.min_face_size = min_face_size
         self.thresholds = tuple(float(t) for t in thresholds)
         self.scale_factor = scale_factor
-        self.backend = backend
         if backend == "onnx":
             if self.device.type != "cpu":
                 raise ValueError(f"the onnx backend runs on the CPU, not on {self.device}")
