@@ -32,13 +32,16 @@ Measures, on the same machine, data and model, each pair timed back to back and 
 With --device cuda (or --grid) it adds training images/s of ResNet-18 and ResNet-50 at 112 and
 224 on random uint8 faces held in memory (the tuned path, --grid-batch, optional --compile).
 With --device cuda (or --loop) it adds the loop phase: --data's packed faces tiled into a set of
---loop-faces (100,000) training faces in a temp dir, then per --loop-batches (256 1024)
+--loop-faces (100,000) training faces in a temp dir, then per --loop-modes (eager: the step as train.py
+runs it by default; cuda-graph: train.py --cuda-graph, the step captured and replayed; compile: --compile
+--compile-mode reduce-overhead) and per --loop-batches (256 1024)
   train_loop_images_per_s  train.py itself (a subprocess: --epochs 2 --pretrained none, its
                            defaults otherwise), the training images/s of epoch 2 as train.py wrote
                            it in its metrics.jsonl (epoch 1 carries cuDNN autotuning and warm-up)
   train_bare_images_per_s  the same step on one batch over and over (SameBatch): no loading at all
   loader_images_per_s      train.py's PackedLoader alone (augmentation, prefetch), one epoch, synced
-The top-level keys are the best loop batch's; `loop` holds every batch and its loop/bare ratio.
+The top-level keys are the fastest loop row's (train_loop_mode, train_loop_batch; train_loop_over_bare:
+the lowest ratio over that mode's batches); `loop` holds every row and its loop/bare ratio.
 Issue 10's targets on one H200 (GPU_TARGETS) are recorded beside TARGETS: met is None off CUDA.
 The GPU table in one command, on the device machine or a GPU box: scripts/gpu_bench.sh.
 A phase that fails (or is cut by SIGTERM, e.g. `timeout`, which skips the phases after it) is recorded
@@ -82,6 +85,8 @@ QUICK_PHOTOS = 48  # photos of the tiny built-in dataset --quick generates
 LOOP_FACES = 100_000  # training faces of the loop phase's packed set (issue 10's size: ~3.8 GB at 112 px)
 LOOP_BATCHES = (256, 1024)  # train.py's batch sizes in the loop phase: its CUDA default and a fuller card
 LOOP_EPOCHS = 2  # train.py's epochs per loop run; the last is timed (epoch 1 carries cuDNN autotuning and warm-up)
+# the loop's step modes: train.py's options for each (the bare step runs with the same ones)
+LOOP_MODES = {"eager": [], "cuda-graph": ["--cuda-graph"], "compile": ["--compile", "--compile-mode", "reduce-overhead"]}
 # issue 10's targets on one H200 (the loop: train.py itself, ResNet-18 at 112 px); met is None off CUDA
 GPU_TARGETS = {"train_loop_images_per_s": 40_000, "train_loop_over_bare": 0.95, "loader_images_per_s": 100_000,
                "grid_resnet50_224_images_per_s": 5_000}
@@ -165,11 +170,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--loop-faces faces tiled from --data's, the bare step and the loader alone at the same "
                         "batches (default: on with cuda)")
     p.add_argument("--loop-faces", type=int, default=None,
-                   help=f"training faces of the loop's packed set (default: {LOOP_FACES}, quick 64)")
+                   help=f"training faces of the loop's packed set (default: {LOOP_FACES}, quick 32)")
     p.add_argument("--loop-batches", type=int, nargs="+", default=None,
                    help=f"train.py's batch sizes in the loop phase (default: {' '.join(map(str, LOOP_BATCHES))}, "
                         "quick 8 16; on a CPU pass small ones)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the tuned models (GPU; slow to start)")
+    p.add_argument("--loop-modes", nargs="+", choices=tuple(LOOP_MODES), default=None,
+                   help="the loop's step modes, each timed at every --loop-batches: eager, cuda-graph (train.py "
+                        "--cuda-graph), compile (--compile --compile-mode reduce-overhead) (default: eager cuda-graph "
+                        "on CUDA, eager elsewhere)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the tuned models of the grid and training phases (GPU; slow to start)")
     p.add_argument("--quick", action="store_true", help="tiny counts, to check that every path runs (tests)")
     p.add_argument("--out", default="bench.json", help="JSON results (default: %(default)s)")
     args = p.parse_args(argv)
@@ -179,7 +189,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     batch_size=8 if q else (256 if cuda else 64), naive_batch=4 if q else NAIVE_BATCH,
                     preprocess_photos=8 if q else 192, infer_crops=1 if q else 3, folder_crops=1 if q else (300 if cuda else 40), infer_repeat=1 if q else 10,
                     grid=cuda, grid_batch=2 if q else (256 if cuda else 16), loop=cuda,
-                    loop_faces=64 if q else LOOP_FACES, loop_batches=[8, 16] if q else list(LOOP_BATCHES))
+                    loop_modes=["eager", "cuda-graph"] if cuda else ["eager"],
+                    loop_faces=32 if q else LOOP_FACES, loop_batches=[8, 16] if q else list(LOOP_BATCHES))
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -410,17 +421,22 @@ def train_sources(data: Path, photos: Path, n: int) -> list[Path]:
 
 # --- training ------------------------------------------------------------------------------------
 
-def train_args(data: Path, out: Path, batch: int, tuned: bool, compile_: bool, workers: int,
-               jpeg: bool = False) -> argparse.Namespace:
-    """train.py's options for one mode: tuned (its defaults + bf16 on the CPU too) or naive (fp32, NCHW);
-    jpeg: read the JPEGs (FaceDataset) even where the packed file exists."""
+def train_args(data: Path, out: Path, batch: int, tuned: bool, workers: int, jpeg: bool = False,
+               extra: list[str] | tuple = ()) -> argparse.Namespace:
+    """train.py's options for one mode: tuned (its defaults + bf16 on the CPU too, + extra options) or naive
+    (fp32, NCHW, no compile); jpeg: read the JPEGs (FaceDataset) even where the packed file exists."""
     import train
 
     argv = ["--data", str(data), "--out", str(out), "--pretrained", "none", "--batch-size", str(batch),
             "--workers", str(workers), "--epochs", "1"]
-    argv += (["--amp", "--amp-cpu", "--channels-last"] + (["--compile"] if compile_ else [])) if tuned else \
-        ["--no-amp", "--no-channels-last", "--no-compile"]
+    argv += ["--amp", "--amp-cpu", "--channels-last", *extra] if tuned else ["--no-amp", "--no-channels-last",
+                                                                                 "--no-compile"]
     return train.parse_args(argv + (["--jpeg"] if jpeg else []))
+
+
+def compile_args(args: argparse.Namespace) -> list[str]:
+    """train.py's options for bench's --compile (the grid and training phases)."""
+    return ["--compile"] if args.compile else []
 
 
 def time_training(loader, targs: argparse.Namespace, device: torch.device, warmup: int, steps: int,
@@ -437,12 +453,12 @@ def time_training(loader, targs: argparse.Namespace, device: torch.device, warmu
     timed = TimedSteps(loader, warmup, steps, device)
     model = train.wrap_model(raw, targs, 1, device)
     amp, autocast = train.make_autocast(targs, device)
+    step = train.make_step(model, raw.loss, optimizer, autocast, targs, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
     # one epoch of one warm-up epoch: the lr only ramps up over the timed steps, so nothing diverges
-    train.train_one_epoch(model, raw.loss, timed, optimizer, autocast, targs, 1, 1, device, None,
-                          CtrlCBetweenSteps())
+    train.train_one_epoch(step, timed, targs, 1, 1, None, CtrlCBetweenSteps())
     images = steps * targs.batch_size
     out = dict(images=images, seconds=timed.seconds, images_per_s=images / timed.seconds, batch=targs.batch_size,
                bf16=amp, channels_last=targs.channels_last, compile=targs.compile)
@@ -461,10 +477,10 @@ def bench_train(args: argparse.Namespace, data: Path, tmp: Path, device: torch.d
     """
     from data_gen import make_loader
 
-    tuned = train_args(data, tmp / "run", args.batch_size, True, args.compile, args.workers)
+    tuned = train_args(data, tmp / "run", args.batch_size, True, args.workers, extra=compile_args(args))
     modes = {
-        "naive": train_args(data, tmp / "run", args.naive_batch, False, False, args.workers, jpeg=True),
-        "naive_packed": train_args(data, tmp / "run", args.naive_batch, False, False, args.workers),
+        "naive": train_args(data, tmp / "run", args.naive_batch, False, args.workers, jpeg=True),
+        "naive_packed": train_args(data, tmp / "run", args.naive_batch, False, args.workers),
         "tuned": tuned,
         "tuned_bare": tuned,
     }
@@ -517,7 +533,7 @@ def bench_grid(args: argparse.Namespace, tmp: Path, device: torch.device) -> lis
         faces = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
         labels = Labels([""] * n, rng.integers(0, 101, n), rng.integers(0, 2, n))
         for arch in ("resnet18", "resnet50"):
-            targs = train_args(tmp, tmp / "run", args.grid_batch, True, args.compile, 0)
+            targs = train_args(tmp, tmp / "run", args.grid_batch, True, 0, extra=compile_args(args))
             loader = PackedLoader(faces, labels, args.grid_batch, True, device, config.SEED, 0, 1)
             try:
                 res = time_training(loader, targs, device, args.warmup, args.steps, arch)
@@ -560,16 +576,15 @@ def tile_packed(data: Path, out: Path, faces: int) -> dict[str, int]:
     return {split: sum(r["split"] == split for r in rows) for split in ("train", "valid")}
 
 
-def time_train_py(data: Path, out: Path, batch: int, device: torch.device, compile_: bool) -> dict:
+def time_train_py(data: Path, out: Path, batch: int, device: torch.device, extra: list[str]) -> dict:
     """Training images/s of train.py's last epoch as train.py wrote it in OUT/metrics.jsonl (no clock of ours).
 
-    A run in a subprocess, as a user starts it: the README's command with --batch-size. --amp-cpu gives the
+    A run in a subprocess, as a user starts it: the README's command with --batch-size and extra. --amp-cpu gives the
     CPU the bf16 of the bare step it is compared with (CUDA has it by default). A failed run (a nan loss at
     a large batch's lr, out of memory) is reported in the row, and the rest of the benchmark goes on.
     """
     cmd = [sys.executable, "train.py", "--data", str(data), "--out", str(out), "--epochs", str(LOOP_EPOCHS),
-           "--pretrained", "none", "--device", str(device), "--batch-size", str(batch), "--amp-cpu",
-           *(["--compile"] if compile_ else [])]
+           "--pretrained", "none", "--device", str(device), "--batch-size", str(batch), "--amp-cpu", *extra]
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the card's memory to train.py, not to this process's cache
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600)
@@ -595,32 +610,37 @@ def time_loader(data: Path, batch: int, device: torch.device, warmup: int) -> di
     return dict(images=images, seconds=timed.seconds, images_per_s=images / timed.seconds, prefetch=config.PREFETCH)
 
 
-def bench_loop(args: argparse.Namespace, data: Path, tmp: Path, device: torch.device) -> dict:
-    """Per --loop-batches: train.py's own loop (images/s of its last epoch, from its metrics.jsonl), the bare
-    tuned step (SameBatch: one batch over and over, args.repeats rounds) and the loader alone, over a packed
-    set of --loop-faces faces tiled from data's; the best loop batch gives the headline numbers."""
+def time_loop_batch(loop_data: Path, tmp: Path, batch: int, device: torch.device, mode: str,
+                    args: argparse.Namespace) -> dict:
+    """One row of the loop phase: train.py's own loop in a step mode (images/s of its last epoch, from its
+    metrics.jsonl), the bare step in the same mode (SameBatch: one batch over and over, args.repeats rounds) and
+    the loader alone, at one batch size."""
     from data_gen import make_loader
 
+    loop = time_train_py(loop_data, tmp / f"loop_{mode}_b{batch}", batch, device, LOOP_MODES[mode])
+    targs = train_args(loop_data, tmp / "run", batch, True, 0, extra=LOOP_MODES[mode])
+    bare = [time_training(SameBatch(make_loader(loop_data, "train", True, batch, device)), targs, device,
+                          args.warmup, args.steps) for _ in range(args.repeats)]
+    bare_ips = sum(x["images"] for x in bare) / sum(x["seconds"] for x in bare)
+    loader = time_loader(loop_data, batch, device, args.warmup)
+    print(f"  loop {mode} batch {batch}: train.py {fmt(loop['images_per_s'])} images/s"
+          f"{' (' + loop['error'] + ')' if 'error' in loop else ''}, bare step {bare_ips:.1f}, "
+          f"loader alone {loader['images_per_s']:.1f}", flush=True)
+    return dict(mode=mode, batch=batch, loop_images_per_s=loop["images_per_s"], bare_images_per_s=bare_ips,
+                loop_over_bare=quotient(loop["images_per_s"], bare_ips), loader_images_per_s=loader["images_per_s"],
+                loop_error=loop.get("error"), metrics=loop.get("metrics"), bare_rounds=bare, loader=loader)
+
+
+def bench_loop(args: argparse.Namespace, data: Path, tmp: Path, device: torch.device) -> dict:
+    """Per --loop-modes and --loop-batches, a row of time_loop_batch over a packed set of --loop-faces faces tiled
+    from data's; the fastest row gives the headline numbers."""
     t = time.perf_counter()
     loop_data = tmp / "loop_data"
     counts = tile_packed(data, loop_data, args.loop_faces)
     tiled = time.perf_counter() - t
     print(f"  loop: {counts['train']} training faces tiled into {loop_data} in {tiled:.1f} s", flush=True)
-    rows = []
-    for batch in args.loop_batches:
-        loop = time_train_py(loop_data, tmp / f"loop_b{batch}", batch, device, args.compile)
-        targs = train_args(loop_data, tmp / "run", batch, True, args.compile, 0)
-        bare = [time_training(SameBatch(make_loader(loop_data, "train", True, batch, device)), targs, device,
-                              args.warmup, args.steps) for _ in range(args.repeats)]
-        bare_ips = sum(x["images"] for x in bare) / sum(x["seconds"] for x in bare)
-        loader = time_loader(loop_data, batch, device, args.warmup)
-        rows.append(dict(batch=batch, loop_images_per_s=loop["images_per_s"], bare_images_per_s=bare_ips,
-                         loop_over_bare=quotient(loop["images_per_s"], bare_ips),
-                         loader_images_per_s=loader["images_per_s"], loop_error=loop.get("error"),
-                         metrics=loop.get("metrics"), bare_rounds=bare, loader=loader))
-        print(f"  loop batch {batch}: train.py {fmt(loop['images_per_s'])} images/s"
-              f"{' (' + loop['error'] + ')' if 'error' in loop else ''}, bare step {bare_ips:.1f}, "
-              f"loader alone {loader['images_per_s']:.1f}", flush=True)
+    rows = [time_loop_batch(loop_data, tmp, batch, device, mode, args)
+            for mode in args.loop_modes for batch in args.loop_batches]
     done = [r for r in rows if r["loop_images_per_s"] is not None]
     best = max(done, key=lambda r: r["loop_images_per_s"]) if done else None
     return dict(rows=rows, best=best, faces=counts, epochs=LOOP_EPOCHS, tile_seconds=tiled)
@@ -852,11 +872,11 @@ def table(res: dict) -> str:
         cuda, goal = res["device"].startswith("cuda"), GPU_TARGETS["train_loop_over_bare"]
         for r in res["loop"]:
             ratio = r["loop_over_bare"]
-            row(f"train.py loop img/s b{r['batch']} (vs bare)", r["loop_images_per_s"], r["bare_images_per_s"], ratio,
-                "train_loop_over_bare", None if not cuda or ratio is None else ratio >= goal)
+            row(f"train.py loop {r['mode']} b{r['batch']} (vs bare)", r["loop_images_per_s"], r["bare_images_per_s"],
+                ratio, "train_loop_over_bare", None if not cuda or ratio is None else ratio >= goal)
             if r["loop_error"]:
                 lines.append(f"  {r['loop_error']}")
-        row(f"  best: b{res['train_loop_batch']}, ResNet-18 {s['size']}px", res["train_loop_images_per_s"], None, None,
+        row(f"  best: {res['train_loop_mode']} b{res['train_loop_batch']}, R18 {s['size']}px", res["train_loop_images_per_s"], None, None,
             "train_loop_images_per_s")
         row(f"  loader alone img/s b{res['train_loop_batch']}", res["loader_images_per_s"], None, None,
             "loader_images_per_s")
@@ -915,14 +935,16 @@ def main(argv: list[str] | None = None) -> dict:
     if share is not None:
         machine["others_share_during_run"] = round(share, 3)
     best = loop["best"] if loop else None
-    ratios = [r["loop_over_bare"] for r in loop["rows"]] if loop else [None]
+    # the target holds at each batch of the fastest mode
+    ratios = [r["loop_over_bare"] for r in loop["rows"] if r["mode"] == best["mode"]] if best else [None]
     res = dict(
         train_loop_images_per_s=best["loop_images_per_s"] if best else None,
         train_bare_images_per_s=best["bare_images_per_s"] if best else None,
         loader_images_per_s=best["loader_images_per_s"] if best else None,
         train_loop_batch=best["batch"] if best else None,
-        train_loop_over_bare=None if None in ratios else min(ratios),  # the target holds at each batch
-        loop=[{k: r[k] for k in ("batch", "loop_images_per_s", "bare_images_per_s", "loop_over_bare",
+        train_loop_mode=best["mode"] if best else None,
+        train_loop_over_bare=None if None in ratios else min(ratios),
+        loop=[{k: r[k] for k in ("mode", "batch", "loop_images_per_s", "bare_images_per_s", "loop_over_bare",
                                  "loader_images_per_s", "loop_error")} for r in loop["rows"]] if loop else None,
         train_speedup=quotient(train_res.get("tuned_images_per_s"), train_res.get("naive_images_per_s")),
         train_tuned_images_per_s=train_res.get("tuned_images_per_s"),
@@ -954,6 +976,7 @@ def main(argv: list[str] | None = None) -> dict:
                       checkpoint=str(checkpoint) if args.checkpoint else "random resnet18 (l1)",
                       grid_batch=args.grid_batch, compile=args.compile,
                       loop_faces=loop["faces"] if loop else None, loop_batches=args.loop_batches,
+                      loop_modes=args.loop_modes,
                       loop_epochs=LOOP_EPOCHS,
                       loop=f"train.py --epochs {LOOP_EPOCHS} --pretrained none (its defaults: bf16 on CUDA, "
                            f"channels_last, prefetch), images/s of epoch {LOOP_EPOCHS} from its metrics.jsonl; "

@@ -49,6 +49,7 @@ DEVICE = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
 AMP = True  # bf16 autocast on CUDA (ignored on the CPU unless --amp-cpu)
 COMPILE = False  # torch.compile the model (slow to start; pays off on long GPU runs)
 COMPILE_MODE = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+CUDA_GRAPH = False  # capture the whole step as one CUDA graph (one GPU, no --compile): launches cost nothing; off until measured on a GPU
 PREFETCH = 2  # packed loader: batches gathered, copied and augmented in a background thread ahead of the step
 CHANNELS_LAST = True  # NHWC memory format for the model and its inputs (faster convolutions on GPUs and recent CPUs)
 LOG_EVERY = 20  # steps between progress-bar updates and non-finite-loss checks (each costs one host sync)

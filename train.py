@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile the model (default: %(default)s)")
     p.add_argument("--compile-mode", default=config.COMPILE_MODE, choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile mode; reduce-overhead captures CUDA graphs (default: %(default)s)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=config.CUDA_GRAPH,
+                   help="capture the whole training step (forward, backward, SGD) as one CUDA graph and replay it; "
+                        "one GPU, no --compile; ignored on the CPU (default: %(default)s)")
     p.add_argument("--prefetch", type=int, default=config.PREFETCH,
                    help="packed loader: batches prepared ahead in a background thread, 0 for none (default: %(default)s)")
     p.add_argument("--jpeg", action="store_true",
@@ -181,50 +184,132 @@ def lr_at(epochs_done: float, peak_lr: float, warmup_epochs: float, epochs: int)
     return peak_lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+# --- one step ---------------------------------------------------------------------------------
+
+class Step:
+    """One optimisation step on a batch: forward under autocast, loss, backward, SGD update, run eagerly.
+
+    The epoch's loss sum and count of non-finite losses stay on the device (reading them is a host
+    sync); reset() zeroes them in place, so that a captured graph adding to them stays valid.
+    model: the network as trained (DDP, compiled); loss_fn: AgeGenderNet.loss of the model inside.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer, autocast: functools.partial,
+                 age_weight: float, device: torch.device) -> None:
+        self.model, self.loss_fn, self.optimizer, self.autocast = model, loss_fn, optimizer, autocast
+        self.age_weight = age_weight
+        self.loss_sum = torch.zeros((), device=device)  # sum over the epoch's images of the batch-mean loss
+        self.nonfinite = torch.zeros((), device=device)  # steps whose loss was nan or inf
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.nonfinite.zero_()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def __call__(self, x: torch.Tensor, age: torch.Tensor, gender: torch.Tensor) -> None:
+        with self.autocast():
+            gender_logits, age_out = self.model(x)  # (B, 2), (B, 1 | 101), float32
+        loss = self.loss_fn(gender_logits, age_out, gender, age, self.age_weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.loss_sum += loss.detach() * x.shape[0]
+        self.nonfinite += loss.detach().isfinite().logical_not()
+
+
+class GraphedStep(Step):
+    """The same step captured once as a CUDA graph and replayed: one launch a step instead of hundreds, so the
+    GPU never waits on Python, nor on the loader's thread, which shares the interpreter with the launches.
+
+    The first WARMUP steps run eagerly on a side stream, as torch.cuda.graphs asks: cuDNN's autotuning, the
+    momentum buffers and the other lazy allocations happen before the capture. The next step is captured on
+    static copies of its batch (and replayed at once); each later batch is copied into them. The learning
+    rate lives in a device tensor that fused SGD reads, so the schedule goes on without a new capture. A
+    batch of another shape (train.py drops the last partial one, so none there) runs eagerly.
+    """
+
+    WARMUP = 3  # eager steps before the capture
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        device = self.loss_sum.device
+        lr = torch.tensor(float(self.optimizer.param_groups[0]["lr"]), device=device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr  # one tensor for every group: set_lr is one fill, queued like a kernel
+        # autocast's cast cache would keep tensors allocated during the capture alive past it
+        self.autocast = functools.partial(self.autocast, cache_enabled=False)
+        self.side = torch.cuda.Stream(device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static: tuple[torch.Tensor, ...] = ()
+        self.warmed = 0
+
+    def set_lr(self, lr: float) -> None:
+        self.optimizer.param_groups[0]["lr"].fill_(lr)
+
+    def __call__(self, x: torch.Tensor, age: torch.Tensor, gender: torch.Tensor) -> None:
+        batch = (x, age, gender)
+        if self.graph is None and self.warmed < self.WARMUP:
+            self.warmed += 1
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                super().__call__(*batch)
+            torch.cuda.current_stream().wait_stream(self.side)
+        elif self.graph is None:
+            self.static = tuple(t.clone() for t in batch)  # clone keeps x's memory format
+            self.optimizer.zero_grad(set_to_none=True)  # backward allocates the grads in the graph's own memory
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: the loader's thread goes on preparing batches (its own stream, event syncs) meanwhile
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                super().__call__(*self.static)
+            self.graph.replay()  # a capture records the step without running it
+        elif any(s.shape != t.shape for s, t in zip(self.static, batch)):
+            super().__call__(*batch)
+        else:
+            for s, t in zip(self.static, batch):
+                s.copy_(t)
+            self.graph.replay()
+
+
+def make_step(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer, autocast: functools.partial,
+              args: argparse.Namespace, device: torch.device) -> Step:
+    """The step train_one_epoch runs: captured as a CUDA graph with --cuda-graph on CUDA, eager otherwise."""
+    graphed = args.cuda_graph and device.type == "cuda"
+    return (GraphedStep if graphed else Step)(model, loss_fn, optimizer, autocast, args.age_weight, device)
 
 
 # --- one epoch --------------------------------------------------------------------------------
 
-def train_one_epoch(model, loss_fn, loader, optimizer, autocast, args, epoch: int, world: int, device: torch.device,
-                    writer, ctrl_c: CtrlCBetweenSteps) -> tuple[float, float]:
+def train_one_epoch(step: Step, loader, args, epoch: int, world: int, writer,
+                    ctrl_c: CtrlCBetweenSteps) -> tuple[float, float]:
     """(mean training loss over all processes, images/s over all processes).
 
-    model: the network as trained (DDP, compiled); loss_fn: AgeGenderNet.loss of the model inside.
     Each step's lr is the schedule at the middle of that step (lr_at with args' peak_lr).
     writer: rank 0's TensorBoard writer; None on the other ranks, which show no bar either.
     ctrl_c: where a Ctrl-C stops the epoch (between two steps).
     """
-    model.train()
+    step.model.train()
+    step.reset()
     memory_format = memory_format_of(args)
-    loss_sum = torch.zeros((), device=device)  # kept on the device: reading it is a host sync
-    nonfinite = torch.zeros((), device=device)
     seen, start = 0, time.perf_counter()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{args.epochs} train", unit="step", disable=writer is None,
                leave=False, dynamic_ncols=True)
-    for step, (x, age, gender) in enumerate(ctrl_c.steps(loader), 1):
-        x = x.contiguous(memory_format=memory_format)  # (B, 3, S, S)
-        with autocast():
-            gender_logits, age_out = model(x)  # (B, 2), (B, 1 | 101), float32
-        loss = loss_fn(gender_logits, age_out, gender, age, args.age_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        set_lr(optimizer, lr_at(epoch - 1 + (step - 0.5) / len(loader), args.peak_lr, args.warmup_epochs, args.epochs))
-        optimizer.step()
-        loss_sum += loss.detach() * x.shape[0]
-        nonfinite += loss.detach().isfinite().logical_not()
+    for i, (x, age, gender) in enumerate(ctrl_c.steps(loader), 1):
+        step.set_lr(lr_at(epoch - 1 + (i - 0.5) / len(loader), args.peak_lr, args.warmup_epochs, args.epochs))
+        step(x.contiguous(memory_format=memory_format), age, gender)  # x (B, 3, S, S)
         seen += x.shape[0]
-        if step % args.log_every == 0 or step == len(loader):
-            stop_if_nonfinite(nonfinite, epoch, step, args.out)
-            running, images_per_s = loss_sum.item() / seen, seen * world / (time.perf_counter() - start)
+        if i % args.log_every == 0 or i == len(loader):
+            stop_if_nonfinite(step.nonfinite, epoch, i, args.out)
+            running, images_per_s = step.loss_sum.item() / seen, seen * world / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{running:.4f}", img_s=f"{images_per_s:.0f}")
-            bar.update(step - bar.n)
+            bar.update(i - bar.n)
             if writer is not None:
-                writer.add_scalar("train/running_loss", running, (epoch - 1) * len(loader) + step)
+                writer.add_scalar("train/running_loss", running, (epoch - 1) * len(loader) + i)
     bar.close()
-    totals = all_reduce_sum(torch.stack([loss_sum.double(), loss_sum.new_full((), seen, dtype=torch.float64)]))
+    loss_sum = step.loss_sum.double()
+    totals = all_reduce_sum(torch.stack([loss_sum, loss_sum.new_full((), seen)]))
     total_loss_sum, total_seen = totals.tolist()  # the host sync that ends the epoch's clock
     return total_loss_sum / total_seen, total_seen / (time.perf_counter() - start)
 
@@ -308,6 +393,18 @@ def resolve_batch(args: argparse.Namespace, world: int, device: torch.device) ->
     args.peak_lr = args.lr * args.batch_size * world / config.LR_BATCH
 
 
+def check_cuda_graph(args: argparse.Namespace, world: int, device: torch.device) -> None:
+    """--cuda-graph captures one process's eager step: DDP's all-reduce and torch.compile's own graphs are refused."""
+    if not (args.cuda_graph and device.type == "cuda"):
+        return
+    if world > 1:
+        raise UserError(f"--cuda-graph: one process only, not {world} under torchrun; drop --cuda-graph, "
+                        "or train on one GPU")
+    if args.compile:
+        raise UserError("--cuda-graph with --compile: choose one; --compile --compile-mode reduce-overhead is "
+                        "torch.compile's own CUDA graphs")
+
+
 def resolved_config(args: argparse.Namespace, size: int, world: int, device: torch.device, amp: bool) -> dict:
     """What config.json and the checkpoints record: every option plus what was derived (plain values only)."""
     return dict(vars(args), size=size, world_size=world, global_batch=args.batch_size * world, device_used=str(device),
@@ -332,6 +429,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     out = Path(args.out)
     seed_everything(args.seed)
     resolve_batch(args, world, device)
+    check_cuda_graph(args, world, device)
     ckpt = load_resume(args.resume) if args.resume else None
     loader_args = dict(batch_size=args.batch_size, device=device, workers=args.workers, seed=args.seed, rank=rank,
                        world_size=world, jpeg=args.jpeg, limit=args.limit, prefetch=args.prefetch)
@@ -367,6 +465,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         start_epoch, best = ckpt["epoch"] + 1, ckpt["best"]
         changes = schedule_changes(ckpt["config"], cfg, ckpt["epoch"])
     model = wrap_model(raw, args, world, device)
+    step = make_step(model, raw.loss, optimizer, autocast, args, device)
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
 
     writer = None
@@ -388,14 +487,13 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             for epoch in range(start_epoch, args.epochs + 1):
                 started = time.perf_counter()
                 train_loader.set_epoch(epoch)
-                train_loss, images_per_s = train_one_epoch(model, raw.loss, train_loader, optimizer, autocast, args,
-                                                           epoch, world, device, writer, ctrl_c)
+                train_loss, images_per_s = train_one_epoch(step, train_loader, args, epoch, world, writer, ctrl_c)
                 sync_buffers(raw)
                 m = validate(raw, valid_loader, args, device, show_bar=master, ctrl_c=ctrl_c)
                 record = dict(epoch=epoch, gender_acc=m["gender_acc"], age_mae=m["age_mae"], cs5=m["cs5"],
                               train_loss=train_loss, val_loss=m["loss"],
                               score=m["age_mae"] + args.best_gender_weight * (1 - m["gender_acc"]),
-                              lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - started,
+                              lr=float(optimizer.param_groups[0]["lr"]), seconds=time.perf_counter() - started,
                               train_images_per_s=images_per_s)
                 improved = best is None or record["score"] < best["score"]
                 if improved:
@@ -424,7 +522,10 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
 
 def save_epoch(out: Path, writer, record: dict, improved: bool, best: dict, cfg: dict, raw, optimizer) -> None:
     """Checkpoints first, then the metrics line: a resume repairs the log from the checkpoint (start_logs)."""
-    ckpt = dict(model=raw.state_dict(), model_args=raw.model_args, optimizer=optimizer.state_dict(),
+    opt = optimizer.state_dict()
+    for group in opt["param_groups"]:  # copies; --cuda-graph keeps the lr in a device tensor
+        group["lr"] = float(group["lr"])
+    ckpt = dict(model=raw.state_dict(), model_args=raw.model_args, optimizer=opt,
                 epoch=record["epoch"], best=best, config=cfg, metrics=record)
     atomic_torch_save(ckpt, out / "last.pt")
     if improved:

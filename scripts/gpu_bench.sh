@@ -11,11 +11,12 @@
 #                                         each, on 400 IMDB-sized photos (~1.5 min)
 #
 # On the device machine (torch 2.11 / torchvision 0.26, no tensorboardX, mtcnn or lz4): `run` with
-# carry [".whl"], timeout_s 600 and the command `bash scripts/gpu_bench.sh`; the JSON and the log
-# come back from $OUT (files_at); copy bench_cuda.json into results/, commit it and put its table in
-# the README's Speed section with the date, GPU, torch version and commit (the JSON's git_commit is
-# null where .git did not travel: give the commit that was sent). On a GPU box of your own with
-# our requirements installed: PYTHON=.venv/bin/python scripts/gpu_bench.sh.
+# carry [".whl"], timeout_s 600 and the command `COMMIT=<git rev-parse HEAD here> bash
+# scripts/gpu_bench.sh` (the copy's .git, if any, is not this checkout's: COMMIT goes into the
+# JSON's git_commit); the JSON and the logs come back from $OUT (files_at); copy bench_cuda.json
+# into results/, commit it and put its table in the README's Speed section with the date, GPU,
+# torch version and commit. On a GPU box of your own with our requirements installed:
+# PYTHON=.venv/bin/python scripts/gpu_bench.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,21 +50,31 @@ if [[ "${1:-}" == "--shards" ]]; then  # the device machine's 16 cores: room for
     exit 0
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+# the GPU-only tests first (train.py --cuda-graph against the eager step): a failure is reported, timing goes on
+if "$PYTHON" -c 'import pytest' 2>/dev/null; then
+    timeout --kill-after=10 "${TEST_SECONDS:-120}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
+        | tee "$out/test_cuda.log" || echo "tests/test_cuda.py failed: see $out/test_cuda.log" >&2
+fi
 
-# Time: about 5-6 minutes on an H200 (estimated from the phases' sizes, not yet measured): bench.py
-# (the built-in dataset generated and pre-processed, ~35 s; the loop's three train.py runs over
-# 100,000 faces, ~2 min; the grid, pre-processing, folder and training phases, ~30 s each; ONNX
-# inference in fresh interpreters, ~1 min), then the IMDB scale test on the GPU (scripts/imdb_scale.py).
+# Time: bench.py took 294 s on an H200 at 7a9f17a with three loop rows (eager at 256, 1024, 2048);
+# the four rows here (eager and cuda-graph at 256 and 1024) should take about as long (2048 gained
+# 5% over 1024); then the IMDB scale test on the GPU (scripts/imdb_scale.py, 150 s), after the
+# tests (~1 min): near 9 minutes in all, so SCALE_SECONDS=0 where the lease is short.
 # Each is cut by `timeout`; bench.py stops its phase in flight on SIGTERM and still writes its JSON,
 # so a run cut short keeps every phase it finished. --steps 50 (not 20): a ResNet-18 step at batch
 # 256 takes ~15 ms, so 20 steps are 0.3 s, too short to time against launch jitter; 50 steps of the
 # slowest grid cell (ResNet-50 at 224, ~60 ms a step) still take only 3 s. --repeats 2: each pair of
-# modes runs in both orders, as on the CPU. Loop batches 256 (the default), 1024 and 2048 (a full card).
+# modes runs in both orders, as on the CPU. Loop batches 256 (the default) and 1024, each eager and captured.
 export PYTHONUNBUFFERED=1
 set +e
 timeout --kill-after=10 "${BENCH_SECONDS:-380}" "$PYTHON" bench.py --device cuda --steps 50 --repeats 2 \
-    --loop-batches 256 1024 2048 "$@" --out "$out/bench_cuda.json" 2>&1 | tee "$out/bench_cuda.log"
+    --loop-batches 256 1024 --loop-modes eager cuda-graph "$@" --out "$out/bench_cuda.json" 2>&1 \
+    | tee "$out/bench_cuda.log"
 rc=${PIPESTATUS[0]}
+if [[ -n "${COMMIT:-}" && -f "$out/bench_cuda.json" ]]; then  # the commit sent, not the copy's stale .git
+    "$PYTHON" -c 'import json, sys; p = sys.argv[1]; d = json.load(open(p)); d["git_commit"] = sys.argv[2]
+json.dump(d, open(p, "w"), indent=2, sort_keys=True)' "$out/bench_cuda.json" "$COMMIT"
+fi
 if [[ -f scripts/imdb_scale.py && "${SCALE_SECONDS:-150}" -gt 0 ]]; then
     # 460,723 rows, 3,000 IMDB-sized photos; 8 decode/write workers for the 16 cores of the device machine
     timeout --kill-after=10 "${SCALE_SECONDS:-150}" "$PYTHON" scripts/imdb_scale.py --device cuda \

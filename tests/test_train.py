@@ -208,6 +208,49 @@ def test_every_age_loss_trains_at_the_gpu_batch_and_its_scaled_lr(tmp_path_facto
     assert all(np.isfinite([r["train_loss"], r["val_loss"], r["age_mae"]]).all() for r in log)
 
 
+def test_cuda_graph_on_the_cpu_is_the_eager_step(run, data, tmp_path):
+    """--cuda-graph is ignored on the CPU (as --amp is): the same seeded run, the same loss; the option is recorded."""
+    train.main(args(data, tmp_path, "--epochs", 1, "--cuda-graph"))
+    assert read_jsonl(tmp_path / "metrics.jsonl")[0]["train_loss"] == read_jsonl(run / "metrics.jsonl")[0]["train_loss"]
+    assert json.loads((tmp_path / "config.json").read_text())["cuda_graph"] is True
+    opts = train.parse_args(["--cuda-graph"])
+    train.resolve_batch(opts, 1, torch.device("cpu"))
+    model = models.build_model("resnet18", "l1")
+    step = train.make_step(model, model.loss, train.make_optimizer(model, 0.1, 0.9, 0.0), lambda: None, opts,
+                           torch.device("cpu"))
+    assert type(step) is train.Step
+
+
+def test_cuda_graph_refuses_torchrun_and_compile():
+    """A captured step cannot hold DDP's all-reduce, and torch.compile brings its own graphs: both refused, saying
+    what to do (checked before any CUDA work, so a device object is enough)."""
+    cuda = torch.device("cuda")
+    with pytest.raises(UserError, match="--cuda-graph: one process only, not 2 under torchrun"):
+        train.check_cuda_graph(train.parse_args(["--cuda-graph"]), 2, cuda)
+    with pytest.raises(UserError, match="--cuda-graph with --compile: choose one.*reduce-overhead"):
+        train.check_cuda_graph(train.parse_args(["--cuda-graph", "--compile"]), 1, cuda)
+    train.check_cuda_graph(train.parse_args(["--cuda-graph", "--compile"]), 2, torch.device("cpu"))  # ignored there
+    train.check_cuda_graph(train.parse_args(["--no-cuda-graph", "--compile"]), 2, cuda)
+
+
+def test_checkpoints_hold_the_lr_as_a_number(tmp_path):
+    """The captured step keeps the lr in a device tensor; last.pt still holds a plain float (and the optimizer keeps its tensor)."""
+    from tensorboardX import SummaryWriter
+
+    model = models.build_model("resnet18", "l1")
+    optimizer = train.make_optimizer(model, 0.1, 0.9, 5e-4)
+    lr = torch.tensor(0.05)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    record = dict(epoch=1, score=1.0, gender_acc=0.5, age_mae=1.0, cs5=0.5, train_loss=1.0, val_loss=1.0, lr=0.05,
+                  seconds=1.0, train_images_per_s=1.0)
+    with SummaryWriter(str(tmp_path / "tb")) as writer:
+        train.save_epoch(tmp_path, writer, record, True, record, {}, model, optimizer)
+    groups = torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [type(g["lr"]) for g in groups] == [float, float] and groups[0]["lr"] == pytest.approx(0.05)
+    assert optimizer.param_groups[0]["lr"] is lr
+
+
 def test_default_batch_is_the_devices(data, tmp_path, capsys):
     train.main(args(data, tmp_path, "--epochs", 1)[:8] + ["--workers", "0", "--epochs", "1"])  # no --batch-size
     assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == config.BATCH_SIZE_CPU

@@ -1,0 +1,71 @@
+"""The GPU-only paths: train.py's captured step (--cuda-graph). Skipped without CUDA (CI has none);
+scripts/gpu_bench.sh runs this file on the device machine before timing anything."""
+import json
+
+import pytest
+import torch
+
+import train
+from models import build_model
+from test_data_gen import make_fake_data
+from utils import read_jsonl, seed_everything
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def exact_cudnn():
+    """fp32 and cuDNN's deterministic kernels: the eager and the captured step then compute the same numbers."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = saved
+
+
+def steps_of(graphed: bool, batches: list, lrs: list[float]) -> tuple[dict, float, train.Step]:
+    """The model's state after one step per batch at the given lrs, the step's loss sum, and the step."""
+    device = torch.device("cuda")
+    seed_everything(0)
+    model = build_model("resnet18", "l1").to(device, memory_format=torch.channels_last)
+    optimizer = train.make_optimizer(model, lrs[0], 0.9, 5e-4)
+    autocast = train.make_autocast(train.parse_args(["--no-amp"]), device)[1]
+    step = (train.GraphedStep if graphed else train.Step)(model, model.loss, optimizer, autocast, 0.1, device)
+    model.train()
+    for (x, age, gender), lr in zip(batches, lrs):
+        step.set_lr(lr)
+        step(x, age, gender)
+    return {k: v.clone() for k, v in model.state_dict().items()}, step.loss_sum.item(), step
+
+
+def test_captured_step_trains_as_the_eager_one(exact_cudnn):
+    """3 eager warm-up steps, the capture, then replays on new batches with a changing lr: the same weights, BatchNorm
+    statistics and loss sum as the eager step (up to float rounding). A graph that kept its first batch or lr would
+    drift from the eager weights by far more than the tolerance."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    batches = [(torch.rand(16, 3, 64, 64, device="cuda", generator=g).contiguous(memory_format=torch.channels_last),
+                torch.randint(0, 101, (16,), device="cuda", generator=g).float(),
+                torch.randint(0, 2, (16,), device="cuda", generator=g)) for _ in range(8)]
+    lrs = [0.01 * (i + 1) for i in range(8)]
+    eager, eager_loss, _ = steps_of(False, batches, lrs)
+    graphed, graphed_loss, step = steps_of(True, batches, lrs)
+    assert step.graph is not None and step.warmed == train.GraphedStep.WARMUP  # 3 warm-up steps, 1 capture, 4 replays
+    assert graphed_loss == pytest.approx(eager_loss, rel=1e-4)
+    for name, want in eager.items():
+        assert torch.allclose(graphed[name].float(), want.float(), rtol=1e-3, atol=1e-4), name
+
+
+def test_train_py_with_cuda_graph_trains_resumes_and_saves_plain_checkpoints(tmp_path):
+    data = make_fake_data(tmp_path / "data", n_train=64, n_valid=16, pack=True)
+    common = ["--data", str(data), "--out", str(tmp_path / "run"), "--pretrained", "none", "--device", "cuda",
+              "--batch-size", "8", "--cuda-graph"]
+    train.main(common + ["--epochs", "1"])
+    train.main(common + ["--epochs", "2", "--resume", str(tmp_path / "run" / "last.pt")])
+    log = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert all(torch.isfinite(torch.tensor([r["train_loss"], r["val_loss"], r["lr"]])).all() for r in log)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["cuda_graph"] is True
+    ckpt = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
+    assert all(isinstance(g["lr"], float) for g in ckpt["optimizer"]["param_groups"])
