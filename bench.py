@@ -9,7 +9,8 @@ Measures, on the same machine, data and model, each pair timed back to back and 
 --repeats rounds, after a warm-up, with time.perf_counter:
   train_speedup       images/s of the tuned training step (train.py's train_one_epoch over the packed
                       uint8 memmap loader with batch augmentation on tensors, prefetched in a thread
-                      as train.py does, channels_last, bf16 autocast, --batch-size) over a naive loop
+                      as train.py does, channels_last, bf16 autocast where train.py turns it on (CUDA, CPUs
+                      with bf16 instructions), --batch-size) over a naive loop
                       in the original project's style (the same train_one_epoch, fp32, NCHW, JPEG
                       decoded per sample by FaceDataset in a DataLoader, batch 32), ResNet-18 at the
                       data's size; a third mode, the naive step over the packed loader, splits the
@@ -423,13 +424,13 @@ def train_sources(data: Path, photos: Path, n: int) -> list[Path]:
 
 def train_args(data: Path, out: Path, batch: int, tuned: bool, workers: int, jpeg: bool = False,
                extra: list[str] | tuple = ()) -> argparse.Namespace:
-    """train.py's options for one mode: tuned (its defaults + bf16 on the CPU too, + extra options) or naive
-    (fp32, NCHW, no compile); jpeg: read the JPEGs (FaceDataset) even where the packed file exists."""
+    """train.py's options for one mode: tuned (its defaults, bf16 on CPUs with bf16 instructions, + extra options)
+    or naive (fp32, NCHW, no compile); jpeg: read the JPEGs (FaceDataset) even where the packed file exists."""
     import train
 
     argv = ["--data", str(data), "--out", str(out), "--pretrained", "none", "--batch-size", str(batch),
             "--workers", str(workers), "--epochs", "1"]
-    argv += ["--amp", "--amp-cpu", "--channels-last", *extra] if tuned else ["--no-amp", "--no-channels-last",
+    argv += ["--amp", "--channels-last", *extra] if tuned else ["--no-amp", "--no-channels-last",
                                                                                  "--no-compile"]
     return train.parse_args(argv + (["--jpeg"] if jpeg else []))
 
@@ -579,12 +580,12 @@ def tile_packed(data: Path, out: Path, faces: int) -> dict[str, int]:
 def time_train_py(data: Path, out: Path, batch: int, device: torch.device, extra: list[str]) -> dict:
     """Training images/s of train.py's last epoch as train.py wrote it in OUT/metrics.jsonl (no clock of ours).
 
-    A run in a subprocess, as a user starts it: the README's command with --batch-size and extra. --amp-cpu gives the
-    CPU the bf16 of the bare step it is compared with (CUDA has it by default). A failed run (a nan loss at
+    A run in a subprocess, as a user starts it: the README's command with --batch-size and extra, so with train.py's
+    precision defaults, as the bare step it is compared with. A failed run (a nan loss at
     a large batch's lr, out of memory) is reported in the row, and the rest of the benchmark goes on.
     """
     cmd = [sys.executable, "train.py", "--data", str(data), "--out", str(out), "--epochs", str(LOOP_EPOCHS),
-           "--pretrained", "none", "--device", str(device), "--batch-size", str(batch), "--amp-cpu", *extra]
+           "--pretrained", "none", "--device", str(device), "--batch-size", str(batch), *extra]
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the card's memory to train.py, not to this process's cache
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600)
@@ -978,7 +979,7 @@ def main(argv: list[str] | None = None) -> dict:
                       loop_faces=loop["faces"] if loop else None, loop_batches=args.loop_batches,
                       loop_modes=args.loop_modes,
                       loop_epochs=LOOP_EPOCHS,
-                      loop=f"train.py --epochs {LOOP_EPOCHS} --pretrained none (its defaults: bf16 on CUDA, "
+                      loop=f"train.py --epochs {LOOP_EPOCHS} --pretrained none (its defaults: bf16 on CUDA and bf16 CPUs, "
                            f"channels_last, prefetch), images/s of epoch {LOOP_EPOCHS} from its metrics.jsonl; "
                            "bare: SameBatch",
                       tuned="packed uint8 memmap + batch augmentation, channels_last, bf16 autocast",

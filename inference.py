@@ -46,7 +46,7 @@ import config
 from data_gen import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from face import FaceDetector, align_face
 from metrics import fit_temperature
-from models import load_checkpoint, mirrored, model_args_of
+from models import load_checkpoint, mirrored, model_args_of, model_from_checkpoint, read_checkpoint
 from utils import (UserError, atomic_torch_save, atomic_write_bytes, chunks_within, jpeg_bytes, onnx_session,
                    pick_device, read_image_or_reason)
 
@@ -266,14 +266,14 @@ def calibrate_checkpoint(path: str | Path, batches: Iterable[tuple[torch.Tensor,
                          device) -> float:
     """Fit the gender temperature on (x, age, gender) batches (the validation split) and store it in the
     checkpoint's model_args (rewritten atomically); returns it. train.py calls it on best.pt."""
-    model, _ = load_checkpoint(path, device)
+    ckpt = read_checkpoint(path)
+    model = model_from_checkpoint(ckpt, device)
     logits, genders = [], []
     with torch.inference_mode():
         for x, _, gender in batches:
             logits.append(model(x.to(device))[0].float().cpu())  # (B, 2)
             genders.append(gender.cpu())
     temperature = fit_temperature(torch.cat(logits).numpy(), torch.cat(genders).numpy())
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     ckpt["model_args"] = dict(model_args_of(ckpt), gender_temperature=temperature)
     atomic_torch_save(ckpt, path)
     return temperature

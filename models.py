@@ -210,16 +210,26 @@ def load_backbone(model: AgeGenderNet, state: dict, source: str) -> None:
 
 # --- checkpoints -------------------------------------------------------------------------------
 
-def load_checkpoint(path: str | Path, device: str | torch.device) -> tuple[AgeGenderNet, dict]:
-    """(model in eval mode on device, the training config) from a best.pt / last.pt written by train.py."""
+def read_checkpoint(path: str | Path) -> dict:
+    """A best.pt / last.pt written by train.py, on the CPU (plain values and state dicts only)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; train one with `python train.py --out DIR` (writes DIR/best.pt) "
                         "or run `make quickstart` (writes runs/quickstart/best.pt)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def model_from_checkpoint(ckpt: dict, device: str | torch.device) -> AgeGenderNet:
+    """The model a checkpoint rebuilds from its own model_args, in eval mode on device."""
     model = AgeGenderNet(**model_args_of(ckpt))
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt["config"]
+    return model.to(device).eval()
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device) -> tuple[AgeGenderNet, dict]:
+    """(model in eval mode on device, the training config) from a best.pt / last.pt written by train.py."""
+    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(ckpt, device), ckpt["config"]
 
 
 def model_args_of(ckpt: dict) -> dict:

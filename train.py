@@ -80,7 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=config.DEVICE, help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=config.AMP,
                    help="bf16 autocast on CUDA (default: %(default)s)")
-    p.add_argument("--amp-cpu", action="store_true", help="bf16 autocast on the CPU too (default: off)")
+    p.add_argument("--amp-cpu", action=argparse.BooleanOptionalAction, default=config.AMP_CPU,
+                   help="bf16 autocast on the CPU too (default: on where the CPU has bf16 instructions, "
+                        "AVX512-BF16 or AMX; off elsewhere, where bf16 is emulated and slower than fp32)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=config.CHANNELS_LAST,
                    help="NHWC memory format (default: %(default)s)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=config.COMPILE,
@@ -107,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.prefetch < 0:
         p.error("--prefetch must be 0 or more")
+    if args.amp_cpu is None:
+        args.amp_cpu = cpu_has_bf16()
     if args.age_weight is None:  # l2's loss is in years^2, the others' in years or nats: each its own default
         args.age_weight = config.AGE_WEIGHT_L2 if args.age_loss == "l2" else config.AGE_WEIGHT
     return args
@@ -135,8 +139,14 @@ def memory_format_of(args: argparse.Namespace) -> torch.memory_format:
     return torch.channels_last if args.channels_last else torch.contiguous_format
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles), where bf16 autocast speeds training up."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def make_autocast(args: argparse.Namespace, device: torch.device) -> tuple[bool, functools.partial]:
-    """(amp on?, a torch.autocast factory): bf16 on CUDA with --amp, on the CPU only with --amp-cpu too."""
+    """(amp on?, a torch.autocast factory): bf16 on CUDA with --amp, on the CPU only with --amp-cpu too
+    (parse_args resolved its default from the CPU)."""
     amp = args.amp and (device.type == "cuda" or args.amp_cpu)
     return amp, functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=amp)
 

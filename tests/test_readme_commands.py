@@ -19,7 +19,7 @@ def test_make_quickstart_learns_and_annotates(tmp_path):
     assert best["gender_acc"] >= 0.95 and best["age_mae"] <= 3.5, best
     assert "best: epoch" in r.stdout
     ev = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
-    # evaluate.py agrees with train.py: train trains under bf16 autocast but validates in fp32, as evaluate runs
+    # evaluate.py agrees with train.py: train validates in fp32 even where it trains under bf16 autocast
     assert abs(ev["metrics"]["age_mae"] - best["age_mae"]) < 1e-3
     assert ev["metrics"]["gender_acc"] == best["gender_acc"]
     assert (tmp_path / "run" / "best.onnx").is_file()  # the demo ran on the exported model
