@@ -1,5 +1,16 @@
 """Shared fixtures: the sample photos, a tiny checkpoint in train.py's format and its ONNX export, aligned sample faces."""
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
+
+# before config is imported (by utils below): the MTCNN ONNX cache and anything else cached goes into a folder of
+# this session's, so tests neither write into the user's ~/.cache nor pass on what an earlier run left there;
+# subprocesses inherit it
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="age_gender_tests_cache_")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 from utils import REPO
 
