@@ -892,7 +892,7 @@ def table(res: dict) -> str:
         lines.append(f"  WARNING: other processes used {100 * share:.0f}% of the CPU during this run: these timings "
                      "are skewed; rerun when the machine is quiet")
     if res.get("grid"):
-        lines.append(f"train grid (tuned, bf16, channels_last, batch {s['grid_batch']}"
+        lines.append(f"train grid (tuned: train.py's precision, channels_last, batch {s['grid_batch']}"
                      f"{', compiled' if s['compile'] else ''}, random faces in memory):")
         for g in res["grid"]:
             mem = f", {g['max_memory_gib']:.1f} GiB" if g.get("max_memory_gib") is not None else ""
@@ -982,7 +982,7 @@ def main(argv: list[str] | None = None) -> dict:
                       loop=f"train.py --epochs {LOOP_EPOCHS} --pretrained none (its defaults: bf16 on CUDA and bf16 CPUs, "
                            f"channels_last, prefetch), images/s of epoch {LOOP_EPOCHS} from its metrics.jsonl; "
                            "bare: SameBatch",
-                      tuned="packed uint8 memmap + batch augmentation, channels_last, bf16 autocast",
+                      tuned="packed uint8 memmap + batch augmentation, channels_last, bf16 autocast where train.py turns it on",
                       naive="JPEG per sample (FaceDataset + DataLoader), fp32, NCHW"),
         details=dict(folder=folder or None, train=train_res.get("rounds"), preprocess=pre_res.get("rounds"),
                      infer=infer_res.get("rounds"), infer_faces_per_photo=infer_res.get("faces_per_photo"),
