@@ -48,7 +48,7 @@ SEED = 42  # seeds the split, the cap, the init and the data order
 DEVICE = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
 AMP = True  # bf16 autocast on CUDA, and on the CPU where AMP_CPU allows
 AMP_CPU = None  # bf16 on the CPU too; None = only where it has bf16 instructions (AVX512-BF16, AMX): elsewhere
-               # oneDNN emulates bf16, 12x slower than fp32 (ResNet-18 training on a 2-core AVX2 EPYC)
+               # oneDNN emulates bf16, ~15x slower than fp32 (ResNet-18 training on a 2-core AVX2 EPYC)
 COMPILE = False  # torch.compile the model (slow to start; pays off on long GPU runs)
 COMPILE_MODE = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
 CUDA_GRAPH = False  # capture the whole step as one CUDA graph (one GPU, no --compile): launches cost nothing; off until measured on a GPU

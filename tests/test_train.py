@@ -271,7 +271,7 @@ def test_default_age_weight_is_the_originals_per_loss():
 
 @pytest.mark.parametrize("has_bf16", [True, False])
 def test_bf16_on_the_cpu_defaults_to_what_the_cpu_computes_natively(monkeypatch, has_bf16):
-    """Emulated bf16 trained ResNet-18 12x slower than fp32 on a CPU without bf16 instructions: off there."""
+    """Emulated bf16 trained ResNet-18 ~15x slower than fp32 on a CPU without bf16 instructions: off there."""
     monkeypatch.setattr(train, "cpu_has_bf16", lambda: has_bf16)
     assert train.parse_args([]).amp_cpu is has_bf16
     amp, autocast = train.make_autocast(train.parse_args([]), torch.device("cpu"))
