@@ -430,8 +430,7 @@ def train_args(data: Path, out: Path, batch: int, tuned: bool, workers: int, jpe
 
     argv = ["--data", str(data), "--out", str(out), "--pretrained", "none", "--batch-size", str(batch),
             "--workers", str(workers), "--epochs", "1"]
-    argv += ["--amp", "--channels-last", *extra] if tuned else ["--no-amp", "--no-channels-last",
-                                                                                 "--no-compile"]
+    argv += ["--amp", "--channels-last", *extra] if tuned else ["--no-amp", "--no-channels-last", "--no-compile"]
     return train.parse_args(argv + (["--jpeg"] if jpeg else []))
 
 

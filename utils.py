@@ -309,7 +309,13 @@ def pid_alive(pid: int) -> bool:
 
 
 def git_commit() -> str | None:
-    """The code version of this checkout (commit, '+dirty' when modified), or None outside git."""
+    """The code version of this checkout (commit, '+dirty' when modified), or None outside git.
+
+    AGE_GENDER_COMMIT, where set, is the answer: a copy sent without this checkout's .git (the device
+    machine's, whose .git may be another's) is told which commit it runs.
+    """
+    if os.environ.get("AGE_GENDER_COMMIT"):
+        return os.environ["AGE_GENDER_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
         if sha.returncode != 0:

@@ -11,9 +11,9 @@
 #                                         each, on 400 IMDB-sized photos (~1.5 min)
 #
 # On the device machine (torch 2.11 / torchvision 0.26, no tensorboardX, mtcnn or lz4): `run` with
-# carry [".whl"], timeout_s 600 and the command `COMMIT=<git rev-parse HEAD here> bash
-# scripts/gpu_bench.sh` (the copy's .git, if any, is not this checkout's: COMMIT goes into the
-# JSON's git_commit); the JSON and the logs come back from $OUT (files_at); copy bench_cuda.json
+# carry [".whl"], timeout_s 600 and the command `AGE_GENDER_COMMIT=<git rev-parse HEAD here> bash
+# scripts/gpu_bench.sh` (the copy's .git, if any, is not this checkout's: utils.git_commit gives
+# AGE_GENDER_COMMIT to the JSON and to every train.py run's config.json); the JSON and the logs come back from $OUT (files_at); copy bench_cuda.json
 # into results/, commit it and put its table in the README's Speed section with the date, GPU,
 # torch version and commit. On a GPU box of your own with our requirements installed:
 # PYTHON=.venv/bin/python scripts/gpu_bench.sh.
@@ -71,10 +71,6 @@ timeout --kill-after=10 "${BENCH_SECONDS:-380}" "$PYTHON" bench.py --device cuda
     --loop-batches 256 1024 --loop-modes eager cuda-graph "$@" --out "$out/bench_cuda.json" 2>&1 \
     | tee "$out/bench_cuda.log"
 rc=${PIPESTATUS[0]}
-if [[ -n "${COMMIT:-}" && -f "$out/bench_cuda.json" ]]; then  # the commit sent, not the copy's stale .git
-    "$PYTHON" -c 'import json, sys; p = sys.argv[1]; d = json.load(open(p)); d["git_commit"] = sys.argv[2]
-json.dump(d, open(p, "w"), indent=2, sort_keys=True)' "$out/bench_cuda.json" "$COMMIT"
-fi
 if [[ -f scripts/imdb_scale.py && "${SCALE_SECONDS:-150}" -gt 0 ]]; then
     # 460,723 rows, 3,000 IMDB-sized photos; 8 decode/write workers for the 16 cores of the device machine
     timeout --kill-after=10 "${SCALE_SECONDS:-150}" "$PYTHON" scripts/imdb_scale.py --device cuda \

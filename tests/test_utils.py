@@ -1,11 +1,12 @@
-"""utils.CtrlCBetweenSteps: where train.py lets a Ctrl-C land."""
+"""utils: CtrlCBetweenSteps (where train.py lets a Ctrl-C land) and git_commit."""
 import os
 import signal
+import subprocess
 import time
 
 import pytest
 
-from utils import CtrlCBetweenSteps
+from utils import REPO, CtrlCBetweenSteps, git_commit
 
 
 def test_ctrl_c_between_steps_waits_for_the_next_step_and_a_second_one_interrupts_at_once():
@@ -22,3 +23,12 @@ def test_ctrl_c_between_steps_waits_for_the_next_step_and_a_second_one_interrupt
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs here; the raise must not wait for a check()
     assert signal.getsignal(signal.SIGINT) is before  # put back on the way out
+
+
+def test_git_commit_is_the_checkout_s_or_the_one_a_copy_is_told(monkeypatch):
+    """A checkout answers its HEAD; a copy sent without its .git (the device machine's) is told by AGE_GENDER_COMMIT."""
+    monkeypatch.delenv("AGE_GENDER_COMMIT", raising=False)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert git_commit().removesuffix("+dirty") == head
+    monkeypatch.setenv("AGE_GENDER_COMMIT", "abc123")
+    assert git_commit() == "abc123"
