@@ -146,8 +146,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--naive-batch", type=int, default=None, help=f"naive training batch (default: {NAIVE_BATCH}, quick 4)")
     p.add_argument("--workers", type=int, default=config.NUM_WORKERS,
                    help="DataLoader workers of the naive JPEG loader (default: %(default)s)")
-    p.add_argument("--detect-batch", type=int, default=config.DETECT_BATCH,
-                   help="photos per batched MTCNN call (default: %(default)s)")
+    p.add_argument("--detect-batch", type=int, default=None,
+                   help=f"photos per batched MTCNN call (default: pre_process.py's, {config.DETECT_BATCH_CUDA} on a GPU, "
+                        f"{config.DETECT_BATCH} on the CPU)")
     p.add_argument("--preprocess-photos", type=int, default=None,
                    help="built-in crops detected and aligned per mode and round (default: 192, quick 8)")
     p.add_argument("--infer-crops", type=int, default=None,
@@ -188,6 +189,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q = args.quick
     defaults = dict(steps=2 if q else 20, warmup=1 if q else 3, repeats=1 if q else 2,
                     batch_size=8 if q else (256 if cuda else 64), naive_batch=4 if q else NAIVE_BATCH,
+                    detect_batch=config.DETECT_BATCH_CUDA if cuda else config.DETECT_BATCH,
                     preprocess_photos=8 if q else 192, infer_crops=1 if q else 3, folder_crops=1 if q else (300 if cuda else 40), infer_repeat=1 if q else 10,
                     grid=cuda, grid_batch=2 if q else (256 if cuda else 16), loop=cuda,
                     loop_modes=["eager", "cuda-graph"] if cuda else ["eager"],

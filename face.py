@@ -410,29 +410,40 @@ def _area_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(i, 0, in_size - 1), w.astype(np.float32)
 
 
-@lru_cache(maxsize=512)
-def _area_taps_on(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """_area_taps as tensors on `device`, kept so repeated sizes cost no host->device copy."""
-    idx, w = _area_taps(in_size, out_size)
-    return torch.from_numpy(idx).to(device), torch.from_numpy(w).to(device)
+Taps = tuple[torch.Tensor, torch.Tensor]  # one axis' _area_taps on a device: indices (out, K), weights (out, K)
 
 
-def _resize_rows(x: torch.Tensor, out_size: int) -> torch.Tensor:
+def area_taps_on(pairs: Sequence[tuple[int, int]], device: torch.device) -> list[Taps]:
+    """_area_taps of each (in_size, out_size) pair on `device`, sent in one copy of indices and one of weights.
+
+    On a GPU a copy from pageable host memory waits for the device to finish its queue: one pair of
+    copies for a whole P-Net pass, not one per pyramid level and axis, keeps the host ahead.
+    """
+    taps = [_area_taps(n_in, n_out) for n_in, n_out in pairs]
+    sizes = [idx.size for idx, _ in taps]
+    idx = torch.from_numpy(np.concatenate([i.ravel() for i, _ in taps])).to(device).split(sizes)
+    w = torch.from_numpy(np.concatenate([w.ravel() for _, w in taps])).to(device).split(sizes)
+    return [(i.view(t[0].shape), v.view(t[0].shape)) for i, v, t in zip(idx, w, taps)]
+
+
+def _resize_rows(x: torch.Tensor, taps: Taps) -> torch.Tensor:
     """Area-resample the rows of x (L, M) -> (out, M): gather whole rows, then one weighted sum each."""
-    idx, w = _area_taps_on(x.shape[0], out_size, x.device)  # (out, K)
+    idx, w = taps  # (out, K)
     rows = x.index_select(0, idx.reshape(-1)).view(idx.shape[0], idx.shape[1], x.shape[1])  # (out, K, M)
     return torch.bmm(w[:, None, :], rows)[:, 0]  # (out, M)
 
 
-def area_resize(image: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+def area_resize(image: torch.Tensor, taps_y: Taps, taps_x: Taps) -> torch.Tensor:
     """TensorFlow-exact AREA resize of an (H, W, C) float image -> (C, out_h, out_w), any device.
 
-    Separable; each pass gathers contiguous rows (fast everywhere) instead of single elements.
+    taps_y, taps_x: area_taps_on's for (H, out_h) and (W, out_w). Separable; each pass gathers
+    contiguous rows (fast everywhere) instead of single elements.
     """
     h, w, c = image.shape
-    x = _resize_rows(image.reshape(h, w * c), out_h)  # (out_h, W*C)
+    out_h, out_w = taps_y[0].shape[0], taps_x[0].shape[0]
+    x = _resize_rows(image.reshape(h, w * c), taps_y)  # (out_h, W*C)
     x = x.view(out_h, w, c).transpose(0, 1).reshape(w, out_h * c)  # (W, out_h*C)
-    x = _resize_rows(x, out_w)  # (out_w, out_h*C)
+    x = _resize_rows(x, taps_x)  # (out_w, out_h*C)
     return x.view(out_w, out_h, c).permute(2, 1, 0)  # (C, out_h, out_w)
 
 
@@ -693,7 +704,6 @@ class FaceDetector:
         if not rects:
             return empty
         tile_h, tile_w, where = _pack([(hs, ws) for _, _, hs, ws in rects], tile_side(rects))
-        out_h, out_w = _pnet_out(tile_h), _pnet_out(tile_w)
         n_tiles = max(t for t, _, _ in where) + 1
         budget = min(_MAX_CANVAS_PIXELS, _CPU_CANVAS_PIXELS) if dev.type == "cpu" else _MAX_CANVAS_PIXELS
         per_pass = max(budget // (tile_h * tile_w), 1)
@@ -703,18 +713,8 @@ class FaceDetector:
         scale_t = torch.tensor([s for _, s, _, _ in rects], device=dev, dtype=torch.float32)
         found = []
         for first in range(0, n_tiles, per_pass):
-            n = min(per_pass, n_tiles - first)
-            canvas = torch.empty((n, 3, tile_h, tile_w), device=dev, memory_format=self.memory_format).zero_()
-            valid = torch.zeros((n, 1, tile_h - 2, tile_w - 2), dtype=torch.bool, device=dev)
-            owner = torch.full((n, out_h, out_w), -1, dtype=torch.long, device=dev)  # level of each output cell
-            for r, (t, y, x) in enumerate(where):
-                if not first <= t < first + n:
-                    continue
-                i, _, hs, ws = rects[r]
-                t -= first
-                canvas[t, :, y:y + hs, x:x + ws] = area_resize(batch.image(i), hs, ws)
-                valid[t, 0, y:y + hs - 2, x:x + ws - 2] = True
-                owner[t, y // 2:y // 2 + _pnet_out(hs), x // 2:x // 2 + _pnet_out(ws)] = r
+            canvas, valid, owner = self._pass_input(batch, rects, where, first, min(per_pass, n_tiles - first),
+                                                    tile_h, tile_w)
             reg, prob = self.pnet(canvas, valid)  # (n, 4, out_h, out_w), (n, out_h, out_w)
             # cells outside every level are garbage (maybe NaN): the owner mask drops them
             ct, cy, cx = ((owner >= 0) & (prob > self.thresholds[0])).nonzero(as_tuple=True)
@@ -734,6 +734,30 @@ class FaceDetector:
         boxes, score, img = boxes[keep], score[keep], rect_img[r[keep]]
         keep = fast_nms(boxes, score, img, _NMS_PNET_ALL)  # per image, across levels
         return _square(boxes[keep]), img[keep]
+
+    def _pass_input(self, batch: _Batch, rects: list[tuple[int, float, int, int]], where: list[tuple[int, int, int]],
+                    first: int, n: int, tile_h: int, tile_w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """P-Net's input for tiles first .. first + n - 1: canvas (n, 3, H, W), valid (n, 1, H-2, W-2), owner.
+
+        owner (n, out_h, out_w) holds the pyramid level of each output cell (-1: none). The two masks
+        are drawn on the host, where a rectangle is free, and sent in one copy each; on a GPU, drawing
+        them on the device cost two launches and eight more ops per level.
+        """
+        valid = np.zeros((n, 1, tile_h - 2, tile_w - 2), dtype=bool)
+        owner = np.full((n, _pnet_out(tile_h), _pnet_out(tile_w)), -1, dtype=np.int64)
+        levels = [(r, t - first, y, x) for r, (t, y, x) in enumerate(where) if first <= t < first + n]
+        pairs = []  # (in, out) sizes of each level's rows, then of its columns
+        for r, t, y, x in levels:
+            i, _, hs, ws = rects[r]
+            valid[t, 0, y:y + hs - 2, x:x + ws - 2] = True
+            owner[t, y // 2:y // 2 + _pnet_out(hs), x // 2:x // 2 + _pnet_out(ws)] = r
+            pairs += [(batch.shapes[i][0], hs), (batch.shapes[i][1], ws)]
+        taps = area_taps_on(pairs, self.device)
+        canvas = torch.empty((n, 3, tile_h, tile_w), device=self.device, memory_format=self.memory_format).zero_()
+        for (r, t, y, x), taps_y, taps_x in zip(levels, taps[::2], taps[1::2]):
+            i, _, hs, ws = rects[r]
+            canvas[t, :, y:y + hs, x:x + ws] = area_resize(batch.image(i), taps_y, taps_x)
+        return canvas, torch.from_numpy(valid).to(self.device), torch.from_numpy(owner).to(self.device)
 
     def _run_chunked(self, net: nn.Module | OnnxNet, batch: _Batch, boxes: torch.Tensor, img: torch.Tensor,
                      size: int) -> tuple[torch.Tensor, ...]:

@@ -358,7 +358,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fallback", choices=("drop", "center"), default=config.FALLBACK, help="when no face is found (default: %(default)s)")
     p.add_argument("--seed", type=int, default=config.SEED, help="seeds the cap and the split (default: %(default)s)")
     p.add_argument("--workers", type=int, default=config.WORKERS, help="decoding processes, 0 = inline (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=config.DETECT_BATCH, help="photos per MTCNN call (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=None,
+                   help=f"photos per MTCNN call (default: {config.DETECT_BATCH_CUDA} on CUDA, {config.DETECT_BATCH} on the CPU)")
     p.add_argument("--min-face-fraction", type=float, default=config.MIN_FACE_FRACTION,
                    help="look for faces from this fraction of each photo's short side up, retrying a photo without "
                         "one with MTCNN's full pyramid (0: the full pyramid only) (default: %(default)s)")
@@ -451,6 +452,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: str) -> None:
                 raise UserError(f"--pack-only: {out / 'labels.csv'} not found; run pre_process.py without --pack-only first")
             pack(out)
         return
+    if args.batch is None:  # resolved here, so that summary.json's settings hold the batch used
+        args.batch = config.DETECT_BATCH_CUDA if device.startswith("cuda") else config.DETECT_BATCH
     if args.size < 32:
         raise UserError(f"--size {args.size}: too small to hold a face; use 112 or 224")
     if not 0 <= args.min_face_fraction < 1:

@@ -266,7 +266,8 @@ def _tf_resize_area_reference(img: np.ndarray, oh: int, ow: int) -> np.ndarray:
 @pytest.mark.parametrize("shape,out", [((13, 17), (7, 9)), ((9, 10), (9, 10)), ((5, 6), (8, 11)), ((40, 33), (11, 23))])
 def test_area_resize_is_tensorflows(shape, out):
     img = np.random.default_rng(0).uniform(-1, 1, shape + (3,))
-    got = face.area_resize(torch.from_numpy(img).float(), *out).permute(1, 2, 0).numpy()
+    taps = face.area_taps_on([(shape[0], out[0]), (shape[1], out[1])], torch.device("cpu"))
+    got = face.area_resize(torch.from_numpy(img).float(), *taps).permute(1, 2, 0).numpy()
     np.testing.assert_allclose(got, _tf_resize_area_reference(img, *out), atol=1e-5)
 
 

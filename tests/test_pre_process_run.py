@@ -51,6 +51,7 @@ def test_outputs_and_drop_counts(built):
         assert 0 <= int(r["age"]) <= 100 and r["gender"] in ("0", "1")
         assert (root / r["source"]).is_file()
     assert (out / "age_hist.png").read_bytes()[:4] == b"\x89PNG"
+    assert summary["settings"]["batch"] == config.DETECT_BATCH  # --batch's default on the CPU, as it was resolved
 
 
 def test_ages_match_the_generator(built):
