@@ -20,7 +20,7 @@ FALLBACK = "drop"  # when MTCNN finds no face: drop the entry, or align the cent
 JPEG_QUALITY = 95  # aligned faces are stored as JPEG at this quality
 WORKERS = 2  # decoding / writing processes (these machines have 2 cores; raise on a big box)
 DETECT_BATCH = 16  # photos per batched MTCNN call (pre_process.py on the CPU; demo.py and serve.py: per batch of photos)
-DETECT_BATCH_CUDA = 64  # pre_process.py's on a GPU, where each op is a launch: a call runs ~900 ops however many photos it holds (counted on the CPU: ~57 a photo at 16, ~14 at 64)
+DETECT_BATCH_CUDA = 64  # pre_process.py's on a GPU, where each op is a launch or a dispatch: a call runs ~780 ops of its own besides ~140 per photo (counted on the CPU)
 MIN_FACE_FRACTION = 0.25  # pre_process.py looks for faces from this share of a crop's short side up (the labelled one spans ~0.56); none found: retried from 20 px
 SORT_BATCHES = 4  # pre_process.py sorts decoded photos by size this many --batch's at a time (similar sizes share P-Net's tiles)
 
