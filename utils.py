@@ -287,14 +287,18 @@ def pick_device(name: str) -> "torch.device":
     return torch.device(name)
 
 
-def process_device(device: "torch.device", world: int, local_rank: int) -> "torch.device":
-    """Under torchrun each process takes the GPU of its LOCAL_RANK; one GPU named for all would fail in NCCL."""
+def process_device(device: "torch.device", world: int, local_rank: int, gpus: int = 0) -> "torch.device":
+    """Under torchrun each process takes the GPU of its LOCAL_RANK; one GPU named for all would fail in NCCL.
+
+    gpus > 0 lets processes share that many GPUs round robin (LOCAL_RANK % gpus): pre_process.py's ranks
+    meet only over gloo, and one process's host work (decoding, MTCNN's glue) may leave its GPU idle.
+    """
     if world == 1 or device.type != "cuda":
         return device
     if device.index is not None:
         raise UserError(f"--device {device} under torchrun: every process would use that one GPU; pass --device cuda "
                         "(process N takes cuda:N) and choose the GPUs with CUDA_VISIBLE_DEVICES")
-    return type(device)("cuda", local_rank)
+    return type(device)("cuda", local_rank % gpus if gpus > 0 else local_rank)
 
 
 def pid_alive(pid: int) -> bool:

@@ -287,6 +287,8 @@ def test_each_torchrun_process_takes_its_own_gpu():
     assert utils.process_device(cuda, 4, 2) == torch.device("cuda", 2)
     assert utils.process_device(torch.device("cuda", 1), 1, 0) == torch.device("cuda", 1)  # one process: as asked
     assert utils.process_device(torch.device("cpu"), 4, 2) == torch.device("cpu")
+    # pre_process.py's ranks share the GPUs there are: 4 processes on 2 GPUs take 0, 1, 0, 1
+    assert [utils.process_device(cuda, 4, k, gpus=2).index for k in range(4)] == [0, 1, 0, 1]
     with pytest.raises(UserError, match="--device cuda:1 under torchrun.*pass --device cuda.*CUDA_VISIBLE_DEVICES"):
         utils.process_device(torch.device("cuda", 1), 2, 0)
 
