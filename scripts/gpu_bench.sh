@@ -6,6 +6,11 @@
 #   SCALE_SECONDS=0 OUT=/tmp/b PYTHON=.venv/bin/python scripts/gpu_bench.sh --device cpu --quick --loop-batches 8 16 --steps 2 --repeats 1
 #                                         a dry run on the CPU (arguments go on to bench.py; only a
 #                                         CUDA run is copied into results/)
+#   scripts/gpu_bench.sh --scale          on the same machine, a second call (after a first with SCALE_SECONDS=0):
+#                                         issue 11 on the GPU, scripts/imdb_scale.py (460,723 rows, 3,000
+#                                         photos): one process, then profiled under cProfile, then 4
+#                                         processes sharing the GPU under torchrun (~4 min); a dry run here:
+#                                         DEVICE=cpu OUT=/tmp/s PYTHON=.venv/bin/python scripts/gpu_bench.sh --scale --rows 3000 --photos 40
 #   scripts/gpu_bench.sh --shards         on the same machine, a second call: pre_process.py sharded
 #                                         (issue 11): 1 CPU process against torchrun's 2, 4 threads
 #                                         each, on 400 IMDB-sized photos (~1.5 min)
@@ -41,6 +46,16 @@ if [[ -n "$missing" ]] && compgen -G ".whl/*.whl" >/dev/null; then  # the device
 fi
 out=${OUT:-results}
 mkdir -p "$out"
+if [[ "${1:-}" == "--scale" ]]; then  # 16 cores: 8 decode workers for one process; 4 processes of 3
+    set +e
+    timeout --kill-after=10 "${SCALE_SECONDS:-300}" "$PYTHON" scripts/imdb_scale.py --device "${DEVICE:-cuda}" \
+        --work /tmp/imdb_scale "${@:2}" --out-json "$out/imdb_scale_cuda.json" --profile "$out/imdb_scale_cuda_profile.txt" -- --workers 8 \
+        2>&1 | tee "$out/imdb_scale_cuda.log"
+    OMP_NUM_THREADS=2 timeout --kill-after=10 "${SCALE_SECONDS:-300}" "$PYTHON" scripts/imdb_scale.py --device "${DEVICE:-cuda}" \
+        --nproc 4 --work /tmp/imdb_scale "${@:2}" --out-json "$out/imdb_scale_cuda_4.json" -- --workers 3 \
+        2>&1 | tee "$out/imdb_scale_cuda_4.log"
+    exit 0
+fi
 if [[ "${1:-}" == "--shards" ]]; then  # the device machine's 16 cores: room for two processes of 4 threads
     for n in 1 2; do
         OMP_NUM_THREADS=4 timeout --kill-after=10 150 "$PYTHON" scripts/imdb_scale.py --rows 30000 --photos 400 \

@@ -44,9 +44,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import json
 import multiprocessing as mp
 import os
+import pstats
 import shutil
 import subprocess
 import sys
@@ -200,6 +202,23 @@ def timed_run(cmd: list[str], log: Path) -> dict:
     return dict(seconds=seconds, max_rss_mb=usage.ru_maxrss / 1024, tree_peak_rss_mb=peak[0] / 2**20)
 
 
+def profile(cmd: list[str], out: Path, report: Path, log: Path) -> None:
+    """The run once more, into a fresh `out`, under cProfile: which host functions take the main process's time.
+
+    Its own run: the profiler slows Python down, so the timed runs stay unprofiled. Only the main
+    process is profiled (a torchrun launcher, if any, is dropped), where MTCNN's glue runs.
+    """
+    shutil.rmtree(out, ignore_errors=True)
+    stats = report.with_suffix(".prof")
+    script = cmd.index("pre_process.py")
+    timed_run([sys.executable, "-m", "cProfile", "-o", str(stats), *cmd[script:]], log)
+    text = io.StringIO()
+    pstats.Stats(str(stats), stream=text).sort_stats("tottime").print_stats(30)
+    pstats.Stats(str(stats), stream=text).sort_stats("cumulative").print_stats(30)
+    report.write_text(text.getvalue(), encoding="utf-8")
+    print(f"profile of one run: {report}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=IMDB_ROWS, help="rows of imdb.mat (default: %(default)s, the real file's)")
@@ -213,6 +232,8 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=os.cpu_count(), help="processes writing the photos (default: %(default)s, the CPUs)")
     p.add_argument("--nproc", type=int, default=1,
                    help="pre_process.py processes (torchrun --nproc_per_node) (default: %(default)s, plain python)")
+    p.add_argument("--profile", default=None,
+                   help="then a third run under cProfile (one process), its busiest functions written to this text file")
     p.add_argument("extra", nargs="*", help="more pre_process.py arguments, after --")
     args = p.parse_args()
     work = Path(args.work)
@@ -244,6 +265,8 @@ def main() -> None:
         cpus=os.cpu_count(), load_before=load, dataset=str(root), dataset_build_s=build_s if built else None,
         command=cmd)
     write_json(Path(args.out_json) if args.out_json else work / "results.json", result)
+    if args.profile:
+        profile(cmd, out, Path(args.profile), work / "profile.log")
 
     rate = f"{result['align_photos_per_s']:.1f}" if align_s > 0 else "n/a (rerun not faster)"
     print(f"""pre_process.py --device {args.device} --size {args.size} {' '.join(args.extra)}, {args.nproc} process(es)
