@@ -271,6 +271,20 @@ def test_area_resize_is_tensorflows(shape, out):
     np.testing.assert_allclose(got, _tf_resize_area_reference(img, *out), atol=1e-5)
 
 
+def test_a_passes_taps_travel_in_one_copy():
+    """area_taps_on's taps for many levels are views of one index and one weight buffer (on a GPU, each copy from
+    pageable memory waits for the device), each the shape and values _area_taps gives."""
+    pairs = [(430, 107), (322, 80), (430, 76), (322, 57), (17, 17), (5, 8)]
+    taps = face.area_taps_on(pairs, torch.device("cpu"))
+    for k in (0, 1):
+        assert len({t[k].untyped_storage().data_ptr() for t in taps}) == 1
+    for (n_in, n_out), (idx, w) in zip(pairs, taps):
+        want_idx, want_w = face._area_taps(n_in, n_out)
+        assert idx.shape == want_idx.shape == w.shape and idx.shape[0] == n_out
+        np.testing.assert_array_equal(idx.numpy(), want_idx)
+        np.testing.assert_array_equal(w.numpy(), want_w)
+
+
 def test_crops_of_the_whole_image_are_align_corners_resizes():
     """tf.image.crop_and_resize of box (0, 0, W, H) samples the pixel centres 0 .. W-1: align_corners=True."""
     rng = np.random.default_rng(0)
