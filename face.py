@@ -419,11 +419,11 @@ def area_taps_on(pairs: Sequence[tuple[int, int]], device: torch.device) -> list
     On a GPU a copy from pageable host memory waits for the device to finish its queue: one pair of
     copies for a whole P-Net pass, not one per pyramid level and axis, keeps the host ahead.
     """
-    taps = [_area_taps(n_in, n_out) for n_in, n_out in pairs]
-    sizes = [idx.size for idx, _ in taps]
-    idx = torch.from_numpy(np.concatenate([i.ravel() for i, _ in taps])).to(device).split(sizes)
-    w = torch.from_numpy(np.concatenate([w.ravel() for _, w in taps])).to(device).split(sizes)
-    return [(i.view(t[0].shape), v.view(t[0].shape)) for i, v, t in zip(idx, w, taps)]
+    taps = [_area_taps(n_in, n_out) for n_in, n_out in pairs]  # numpy (out, K) pairs
+    sizes = [index.size for index, _ in taps]
+    indices = torch.from_numpy(np.concatenate([index.ravel() for index, _ in taps])).to(device).split(sizes)
+    weights = torch.from_numpy(np.concatenate([weight.ravel() for _, weight in taps])).to(device).split(sizes)
+    return [(i.view(t[0].shape), w.view(t[0].shape)) for i, w, t in zip(indices, weights, taps)]
 
 
 def _resize_rows(x: torch.Tensor, taps: Taps) -> torch.Tensor:
