@@ -28,7 +28,7 @@ Measures, on the same machine, data and model, each pair timed back to back and 
                       crops; ours looks for faces from --min-face (80) px, the smallest the peer finds
   infer_folder_*      photos/s on a folder (the sample portraits and --folder-crops built-in crops):
                       bench_inference.py folder, run as a user runs it, on --device, batched (photos
-                      decoded ahead, --detect-batch photos per MTCNN call and forward pass) against one
+                      decoded ahead, demo.py's default photos per MTCNN call and forward pass) against one
                       photo at a time, with the same model as above (the .pt, or the --checkpoint given)
 With --device cuda (or --grid) it adds training images/s of ResNet-18 and ResNet-50 at 112 and
 224 on random uint8 faces held in memory (the tuned path, --grid-batch, optional --compile).
@@ -823,7 +823,7 @@ def bench_folder(args: argparse.Namespace, device: torch.device, checkpoint: Pat
     out = tmp / "folder.json"
     proc = subprocess.run([sys.executable, "bench_inference.py", "folder", "--checkpoint", str(checkpoint),
                            "--device", str(device), "--crops", str(args.folder_crops), "--repeats", str(args.repeats),
-                           "--photo-batch", str(args.detect_batch), "--out", str(out)],
+                           "--out", str(out)],
                           capture_output=True, text=True, cwd=REPO, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"bench_inference.py folder failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
