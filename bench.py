@@ -652,10 +652,12 @@ def bench_loop(args: argparse.Namespace, data: Path, tmp: Path, device: torch.de
 
 def align_photos(detector, photos: list[np.ndarray], batch: int, size: int) -> int:
     """pre_process.align_all's work (pre_process.align_batch) on decoded photos, batch photos a call: faces aligned."""
+    from face import prepare_crop
     from pre_process import align_batch
 
-    return sum(len(align_batch(detector, [(None, p) for p in photos[start:start + batch]], size, False,
-                               config.MIN_FACE_FRACTION)[0]) for start in range(0, len(photos), batch))
+    fraction = config.MIN_FACE_FRACTION
+    return sum(len(align_batch(detector, [(None, p, prepare_crop(detector, p, fraction)) for p in photos[start:start + batch]],
+                               size, False, fraction)[0]) for start in range(0, len(photos), batch))
 
 
 def bench_preprocess(args: argparse.Namespace, data: Path, photos_dir: Path, device: torch.device, size: int) -> dict:

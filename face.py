@@ -918,22 +918,40 @@ def _unshrunk(faces: Faces, k: np.ndarray) -> Faces:
     return Faces(faces.boxes * np.tile(k, 2) + np.tile(shift, 2), faces.scores, faces.landmarks * k + shift)
 
 
-def detect_in_crops(detector: FaceDetector, images: list[np.ndarray], fraction: float
+@dataclass(frozen=True, eq=False)
+class CropSearch:
+    """An IMDB-WIKI crop made ready for detect_in_crops by prepare_crop: what P-Net searches, from what face size."""
+
+    image: np.ndarray  # the photo area-shrunk so that its smallest face sought is about _ONET_SIDE px (or itself)
+    k: np.ndarray  # (kx, ky): photo pixels per searched pixel
+    min_face: int  # the smallest face sought, in the searched image's pixels
+
+
+def prepare_crop(detector: FaceDetector, image: np.ndarray, fraction: float) -> CropSearch:
+    """The photo shrunk (_shrunk) for faces of crop_min_face px and up: detect_in_crops' host work before detection.
+
+    A function of its own so that a caller can run it in threads ahead of detection (cv2 releases the
+    GIL): an IMDB-sized photo takes ~1.6 ms of a core, time a GPU's feeding thread cannot spare.
+    """
+    min_face = crop_min_face(detector, image.shape, fraction)
+    small, k = _shrunk(image, min_face)
+    # the min face in the shrunk photo: _ONET_SIDE, or the photo's own where it was not shrunk
+    return CropSearch(small, k, int(min_face / k.min()))
+
+
+def detect_in_crops(detector: FaceDetector, images: list[np.ndarray], searches: list[CropSearch]
                     ) -> tuple[list[Faces], list[bool]]:
     """Faces of IMDB-WIKI crops, looked for from crop_min_face up; (faces, retried) per photo.
 
-    Each photo is searched shrunk (_shrunk) for faces of crop_min_face px and up; boxes and
-    landmarks come back in the photo's own pixels. A photo with no face that large is detected
-    again in full with the detector's full pyramid (retried True), so every photo a plain
+    searches: prepare_crop of each photo (the photo shrunk for faces of crop_min_face px and up);
+    boxes and landmarks come back in the photo's own pixels. A photo with no face that large is
+    detected again in full with the detector's full pyramid (retried True), so every photo a plain
     detect() finds a face in still has one.
     """
     if not images:
         return [], []
-    min_faces = [crop_min_face(detector, im.shape, fraction) for im in images]
-    shrunk = [_shrunk(im, m) for im, m in zip(images, min_faces)]
-    # the min face in the shrunk photo: _ONET_SIDE, or the photo's own where it was not shrunk
-    found = detector.detect([im for im, _ in shrunk], [int(m / k.min()) for m, (_, k) in zip(min_faces, shrunk)])
-    found = [_unshrunk(f, k) for f, (_, k) in zip(found, shrunk)]
+    found = detector.detect([s.image for s in searches], [s.min_face for s in searches])
+    found = [_unshrunk(f, s.k) for f, s in zip(found, searches)]
     retried = [len(faces) == 0 for faces in found]
     retry = [i for i, again in enumerate(retried) if again]
     for i, faces in zip(retry, detector.detect([images[i] for i in retry]) if retry else []):

@@ -29,7 +29,7 @@ import multiprocessing as mp
 import os
 import signal
 from collections import deque
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -224,12 +224,17 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
     # spawn: fork after torch threads start can deadlock; Ctrl-C is the parent's to handle
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=signal.signal,
                                initargs=(signal.SIGINT, signal.SIG_IGN)) if workers > 0 else _InlineExecutor()
+    # on a GPU, threads shrink the photos for the search as they enter the sorting window while this one feeds
+    # the device; on the CPU the cores are torch's, and shrinking in threads beside it ran 10-15% slower (2 cores)
+    shrinker = ThreadPoolExecutor(workers) if workers > 0 and device != "cpu" else _InlineExecutor()
     writes: deque[Future] = deque()
     undecoded = 0  # photos that failed to decode, already on the progress bar
     try:
         with tqdm(total=len(todo), desc="align", unit="photo") as bar:
             photos = zip((dst for _, dst in todo), decode_ahead(pool, [src for src, _ in todo], ahead))
-            for chunk in size_sorted_batches(photos, batch, sort_batches, dropped):
+            searched = with_searches(shrinker, photos, detector, min_face_fraction)
+            for chunk in size_sorted_batches(searched, batch, sort_batches, dropped):
+                chunk = [(dst, img, search.result() if search else None) for dst, img, search in chunk]
                 faces, again = align_batch(detector, chunk, size, fallback == "center", min_face_fraction)
                 retried += again
                 if len(faces) < len(chunk):
@@ -246,46 +251,63 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
             bar.update(bar.total - bar.n)  # photos that failed to decode after the last batch
     finally:
         pool.shutdown(cancel_futures=True)
+        shrinker.shutdown(cancel_futures=True)
     return dropped, retried
 
 
-def align_batch(detector: "face.FaceDetector", chunk: list[tuple[Path, np.ndarray]], size: int, center_fallback: bool,
-                min_face_fraction: float) -> tuple[list[tuple[Path, np.ndarray]], int]:
-    """([(target, aligned face (size, size, 3))] of the photos with a face, photos retried) for one batch.
+def with_searches(pool: Executor, photos: Iterable[tuple[Path, np.ndarray | str]], detector: "face.FaceDetector",
+                  fraction: float) -> Iterator[tuple[Path, np.ndarray | str, Future | None]]:
+    """(target, photo or the reason it is unusable, the future of its face.prepare_crop), submitted as it comes.
 
-    A function of its own so that no decoded photo outlives its batch (the caller's locals would).
+    No future for a reason, nor with fraction 0 (the full pyramid searches the photo itself). Submitted
+    when size_sorted_batches takes the photo into its window, a batch or more before its detection.
     """
     import face  # see align_all
 
-    images = [img for _, img in chunk]
+    for dst, img in photos:
+        usable = fraction > 0 and not isinstance(img, str)
+        yield dst, img, pool.submit(face.prepare_crop, detector, img, fraction) if usable else None
+
+
+def align_batch(detector: "face.FaceDetector", chunk: list[tuple[Path, np.ndarray, "face.CropSearch | None"]], size: int,
+                center_fallback: bool, min_face_fraction: float) -> tuple[list[tuple[Path, np.ndarray]], int]:
+    """([(target, aligned face (size, size, 3))] of the photos with a face, photos retried) for one batch.
+
+    chunk: (target, photo, its face.prepare_crop, or None with min_face_fraction 0). A function of its
+    own so that no decoded photo outlives its batch (the caller's locals would).
+    """
+    import face  # see align_all
+
+    images = [img for _, img, _ in chunk]
     if min_face_fraction > 0:
-        found, again = face.detect_in_crops(detector, images, min_face_fraction)
+        found, again = face.detect_in_crops(detector, images, [search for _, _, search in chunk])
     else:
         found, again = detector.detect(images), []
-    aligned = [(dst, face.align_central(img, faces, size, center_fallback)) for (dst, img), faces in zip(chunk, found)]
+    aligned = [(dst, face.align_central(img, faces, size, center_fallback)) for (dst, img, _), faces in zip(chunk, found)]
     return [(dst, a["face"]) for dst, a in aligned if a is not None], sum(again)
 
 
-def size_sorted_batches(photos: Iterable[tuple[Path, np.ndarray | str]], batch: int, sort_batches: int,
-                        dropped: dict[str, int]) -> Iterator[list[tuple[Path, np.ndarray]]]:
-    """Batches of decoded (target, photo), sorted by shape within windows of sort_batches batches.
+def size_sorted_batches(photos: Iterable[tuple[Path, np.ndarray | str, Future | None]], batch: int, sort_batches: int,
+                        dropped: dict[str, int]) -> Iterator[list[tuple[Path, np.ndarray, Future | None]]]:
+    """Batches of decoded (target, photo, its search), sorted by shape within windows of sort_batches batches.
 
     Photos of one shape share P-Net's tiles (its cost is the tile's area, padding included); the
     window bounds the photos held. A photo that failed to decode is counted in dropped instead.
     """
-    window: list[tuple[Path, np.ndarray]] = []
-    for dst, img in photos:
+    window: list[tuple[Path, np.ndarray, Future | None]] = []
+    for dst, img, search in photos:
         if isinstance(img, str):
             dropped[img] = dropped.get(img, 0) + 1
             continue
-        window.append((dst, img))
+        window.append((dst, img, search))
         if len(window) == batch * max(sort_batches, 1):
             yield from _sorted_chunks(window, batch)
             window = []
     yield from _sorted_chunks(window, batch)
 
 
-def _sorted_chunks(window: list[tuple[Path, np.ndarray]], batch: int) -> Iterator[list[tuple[Path, np.ndarray]]]:
+def _sorted_chunks(window: list[tuple[Path, np.ndarray, Future | None]], batch: int
+                   ) -> Iterator[list[tuple[Path, np.ndarray, Future | None]]]:
     # by aspect, then area: faces sought from a fraction of the short side make a photo's pyramid a
     # function of its aspect alone; the full pyramid's grows with the area
     window.sort(key=lambda item: (item[1].shape[0] / item[1].shape[1], item[1].shape[0] * item[1].shape[1]))

@@ -441,7 +441,7 @@ def test_crops_are_searched_shrunk_and_find_the_full_pyramids_face(detector, por
     3.3%; the full-size search itself moves its landmarks by up to 2.8% between the crop at 2x and at 3x)."""
     crops = [imdb_crop(p, a.boxes[0], 3) for p, a in zip(portraits, alone[:3])]
     plain = detector.detect(crops)
-    found, retried = face.detect_in_crops(detector, crops, 0.25)
+    found, retried = face.detect_in_crops(detector, crops, [face.prepare_crop(detector, c, 0.25) for c in crops])
     assert retried == [False] * 3
     for crop, a, b in zip(crops, plain, found):
         assert face.crop_min_face(detector, crop.shape, 0.25) > 2 * 48  # so it was searched at under half size
@@ -457,7 +457,8 @@ def test_a_face_below_the_derived_minimum_is_found_by_the_retry(detector, images
     assert face.crop_min_face(detector, images[0].shape, 0.5) > 2 * (alone[0].boxes[0, 3] - alone[0].boxes[0, 1])
     first = detector.detect([images[0]], [face.crop_min_face(detector, images[0].shape, 0.5)])[0]
     assert len(first) == 0  # the face is too small for the first pass
-    found, retried = face.detect_in_crops(detector, [images[0], imdb_crop(images[0], alone[0].boxes[0], 1)], 0.5)
+    crops = [images[0], imdb_crop(images[0], alone[0].boxes[0], 1)]
+    found, retried = face.detect_in_crops(detector, crops, [face.prepare_crop(detector, c, 0.5) for c in crops])
     assert retried == [True, False]
     np.testing.assert_allclose(found[0].boxes, alone[0].boxes, atol=1e-3)
     np.testing.assert_allclose(found[0].landmarks, alone[0].landmarks, atol=1e-3)

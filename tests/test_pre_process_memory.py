@@ -1,5 +1,6 @@
-"""pre_process.align_all decodes at most a batch or so ahead of detection (plus its size-sorting window), and
-writes the same faces."""
+"""pre_process.align_all decodes at most a batch or so ahead of detection (plus its size-sorting window), shrinks
+the photos for the search on other threads, and writes the same faces."""
+import threading
 import time
 import tracemalloc
 
@@ -11,8 +12,8 @@ import pre_process
 from utils import read_image, write_jpeg
 
 
-@pytest.mark.parametrize("workers,sort_batches", [(1, 1), (0, 1), (1, 3)])
-def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, workers, sort_batches):
+@pytest.mark.parametrize("workers,sort_batches,device", [(1, 1, "cpu"), (0, 1, "cpu"), (1, 3, "cpu"), (1, 1, "cuda:0")])
+def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, workers, sort_batches, device):
     n, batch, side = 40, 4, 700
     photo_bytes = side * side * 3  # one decoded photo in the parent
     todo = []
@@ -22,20 +23,23 @@ def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, worke
         todo.append((src, tmp_path / "faces" / f"{i}.jpg"))
     held = []  # decoded photos alive in the parent at each detection, from the bytes traced
 
-    def slow_detect(detector, images, fraction):
+    def slow_detect(detector, images, searches):
         time.sleep(0.1)  # detection is the slow step, so decoding has time to race ahead
         held.append(tracemalloc.get_traced_memory()[0] / photo_bytes)
         return images, [False] * len(images)
 
     monkeypatch.setattr(face, "FaceDetector", lambda device: None)
     monkeypatch.setattr(face, "detect_in_crops", slow_detect)
+    shrunk_on = set()  # the threads the photos were shrunk on: off the detecting thread on a GPU with workers
+    monkeypatch.setattr(face, "prepare_crop", lambda detector, img, fraction: shrunk_on.add(threading.current_thread()))
     monkeypatch.setattr(face, "align_central", lambda img, found, size, center: dict(face=np.ascontiguousarray(img[:size, :size])))
     tracemalloc.start()
     try:
-        dropped, retried = pre_process.align_all(todo, 32, "drop", "cpu", workers, batch, 95, sort_batches=sort_batches)
+        dropped, retried = pre_process.align_all(todo, 32, "drop", device, workers, batch, 95, sort_batches=sort_batches)
     finally:
         tracemalloc.stop()
     assert dropped == {} and retried == 0 and len(held) == n // batch
+    assert (threading.main_thread() not in shrunk_on) == (workers > 0 and device != "cpu") and shrunk_on
     # the sorting window's batches and the next one decoded ahead of them (+ half a photo of bookkeeping);
     # the unbounded imap over every photo held 32 of the 40 here
     assert max(held) <= (sort_batches + 1) * batch + 0.5, [round(h, 1) for h in held]
