@@ -2,6 +2,7 @@
 
     python pre_process.py --root data/imdb_crop --out data/imdb_112 --size 112
     torchrun --nproc_per_node=8 pre_process.py --device cuda ...   # the photos shared by 8 GPUs
+    torchrun --nproc_per_node=4 pre_process.py --device cuda ...   # 4 processes on one GPU (or round robin)
 
 Reads imdb.mat (or wiki.mat) under --root, computes each photo's age, filters, caps the number
 of photos per age, detects the face and its 5 landmarks with MTCNN (face.py), aligns it onto the
@@ -14,7 +15,8 @@ ArcFace template and writes:
   OUT/age_hist.png          the age distribution after the cap
   OUT/faces_{train,valid}.npy  every face of a split in one uint8 array (unless --no-pack, which deletes
                                old ones), and faces_{train,valid}.json, the images each holds
-Under torchrun each process aligns its share (RANK of WORLD_SIZE, GPU LOCAL_RANK) and rank 0 writes
+Under torchrun each process aligns its share (RANK of WORLD_SIZE, GPU LOCAL_RANK, round robin where the
+processes outnumber the GPUs: several may share one) and rank 0 writes
 labels.csv, summary.json (with each rank's photo count) and the packed arrays once all are done.
 A rerun skips faces already written; labels.csv is written last, from what is on disk, so a
 killed run loses nothing and a rerun ends with the same files. `--pack-only` packs an existing OUT.
