@@ -227,7 +227,7 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=signal.signal,
                                initargs=(signal.SIGINT, signal.SIG_IGN)) if workers > 0 else _InlineExecutor()
     # on a GPU, threads shrink the photos for the search as they enter the sorting window while this one feeds
-    # the device; on the CPU the cores are torch's, and shrinking in threads beside it ran 10-15% slower (2 cores)
+    # the device; on the CPU the cores are torch's, and shrinking in threads beside it ran 16-19% slower (2 cores)
     shrinker = ThreadPoolExecutor(workers) if workers > 0 and device != "cpu" else _InlineExecutor()
     writes: deque[Future] = deque()
     undecoded = 0  # photos that failed to decode, already on the progress bar
