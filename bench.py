@@ -71,6 +71,7 @@ import numpy as np
 import torch
 
 import config
+from pre_process import detect_batch
 from utils import (REPO, CtrlCBetweenSteps, UserError, git_commit, pick_device, read_image, read_jsonl, run_main,
                    seed_everything, write_csv, write_json)
 
@@ -189,7 +190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q = args.quick
     defaults = dict(steps=2 if q else 20, warmup=1 if q else 3, repeats=1 if q else 2,
                     batch_size=8 if q else (256 if cuda else 64), naive_batch=4 if q else NAIVE_BATCH,
-                    detect_batch=config.DETECT_BATCH_CUDA if cuda else config.DETECT_BATCH,
+                    detect_batch=detect_batch("cuda" if cuda else "cpu"),
                     preprocess_photos=8 if q else 192, infer_crops=1 if q else 3, folder_crops=1 if q else (300 if cuda else 40), infer_repeat=1 if q else 10,
                     grid=cuda, grid_batch=2 if q else (256 if cuda else 16), loop=cuda,
                     loop_modes=["eager", "cuda-graph"] if cuda else ["eager"],

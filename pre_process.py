@@ -228,7 +228,7 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
                                initargs=(signal.SIGINT, signal.SIG_IGN)) if workers > 0 else _InlineExecutor()
     # on a GPU, threads shrink the photos for the search as they enter the sorting window while this one feeds
     # the device; on the CPU the cores are torch's, and shrinking in threads beside it ran 16-19% slower (2 cores)
-    shrinker = ThreadPoolExecutor(workers) if workers > 0 and device != "cpu" else _InlineExecutor()
+    shrinker = ThreadPoolExecutor(workers) if workers > 0 and device.startswith("cuda") else _InlineExecutor()
     writes: deque[Future] = deque()
     undecoded = 0  # photos that failed to decode, already on the progress bar
     try:
@@ -236,7 +236,7 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
             photos = zip((dst for _, dst in todo), decode_ahead(pool, [src for src, _ in todo], ahead))
             searched = with_searches(shrinker, photos, detector, min_face_fraction)
             for chunk in size_sorted_batches(searched, batch, sort_batches, dropped):
-                chunk = [(dst, img, search.result() if search else None) for dst, img, search in chunk]
+                chunk = [(dst, img, None if search is None else search.result()) for dst, img, search in chunk]
                 faces, again = align_batch(detector, chunk, size, fallback == "center", min_face_fraction)
                 retried += again
                 if len(faces) < len(chunk):
@@ -400,6 +400,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def detect_batch(device: str) -> int:
+    """--batch's default on this device: more photos a call on a GPU, where each of a call's own ops is a launch."""
+    return config.DETECT_BATCH_CUDA if device.startswith("cuda") else config.DETECT_BATCH
+
+
 def remove_stale_temp(out: Path) -> None:
     """Delete the temp files a killed run left: half faces in OUT/faces, half labels or packed arrays in OUT.
 
@@ -483,7 +488,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: str) -> None:
             pack(out)
         return
     if args.batch is None:  # resolved here, so that summary.json's settings hold the batch used
-        args.batch = config.DETECT_BATCH_CUDA if device.startswith("cuda") else config.DETECT_BATCH
+        args.batch = detect_batch(device)
     if args.size < 32:
         raise UserError(f"--size {args.size}: too small to hold a face; use 112 or 224")
     if not 0 <= args.min_face_fraction < 1:

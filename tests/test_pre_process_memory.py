@@ -39,7 +39,7 @@ def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, worke
     finally:
         tracemalloc.stop()
     assert dropped == {} and retried == 0 and len(held) == n // batch
-    assert (threading.main_thread() not in shrunk_on) == (workers > 0 and device != "cpu") and shrunk_on
+    assert (threading.main_thread() not in shrunk_on) == (workers > 0 and device.startswith("cuda")) and shrunk_on
     # the sorting window's batches and the next one decoded ahead of them (+ half a photo of bookkeeping);
     # the unbounded imap over every photo held 32 of the 40 here
     assert max(held) <= (sort_batches + 1) * batch + 0.5, [round(h, 1) for h in held]
