@@ -50,6 +50,7 @@ MAX_ROTATE_DEG = 10.0
 MAX_SCALE = 0.10  # zoom factor in [0.9, 1.1]
 MAX_SHIFT = 0.05  # translation, as a fraction of the side
 JITTER = 0.2  # brightness, contrast and saturation factors in [0.8, 1.2]
+AUGMENT_PARAMS = 8  # random numbers per face: flip, angle, zoom, shift x and y, brightness, contrast, saturation
 
 
 # --- the input transform ---------------------------------------------------------------------
@@ -86,14 +87,18 @@ def mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
             torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
 
 
-def augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def augment_params(n: int, generator: torch.Generator | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, AUGMENT_PARAMS) uniform in [-1, 1), drawn on the CPU from `generator` (into `out` if given): what augment()
+    turns into each face's flip, rotation, zoom, shift and jitter, so a seeded generator augments alike on any device."""
+    return torch.rand(n, AUGMENT_PARAMS, generator=generator, out=out).mul_(2).sub_(1)
+
+
+def augment(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Random flip, rotation, zoom, shift and colour jitter per face of a [0, 1] batch (N, 3, S, S), on x's device.
 
-    The parameters are drawn on the CPU from `generator` (a few numbers per face), so a seeded
-    generator gives the same augmentation on any device.
+    u: (N, AUGMENT_PARAMS) from augment_params, on x's device. The packed loader copies it there
+    from a pinned buffer: a copy from pageable memory would wait for everything queued on its stream.
     """
-    n = x.shape[0]
-    u = (torch.rand(n, 8, generator=generator) * 2 - 1).to(x.device, non_blocking=True)  # (N, 8) in [-1, 1)
     flip = torch.where(u[:, 0] < 0, -1.0, 1.0)  # (N,)
     angle = u[:, 1] * math.radians(MAX_ROTATE_DEG)
     scale = 1 + u[:, 2] * MAX_SCALE
@@ -233,7 +238,7 @@ class FaceDataset(Dataset):
         x = to_unit(to_nchw(self.face(i)[None]))  # (1, 3, S, S)
         if self.train:
             # hash() of a tuple of ints does not depend on PYTHONHASHSEED
-            x = augment(x, torch.Generator().manual_seed(hash((self.seed, self.epoch, i))))
+            x = augment(x, augment_params(1, torch.Generator().manual_seed(hash((self.seed, self.epoch, i)))))
         return normalize(x)[0], int(self.labels.age[i]), int(self.labels.gender[i])
 
 
@@ -318,34 +323,41 @@ class PackedLoader:
         with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
             for b, idx in enumerate(self.batches):
                 slot = self.slots[b % len(self.slots)]
-                faces, labels = slot.fill(self.faces, self.labels, idx)  # (B, S, S, 3) uint8, (B, 2) int64
+                seed = hash((self.seed, self.epoch, self.rank, b)) if self.train else None
+                # (B, S, S, 3) uint8, (B, 2) int64, (B, AUGMENT_PARAMS) float32 (training) or None
+                faces, labels, params = slot.fill(self.faces, self.labels, idx, seed)
                 faces = faces.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True, copy=True)  # a copy on the CPU too: the slot is reused
+                # copies on the CPU too: the slot is reused
+                labels = labels.to(self.device, non_blocking=True, copy=True)
+                params = params if params is None else params.to(self.device, non_blocking=True, copy=True)
                 slot.copied = stream.record_event() if cuda else None
                 x = to_unit(faces.permute(0, 3, 1, 2))  # (B, 3, S, S), channels_last in memory
-                if self.train:
-                    x = augment(x, torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank, b))))
-                x = normalize(x)
+                x = normalize(x if params is None else augment(x, params))
                 yield x, labels[:, 0], labels[:, 1], stream.record_event() if cuda else None
 
 
 class Slot:
-    """A reused staging buffer for one batch: faces (B, S, S, 3) uint8 and labels (B, 2), pinned for CUDA copies."""
+    """A reused staging buffer for one batch: faces (B, S, S, 3) uint8, labels (B, 2) and augmentation parameters
+    (B, AUGMENT_PARAMS), pinned for CUDA copies (a copy from pageable memory waits for its stream's queue)."""
 
     def __init__(self, batch_size: int, face_shape: tuple[int, ...], pin: bool):
         self.faces = torch.empty((batch_size, *face_shape), dtype=torch.uint8, pin_memory=pin)
         self.labels = torch.empty((batch_size, 2), dtype=torch.int64, pin_memory=pin)
+        self.params = torch.empty((batch_size, AUGMENT_PARAMS), dtype=torch.float32, pin_memory=pin)
         self.copied: torch.cuda.Event | None = None  # the last copy out of this slot
 
-    def fill(self, faces: np.ndarray, labels: torch.Tensor, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch idx gathered into this slot: views (n, S, S, 3), (n, 2)."""
+    def fill(self, faces: np.ndarray, labels: torch.Tensor, idx: list[int],
+             seed: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The batch idx gathered into this slot, and its augmentation drawn with `seed` (None: no augmentation):
+        views (n, S, S, 3), (n, 2), (n, AUGMENT_PARAMS) or None."""
         if self.copied is not None:
             self.copied.synchronize()  # the device may still be reading the previous batch out of it
         n = len(idx)
         # mode clip writes straight into out (raise would stage a copy); the sampler's indices are all in range
         np.take(faces, idx, axis=0, out=self.faces.numpy()[:n], mode="clip")
         torch.index_select(labels, 0, torch.as_tensor(idx), out=self.labels[:n])
-        return self.faces[:n], self.labels[:n]
+        params = None if seed is None else augment_params(n, torch.Generator().manual_seed(seed), out=self.params[:n])
+        return self.faces[:n], self.labels[:n], params
 
 
 def in_background(items: Iterator, depth: int) -> Iterator:

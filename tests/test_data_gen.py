@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import data_gen
-from data_gen import IMAGENET_MEAN, IMAGENET_STD, augment, make_loader, pack_split, preprocess
+from data_gen import IMAGENET_MEAN, IMAGENET_STD, augment, augment_params, make_loader, pack_split, preprocess
 from utils import REPO, UserError, read_image, write_jpeg
 
 
@@ -167,13 +167,15 @@ def test_prefetching_stops_when_the_consumer_does(data, monkeypatch):
 
 def test_augment_keeps_shapes_and_ranges():
     x = torch.rand(16, 3, 32, 32)
-    y = augment(x, torch.Generator().manual_seed(0))
+    u = augment_params(16, torch.Generator().manual_seed(0))
+    assert u.shape == (16, 8) and u.min() >= -1 and u.max() < 1
+    y = augment(x, u)
     assert y.shape == x.shape and y.dtype == torch.float32
     assert y.min() >= 0 and y.max() <= 1
     assert not torch.allclose(y, x, atol=0.05)  # it does something
     assert abs(y.mean() - x.mean()) < 0.1  # but mildly
-    assert torch.equal(y, augment(x, torch.Generator().manual_seed(0)))  # seeded
-    assert torch.equal(augment(x.to(memory_format=torch.channels_last), torch.Generator().manual_seed(0)), y)
+    assert torch.equal(u, augment_params(16, torch.Generator().manual_seed(0)))  # seeded
+    assert torch.equal(augment(x.to(memory_format=torch.channels_last), u), y)
 
 
 def test_augmented_batches_stay_in_range(data):

@@ -6,11 +6,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import config
 import train
 import utils
-from data_gen import preprocess
+from data_gen import make_loader, preprocess
 from metrics import compute_metrics
 import models
 from models import load_checkpoint
@@ -231,6 +232,49 @@ def test_cuda_graph_refuses_torchrun_and_compile():
         train.check_cuda_graph(train.parse_args(["--cuda-graph", "--compile"]), 1, cuda)
     train.check_cuda_graph(train.parse_args(["--cuda-graph", "--compile"]), 2, torch.device("cpu"))  # ignored there
     train.check_cuda_graph(train.parse_args(["--no-cuda-graph", "--compile"]), 2, cuda)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops, dispatched in this thread, that read a tensor's values on the host: .item() and bool() (through
+    _local_scalar_dense) and the ops whose output size depends on the values. On a GPU each waits for the queue of
+    launched kernels. (.tolist(), .numpy() and .cpu() of a CPU tensor dispatch nothing, so they go uncounted.)"""
+
+    OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_consecutive",
+           "repeat_interleave", "equal", "is_nonzero"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ in self.OPS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("age_loss", models.AGE_LOSSES)
+def test_an_epoch_reads_the_device_only_when_it_logs(data, age_loss):
+    """Issue 10: no host sync inside an epoch but at the logging steps. One epoch of train_one_epoch (the packed loader
+    in this thread, the step, every age loss): the values read on the host do not grow with the steps, and logging at
+    every step reads at every step what the epoch's last step reads."""
+    def host_reads(faces: int, log_every: int) -> tuple[int, int]:
+        opts = train.parse_args(args(data, "unused", "--batch-size", 8, "--limit", faces, "--log-every", log_every,
+                                     "--prefetch", 0, "--age-loss", age_loss))
+        cpu = torch.device("cpu")
+        train.resolve_batch(opts, 1, cpu)
+        loader = make_loader(opts.data, "train", True, batch_size=8, device=cpu, workers=0, seed=0, rank=0,
+                             world_size=1, jpeg=False, limit=faces, prefetch=0)
+        loader.set_epoch(1)
+        model = models.build_model("resnet18", age_loss, "none")
+        step = train.make_step(model, model.loss, train.make_optimizer(model, 0.01, 0.9, 5e-4),
+                               train.make_autocast(opts, cpu)[1], opts, cpu)
+        with utils.CtrlCBetweenSteps() as ctrl_c, HostReads() as reads:
+            train.train_one_epoch(step, loader, opts, 1, 1, None, ctrl_c)
+        return len(loader), reads.count
+
+    (few_steps, few), (many_steps, many) = host_reads(16, 1000), host_reads(48, 1000)
+    assert (few_steps, many_steps) == (2, 6)
+    assert 0 < few == many  # the last step logs: the nan check and the running loss
+    assert host_reads(48, 1) == (6, 6 * few)
 
 
 def test_checkpoints_hold_the_lr_as_a_number(tmp_path):
