@@ -1,6 +1,7 @@
-"""The GPU-only paths: train.py's captured step (--cuda-graph). Skipped without CUDA (CI has none);
-scripts/gpu_bench.sh runs this file on the device machine before timing anything."""
+"""The GPU-only paths: train.py's captured step (--cuda-graph), and an epoch's syncs. Skipped without CUDA (CI has
+none); scripts/gpu_bench.sh runs this file on the device machine before timing anything."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 import train
 from models import build_model
 from test_data_gen import make_fake_data
+from test_train import epoch_under
 from utils import read_jsonl, seed_everything
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -69,3 +71,39 @@ def test_train_py_with_cuda_graph_trains_resumes_and_saves_plain_checkpoints(tmp
     assert json.loads((tmp_path / "run" / "config.json").read_text())["cuda_graph"] is True
     ckpt = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
     assert all(isinstance(g["lr"], float) for g in ckpt["optimizer"]["param_groups"])
+
+
+class SyncWarnings:
+    """Within `with`, torch.cuda's sync debug mode on "warn", counting the syncs it reports: .item(), a copy to the
+    host, a stream or device synchronize (not a wait on an event, which the packed loader's reused buffers need)."""
+
+    def __enter__(self) -> "SyncWarnings":
+        self.caught = warnings.catch_warnings(record=True)
+        self.records = self.caught.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+        self.caught.__exit__(*exc)
+        self.count = sum("synchronizing CUDA operation" in str(w.message) for w in self.records)
+
+
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "cuda-graph"])
+def test_an_epoch_syncs_only_when_it_logs(tmp_path, graphed):
+    """Issue 10: no host sync inside an epoch but at the logging steps, counted by the GPU's own debug mode (the CPU
+    test counts host reads of values). Epochs of 6 and 12 steps (both past the captured step's warm-up and capture)
+    sync alike; logging at every step syncs a fixed number of times more per step."""
+    data = make_fake_data(tmp_path / "data", n_train=96, n_valid=8, pack=True)
+    extra = ["--cuda-graph"] if graphed else []
+
+    def syncs(faces: int, log_every: int) -> tuple[int, int]:
+        watch = SyncWarnings()
+        return epoch_under(watch, data, "cuda", faces, log_every, "l1", *extra), watch.count
+
+    (few_steps, few), (many_steps, many) = syncs(48, 1000), syncs(96, 1000)
+    assert (few_steps, many_steps) == (6, 12)
+    assert 0 < few == many, (few, many)
+    steps, every = syncs(96, 1)
+    assert every > many and (every - many) % (steps - 1) == 0, (every, many)

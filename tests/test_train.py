@@ -251,25 +251,32 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def epoch_under(watch, data, device: str, faces: int, log_every: int, age_loss: str = "l1", *extra) -> int:
+    """One epoch of train_one_epoch over the first `faces` training faces (batch 8, resnet18, the packed loader in
+    this thread), only it inside the context manager `watch`; returns its steps."""
+    opts = train.parse_args(args(data, "unused", "--device", device, "--batch-size", 8, "--limit", faces,
+                                 "--log-every", log_every, "--prefetch", 0, "--age-loss", age_loss, *extra))
+    dev = torch.device(device)
+    train.resolve_batch(opts, 1, dev)
+    loader = make_loader(opts.data, "train", True, batch_size=8, device=dev, workers=0, seed=0, rank=0, world_size=1,
+                         jpeg=False, limit=faces, prefetch=0)
+    loader.set_epoch(1)
+    model = models.build_model("resnet18", age_loss, "none").to(dev, memory_format=train.memory_format_of(opts))
+    step = train.make_step(model, model.loss, train.make_optimizer(model, 0.01, 0.9, 5e-4),
+                           train.make_autocast(opts, dev)[1], opts, dev)
+    with utils.CtrlCBetweenSteps() as ctrl_c, watch:
+        train.train_one_epoch(step, loader, opts, 1, 1, None, ctrl_c)
+    return len(loader)
+
+
 @pytest.mark.parametrize("age_loss", models.AGE_LOSSES)
 def test_an_epoch_reads_the_device_only_when_it_logs(data, age_loss):
-    """Issue 10: no host sync inside an epoch but at the logging steps. One epoch of train_one_epoch (the packed loader
-    in this thread, the step, every age loss): the values read on the host do not grow with the steps, and logging at
-    every step reads at every step what the epoch's last step reads."""
+    """Issue 10: no host sync inside an epoch but at the logging steps. One epoch (the packed loader, the step, every
+    age loss): the values read on the host do not grow with the steps, and logging at every step reads at every step
+    what the epoch's last step reads. tests/test_cuda.py counts the GPU's own syncs the same way."""
     def host_reads(faces: int, log_every: int) -> tuple[int, int]:
-        opts = train.parse_args(args(data, "unused", "--batch-size", 8, "--limit", faces, "--log-every", log_every,
-                                     "--prefetch", 0, "--age-loss", age_loss))
-        cpu = torch.device("cpu")
-        train.resolve_batch(opts, 1, cpu)
-        loader = make_loader(opts.data, "train", True, batch_size=8, device=cpu, workers=0, seed=0, rank=0,
-                             world_size=1, jpeg=False, limit=faces, prefetch=0)
-        loader.set_epoch(1)
-        model = models.build_model("resnet18", age_loss, "none")
-        step = train.make_step(model, model.loss, train.make_optimizer(model, 0.01, 0.9, 5e-4),
-                               train.make_autocast(opts, cpu)[1], opts, cpu)
-        with utils.CtrlCBetweenSteps() as ctrl_c, HostReads() as reads:
-            train.train_one_epoch(step, loader, opts, 1, 1, None, ctrl_c)
-        return len(loader), reads.count
+        reads = HostReads()
+        return epoch_under(reads, data, "cpu", faces, log_every, age_loss), reads.count
 
     (few_steps, few), (many_steps, many) = host_reads(16, 1000), host_reads(48, 1000)
     assert (few_steps, many_steps) == (2, 6)
