@@ -381,7 +381,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", choices=("identity", "image"), default=config.SPLIT, help="split by person or by photo (default: %(default)s)")
     p.add_argument("--fallback", choices=("drop", "center"), default=config.FALLBACK, help="when no face is found (default: %(default)s)")
     p.add_argument("--seed", type=int, default=config.SEED, help="seeds the cap and the split (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=config.WORKERS, help="decoding processes, 0 = inline (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"decoding and writing processes, 0 = inline (default: {config.WORKERS} on the CPU; on CUDA up to "
+                        f"{config.WORKERS_CUDA}, this process's share of the cores less one, at least {config.WORKERS})")
     p.add_argument("--batch", type=int, default=None,
                    help=f"photos per MTCNN call (default: {config.DETECT_BATCH_CUDA} on CUDA, {config.DETECT_BATCH} on the CPU)")
     p.add_argument("--min-face-fraction", type=float, default=config.MIN_FACE_FRACTION,
@@ -403,6 +405,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def detect_batch(device: str) -> int:
     """--batch's default on this device: more photos a call on a GPU, where each of a call's own ops is a launch."""
     return config.DETECT_BATCH_CUDA if device.startswith("cuda") else config.DETECT_BATCH
+
+
+def decode_workers(device: str, local_processes: int) -> int:
+    """--workers' default: on a GPU the decoding, writing (and shrinking threads) must keep up with the device, so up
+    to WORKERS_CUDA within this process's share of the machine's cores less the one feeding the GPU; WORKERS on the
+    CPU, whose cores MTCNN itself needs, and never fewer on a GPU."""
+    if not device.startswith("cuda"):
+        return config.WORKERS
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(config.WORKERS, min(config.WORKERS_CUDA, cores // local_processes - 1))
 
 
 def remove_stale_temp(out: Path) -> None:
@@ -489,6 +501,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: str) -> None:
         return
     if args.batch is None:  # resolved here, so that summary.json's settings hold the batch used
         args.batch = detect_batch(device)
+    if args.workers is None:  # torchrun's processes on this machine share its cores
+        args.workers = decode_workers(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if args.size < 32:
         raise UserError(f"--size {args.size}: too small to hold a face; use 112 or 224")
     if not 0 <= args.min_face_fraction < 1:

@@ -131,6 +131,19 @@ def test_default_out_follows_the_size():
     assert pre_process.parse_args(["--size", "224", "--out", "x"]).out == "x"
 
 
+@pytest.mark.parametrize("cores, local_processes, want", [
+    (16, 1, config.WORKERS_CUDA),  # the device machine: the H200 figures' 8
+    (6, 1, 5),  # the cores less the one that feeds the GPU
+    (16, 4, 3),  # torchrun's 4 processes on one box share its cores
+    (16, 8, config.WORKERS), (2, 1, config.WORKERS),  # never fewer than the CPU's default
+])
+def test_workers_default_follows_the_device_and_the_cores(monkeypatch, cores, local_processes, want):
+    monkeypatch.setattr(pre_process.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert pre_process.decode_workers("cuda:0", local_processes) == want
+    assert pre_process.decode_workers("cpu", local_processes) == config.WORKERS
+    assert pre_process.parse_args([]).workers is None  # resolved by run() for its device, into summary.json
+
+
 def test_faces_sought_from_a_fraction_keep_the_full_pyramids_photos(tmp_path):
     """On IMDB-sized crops, faces sought from half the short side (in shrunk photos) keep the photos the full
     pyramid alone keeps (--min-face-fraction 0), among them 4 copies of the astronaut photo, whose ~100 px face
