@@ -9,7 +9,7 @@ Every stage is an ordinary script run as a subprocess, its output streaming thro
      whose outputs are complete is reused without calling pre_process.py. The identity split starts
      from hard links to the 112 px faces (a face does not depend on the split), so MTCNN runs
      over the photos twice, not three times.
-  2. train.py: every row of RUNS into OUT/runs/NAME. A finished run is skipped; one with a last.pt
+  2. train.py: every row of RUNS (a recipe of configs/, train.py --config) into OUT/runs/NAME. A finished run is skipped; one with a last.pt
      that did not reach --epochs resumes from it.
   3. evaluate.py: each best.pt on its data dir's valid split into OUT/runs/NAME/eval (skipped when
      its metrics.json is newer than best.pt).
@@ -42,27 +42,24 @@ QUICK_BATCH = 8  # --quick: the batch of every row, the original's included
 
 @dataclass(frozen=True)
 class Run:
-    """One row of the table. A setting left None is train.py's default and is not passed."""
+    """One row of the table: a data dir and a recipe of train.py's (configs/), or train.py's defaults."""
     name: str  # the run directory under OUT/runs
     size: int  # face side in pixels: picks the data dir
     split: str  # image (the original's protocol) or identity (ours): picks the data dir
-    arch: str | None = None
-    age_loss: str | None = None
-    age_weight: float | None = None
-    batch_size: int | None = None
+    recipe: str | None = None  # train.py --config, relative to the repo; None: train.py's defaults
     original_gender_acc: float | None = None  # what the original's README reported, where it did
     original_age_mae: float | None = None
 
 
 # The original's five rows (its README; batch 32; age weight TBD for CE), then ours beside them.
 RUNS = (
-    Run("1_r18_112_l1", 112, "image", "resnet18", "l1", 0.1, 32, 0.90756, 5.710),
-    Run("2_r18_224_l1", 224, "image", "resnet18", "l1", 0.1, 32, 0.90887, 5.694),
-    Run("3_r18_112_l2", 112, "image", "resnet18", "l2", 0.01, 32, 0.90140, 5.986),
-    Run("4_r18_224_ce", 224, "image", "resnet18", "ce", None, 32, 0.90064, 8.475),
-    Run("5_r50_224_ce", 224, "image", "resnet50", "ce", None, 32, 0.90034, None),
-    Run("dex_112", 112, "image", age_loss="dex"),
-    Run("mv_112", 112, "image", age_loss="mv"),
+    Run("1_r18_112_l1", 112, "image", "configs/original_r18_l1.toml", 0.90756, 5.710),
+    Run("2_r18_224_l1", 224, "image", "configs/original_r18_l1.toml", 0.90887, 5.694),
+    Run("3_r18_112_l2", 112, "image", "configs/original_r18_l2.toml", 0.90140, 5.986),
+    Run("4_r18_224_ce", 224, "image", "configs/original_r18_ce.toml", 0.90064, 8.475),
+    Run("5_r50_224_ce", 224, "image", "configs/original_r50_ce.toml", 0.90034, None),
+    Run("dex_112", 112, "image", "configs/dex.toml"),
+    Run("mv_112", 112, "image", "configs/mv.toml"),
     Run("default_112_identity", 112, "identity"),
 )
 # pre-processing order: the 112 px image split first, so that the identity split can link its faces
@@ -188,11 +185,11 @@ def pre_process_all(args: argparse.Namespace) -> None:
 
 
 def train_command(args: argparse.Namespace, run: Run) -> list[str]:
-    cmd = [sys.executable, script("train.py"), "--data", str(data_dir(args, run.size, run.split)),
-           "--out", str(args.out / "runs" / run.name), "--epochs", str(args.epochs), "--device", args.device]
-    for flag, value in (("--arch", run.arch), ("--age-loss", run.age_loss), ("--age-weight", run.age_weight),
-                        ("--batch-size", QUICK_BATCH if args.quick else run.batch_size),
-                        ("--pretrained", args.pretrained), ("--limit", QUICK_LIMIT if args.quick else None)):
+    cmd = [sys.executable, script("train.py")] + (["--config", str(REPO / run.recipe)] if run.recipe else [])
+    cmd += ["--data", str(data_dir(args, run.size, run.split)), "--out", str(args.out / "runs" / run.name),
+            "--epochs", str(args.epochs), "--device", args.device]
+    for flag, value in (("--batch-size", QUICK_BATCH if args.quick else None), ("--pretrained", args.pretrained),
+                        ("--limit", QUICK_LIMIT if args.quick else None)):
         if value is not None:
             cmd += [flag, str(value)]
     return cmd
@@ -275,8 +272,8 @@ def table(results: list[dict], batches: list[int], args: argparse.Namespace) -> 
                      f"{percent(r['gender_acc'])} | {years(r.get('original_age_mae'))} | {years(r['age_mae'])} | "
                      f"{percent(r['cs5'])} | {duration(r['seconds'])} |")
     lines += ["", "Ours: best.pt of each run on its data dir's valid split (evaluate.py). The original's rows 1-5 use "
-              "its recipe (its batch and age weights); dex_112, mv_112 and default_112_identity use train.py's "
-              "defaults. Training: the sum of the epochs' seconds in metrics.jsonl.", "",
+              "its recipe (its batch and age weights: configs/original_*.toml); dex_112 and mv_112 change only the "
+              "age loss (configs/dex.toml, configs/mv.toml) and default_112_identity uses train.py's defaults. Training: the sum of the epochs' seconds in metrics.jsonl.", "",
               "![age MAE by true age](mae_by_age.png)", ""]
     return "\n".join(lines)
 

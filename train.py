@@ -3,6 +3,7 @@
     python train.py --data data/imdb_112 --out runs/r18_112
     torchrun --nproc_per_node=8 train.py --data data/imdb_112 --out runs/r18_112   # DDP, a shard per process
     python train.py --data data/imdb_112 --out runs/r18_112 --resume runs/r18_112/last.pt
+    python train.py --config configs/original_r18_l1.toml --data data/imdb_112   # a recipe; flags override it
 
 Every epoch trains on the train split, validates on the valid split and writes, in OUT:
   config.json    the resolved settings, the git commit and the torch version (at the start)
@@ -42,7 +43,7 @@ from inference import calibrate_checkpoint
 from metrics import MetricSums
 from models import AGE_LOSSES, ARCHS, AgeGenderNet, build_model, model_args_of
 from utils import (CtrlCBetweenSteps, UserError, append_jsonl, atomic_torch_save, atomic_write_text, git_commit,
-                   pick_device, process_device, read_jsonl, run_main, seed_everything, write_json)
+                   parse_with_recipe, pick_device, process_device, read_jsonl, run_main, seed_everything, write_json)
 
 # settings a checkpoint cannot be resumed under if they change: they change the model or its input
 RESUME_MUST_MATCH = ("arch", "age_loss", "size")
@@ -53,6 +54,9 @@ SCHEDULE_KEYS = ("global_batch", "lr", "warmup_epochs", "epochs", "momentum", "w
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
+    p.add_argument("--config", default=None, metavar="RECIPE",
+                   help="an experiment recipe: a TOML file of these options without their dashes, e.g. "
+                        "configs/original_r18_l1.toml; the command line overrides it (default: none)")
     p.add_argument("--data", default=config.DATA, help="pre-processed data dir with labels.csv (default: %(default)s)")
     p.add_argument("--out", default=config.OUT, help="run directory (default: %(default)s)")
     p.add_argument("--arch", default=config.ARCH, choices=ARCHS, help="backbone (default: %(default)s)")
@@ -103,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="steps between progress updates and non-finite-loss checks (default: %(default)s)")
     p.add_argument("--best-gender-weight", type=float, default=config.BEST_GENDER_WEIGHT,
                    help="best.pt minimises age_mae + this * (1 - gender_acc) (default: %(default)s)")
-    args = p.parse_args(argv)
+    args = parse_with_recipe(p, argv)
     for name in ("batch_size", "epochs", "log_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -4,6 +4,7 @@ Not run directly.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
@@ -37,6 +39,48 @@ def run_main(main: Callable[[], Any]) -> None:
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C): stopped; files written so far are complete", file=sys.stderr)
         sys.exit(130)
+
+
+RECIPES = REPO / "configs"  # the experiment recipes we ship
+
+
+def parse_with_recipe(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """parser's options from argv, where `--config FILE` (an option of parser's) names a recipe: a TOML file of
+    the same options, keys spelled as the flags without their dashes (`batch-size = 32`, `amp = false`). The
+    recipe's options go before the command line's, so that the command line overrides them."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    recipe = pre.parse_known_args(argv)[0].config
+    return parser.parse_args(argv if recipe is None else recipe_argv(parser, recipe) + argv)
+
+
+def recipe_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
+    """The options of the recipe at `path` as command-line tokens for `parser`; a UserError names a bad file or key."""
+    try:
+        recipe = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        shipped = ", ".join(str(p.relative_to(REPO)) for p in sorted(RECIPES.glob("*.toml")))
+        raise UserError(f"--config {path}: not found; a recipe is a TOML file of options, e.g. one of {shipped}") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"--config {path}: not a readable TOML file ({e})") from None
+    actions = parser._option_string_actions  # argparse keeps no public map from a flag to its action
+    argv = []
+    for key, value in recipe.items():
+        action = actions.get(f"--{key}")
+        if action is None or key in ("config", "help"):
+            raise UserError(f"--config {path}: {key!r} is not an option of this script; a recipe's keys are its "
+                            f"options without the dashes (see --help)")
+        if isinstance(action, argparse.BooleanOptionalAction) and isinstance(value, bool):
+            argv.append(f"--{key}" if value else f"--no-{key}")
+        elif isinstance(action, argparse._StoreTrueAction) and isinstance(value, bool):
+            argv += [f"--{key}"] if value else []
+        elif action.nargs == 0 or isinstance(value, (bool, dict, list)):
+            raise UserError(f"--config {path}: {key} = {value!r}: expected "
+                            f"{'true or false' if action.nargs == 0 else 'a number or a string'}")
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
 
 
 class CtrlCBetweenSteps:

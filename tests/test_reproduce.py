@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,14 @@ from utils import REPO, UserError, read_jsonl
 N = 80  # built-in photos: ~75 faces, both splits of both protocols non-empty
 EPOCHS = 2  # the killed run has one epoch on disk to resume from and one to run after
 KEYS = {"size", "arch", "age_loss", "age_weight", "split", "epochs", "gender_acc", "age_mae", "cs5", "seconds"}
-KILLED = next(r for r in reproduce.RUNS if r.arch == "resnet50")  # the slowest epoch: the widest window to kill in
+
+
+def recipe(run: reproduce.Run) -> dict:
+    """The train.py options of a run's recipe ({} for train.py's defaults)."""
+    return tomllib.loads((REPO / run.recipe).read_text()) if run.recipe else {}
+
+
+KILLED = next(r for r in reproduce.RUNS if recipe(r).get("arch") == "resnet50")  # the slowest epoch: the widest window to kill in
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +93,6 @@ def test_results_complete(killed_then_rerun):
         assert set(r) == KEYS | originals, run.name
         assert all(r[k] == getattr(run, k) for k in originals)
         assert (r["size"], r["split"], r["epochs"]) == (run.size, run.split, EPOCHS)
-        assert all(r[k] == getattr(run, k) for k in ("arch", "age_loss", "age_weight") if getattr(run, k) is not None)
         run_dir = out / "runs" / run.name
         log = read_jsonl(run_dir / "metrics.jsonl")
         assert r["seconds"] == pytest.approx(sum(e["seconds"] for e in log)) and r["seconds"] > 0
@@ -94,6 +101,10 @@ def test_results_complete(killed_then_rerun):
         assert r["gender_acc"] == best["gender_acc"] and r["age_mae"] == pytest.approx(best["age_mae"], abs=0.01)
         assert r["cs5"] == best["cs5"]
         config = json.loads((run_dir / "config.json").read_text())
+        # the recipe reached train.py, and --quick's batch overrode the recipe's
+        assert config["config"] == (str(REPO / run.recipe) if run.recipe else None)
+        options = {k.replace("-", "_"): v for k, v in recipe(run).items() if k != "batch-size"}
+        assert {k: r[k] for k in options} == options
         assert config["batch_size"] == reproduce.QUICK_BATCH and config["limit"] == reproduce.QUICK_LIMIT
         assert config["pretrained"] == "none" and config["device_used"] == "cpu"
         assert f"| {run.name} | {run.size}x{run.size} |" in (out / "results.md").read_text()

@@ -14,6 +14,7 @@ import utils
 from data_gen import make_loader, preprocess
 from metrics import compute_metrics
 import models
+import reproduce
 from models import load_checkpoint
 from test_data_gen import make_fake_data
 from utils import REPO, UserError, read_jsonl
@@ -282,6 +283,52 @@ def test_an_epoch_reads_the_device_only_when_it_logs(data, age_loss):
     assert (few_steps, many_steps) == (2, 6)
     assert 0 < few == many  # the last step logs: the nan check and the running loss
     assert host_reads(48, 1) == (6, 6 * few)
+
+
+def test_a_recipe_sets_options_and_the_command_line_overrides_it(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('# a comment\narch = "resnet50"\nage-loss = "ce"\nbatch-size = 32\namp = false\njpeg = true\n'
+                      'lr = 0.02\n')
+    a = train.parse_args(["--config", str(recipe)])
+    assert (a.arch, a.age_loss, a.batch_size, a.amp, a.jpeg, a.lr, a.config) == (
+        "resnet50", "ce", 32, False, True, 0.02, str(recipe))
+    assert a.age_weight == config.AGE_WEIGHT and a.epochs == config.EPOCHS  # the rest: train.py's defaults
+    b = train.parse_args(["--batch-size", "8", "--amp", f"--config={recipe}", "--arch", "resnet18"])
+    assert (b.arch, b.batch_size, b.amp, b.age_loss, b.jpeg) == ("resnet18", 8, True, "ce", True)
+
+
+@pytest.mark.parametrize("text, match", [
+    ('archh = "resnet18"\n', r"'archh' is not an option of this script"),
+    ('config = "other.toml"\n', r"'config' is not an option of this script"),
+    ('amp = "yes"\n', r"amp = 'yes': expected true or false"),
+    ('lr = [0.1]\n', r"lr = \[0.1\]: expected a number or a string"),
+    ('arch = resnet18\n', "not a readable TOML file"),
+])
+def test_a_bad_recipe_is_a_user_error_naming_the_file_and_the_key(tmp_path, text, match):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=match) as e:
+        train.parse_args(["--config", str(path)])
+    assert str(e.value).startswith(f"--config {path}: ")
+
+
+def test_a_recipe_s_values_meet_the_options_checks(tmp_path, capsys):
+    path = tmp_path / "r.toml"
+    path.write_text('arch = "resnet99"\n')
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", str(path)])
+    assert "argument --arch: invalid choice: 'resnet99'" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"--config nope.toml: not found; .* e.g. one of configs/dex.toml, "):
+        train.parse_args(["--config", "nope.toml"])
+
+
+def test_every_shipped_recipe_parses_and_reproduce_names_them():
+    recipes = sorted((REPO / "configs").glob("*.toml"))
+    assert len(recipes) >= 6
+    for path in recipes:
+        assert train.parse_args(["--config", str(path)]).config == str(path)
+    named = {r.recipe for r in reproduce.RUNS if r.recipe}
+    assert named <= {str(p.relative_to(REPO)) for p in recipes}  # each row's recipe ships
 
 
 def test_checkpoints_hold_the_lr_as_a_number(tmp_path):
