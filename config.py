@@ -47,6 +47,7 @@ WEIGHT_DECAY = 5e-4  # L2 on weights (not on norms and biases)
 WARMUP_EPOCHS = 1  # linear warm-up before the cosine decay
 NUM_WORKERS = 2  # DataLoader worker processes
 SEED = 42  # seeds the split, the cap, the init and the data order
+DUMMY_FACES, DUMMY_VALID = 4096, 512  # train.py --dummy: random training and validation faces held in memory (224 px: 690 MB)
 DEVICE = "auto"  # auto (cuda if present) | cpu | cuda | cuda:N
 AMP = True  # bf16 autocast on CUDA, and on the CPU where AMP_CPU allows
 AMP_CPU = None  # bf16 on the CPU too; None = only where it has bf16 instructions (AVX512-BF16, AMX): elsewhere

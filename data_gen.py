@@ -14,6 +14,7 @@ permutation per epoch, a shard per process), augmented by the same augment():
           of the training step. Used when the file exists; refused unless faces_{split}.json says it
           holds the images labels.csv lists, in order.
   JPEG    FaceDataset: DataLoader workers decode DATA/<image> and augment each face on the CPU.
+  dummy   train.py --dummy: the packed loader over random faces held in memory (dummy_split).
 """
 from __future__ import annotations
 
@@ -444,23 +445,37 @@ def open_packed(path: Path, images: list[str], data_dir: str | os.PathLike) -> n
 def make_loader(data_dir: str | os.PathLike, split: str, train: bool, batch_size: int,
                 device: str | torch.device = "cpu", *, workers: int = config.NUM_WORKERS, seed: int = config.SEED,
                 rank: int = 0, world_size: int = 1, jpeg: bool = False, limit: int | None = None,
-                prefetch: int = 0) -> PackedLoader | JpegLoader:
+                prefetch: int = 0, dummy: int | None = None) -> PackedLoader | JpegLoader:
     """Batches of one split on `device`: packed when DATA/faces_{split}.npy exists (unless jpeg), else from the JPEGs.
 
     train: shuffle (seeded, call set_epoch(epoch) each epoch), augment, drop the last partial
     batch; else every face once, in order. rank/world_size: this process's shard. limit: only the
     first `limit` faces of the split. prefetch: batches the packed loader prepares ahead, in a thread.
+    dummy: a face side; the packed loader over dummy_split's random faces instead of data_dir's.
     """
     device = torch.device(device)
-    packed = packed_path(data_dir, split)
-    if packed.is_file() and not jpeg:
-        labels = load_split(data_dir, split)
-        faces = open_packed(packed, labels.images, data_dir)
+    packed = packed_path(data_dir, split) if dummy is None else None
+    if dummy is not None or (packed.is_file() and not jpeg):
+        if dummy is not None:
+            faces, labels = dummy_split(dummy, split, seed)
+        else:
+            labels = load_split(data_dir, split)
+            faces = open_packed(packed, labels.images, data_dir)
         labels = head(labels, limit)
         return PackedLoader(faces[:len(labels.images)], labels, batch_size, train, device, seed, rank, world_size,
                             prefetch)
     dataset = FaceDataset(data_dir, split, train, limit, seed)
     return JpegLoader(dataset, batch_size, train, device, workers, seed, rank, world_size)
+
+
+def dummy_split(size: int, split: str, seed: int) -> tuple[np.ndarray, Labels]:
+    """Random faces (N, size, size, 3) uint8 and labels for train.py --dummy: DUMMY_FACES training faces or
+    DUMMY_VALID validation ones, drawn from (seed, split), so every process of a run holds the same ones."""
+    n = config.DUMMY_FACES if split == "train" else config.DUMMY_VALID
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    faces = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    return faces, Labels([f"dummy/{split}/{i}" for i in range(n)], rng.integers(config.MIN_AGE, config.MAX_AGE + 1, n),
+                         rng.integers(0, 2, n))
 
 
 # --- packing -----------------------------------------------------------------------------------

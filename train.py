@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=8 train.py --data data/imdb_112 --out runs/r18_112   # DDP, a shard per process
     python train.py --data data/imdb_112 --out runs/r18_112 --resume runs/r18_112/last.pt
     python train.py --config configs/original_r18_l1.toml --data data/imdb_112   # a recipe; flags override it
+    torchrun --nproc_per_node=8 train.py --dummy --epochs 1 --out runs/smoke   # random faces: checks a new box
 
 Every epoch trains on the train split, validates on the valid split and writes, in OUT:
   config.json    the resolved settings, the git commit and the torch version (at the start)
@@ -98,6 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "one GPU, no --compile; ignored on the CPU (default: %(default)s)")
     p.add_argument("--prefetch", type=int, default=config.PREFETCH,
                    help="packed loader: batches prepared ahead in a background thread, 0 for none (default: %(default)s)")
+    p.add_argument("--dummy", type=int, nargs="?", const=config.SIZE, default=None, metavar="SIZE",
+                   help=f"train on random faces in memory instead of --data ({config.DUMMY_FACES} training, "
+                        f"{config.DUMMY_VALID} validation, SIZE px, {config.SIZE} if not given): checks a machine, "
+                        "its GPUs and torchrun before there is a dataset (default: off)")
     p.add_argument("--jpeg", action="store_true",
                    help="decode the JPEGs even where faces_{split}.npy exists (default: off; for comparisons)")
     p.add_argument("--limit", type=int, default=None,
@@ -113,6 +118,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.prefetch < 0:
         p.error("--prefetch must be 0 or more")
+    if args.dummy is not None:
+        if args.dummy < 32 or args.jpeg:
+            p.error("--dummy SIZE: a face side of at least 32 px, and no --jpeg (the dummy faces are in memory)")
+        args.data = None  # config.json then says that no data dir was read
     if args.amp_cpu is None:
         args.amp_cpu = cpu_has_bf16()
     if args.age_weight is None:  # l2's loss is in years^2, the others' in years or nats: each its own default
@@ -446,7 +455,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     check_cuda_graph(args, world, device)
     ckpt = load_resume(args.resume) if args.resume else None
     loader_args = dict(batch_size=args.batch_size, device=device, workers=args.workers, seed=args.seed, rank=rank,
-                       world_size=world, jpeg=args.jpeg, limit=args.limit, prefetch=args.prefetch)
+                       world_size=world, jpeg=args.jpeg, limit=args.limit, prefetch=args.prefetch, dummy=args.dummy)
     train_loader = make_loader(args.data, "train", True, **loader_args)
     valid_loader = make_loader(args.data, "valid", False, **loader_args)
     if len(train_loader) == 0:

@@ -331,6 +331,28 @@ def test_every_shipped_recipe_parses_and_reproduce_names_them():
     assert named <= {str(p.relative_to(REPO)) for p in recipes}  # each row's recipe ships
 
 
+def test_dummy_trains_on_random_faces_without_a_data_dir(tmp_path, monkeypatch):
+    """--dummy: the whole run (loader, step, validation, checkpoints) without --data, on seeded random faces."""
+    monkeypatch.setattr(config, "DUMMY_FACES", 48)
+    monkeypatch.setattr(config, "DUMMY_VALID", 16)
+    common = ["--out", str(tmp_path / "run"), "--pretrained", "none", "--device", "cpu", "--batch-size", "16",
+              "--data", str(tmp_path / "nothing here"), "--epochs", "1"]
+    train.main(common + ["--dummy", "32"])
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (cfg["dummy"], cfg["size"], cfg["data"]) == (32, 32, None)
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1]
+    model, saved = load_checkpoint(tmp_path / "run" / "best.pt", "cpu")
+    assert saved["dummy"] == 32 and model(torch.zeros(1, 3, 32, 32))[0].shape == (1, 2)
+    # the same faces in every process and run (seeded), other ones in the other split
+    a, b, v = (make_loader(None, split, False, 16, dummy=32) for split in ("train", "train", "valid"))
+    x_a, x_b, x_v = (next(iter(loader))[0] for loader in (a, b, v))
+    assert torch.equal(x_a, x_b) and not torch.equal(x_a, x_v) and x_a.shape == (16, 3, 32, 32)
+    assert train.parse_args(["--dummy"]).dummy == config.SIZE
+    for bad in (["--dummy", "16"], ["--dummy", "--jpeg"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
+
+
 def test_checkpoints_hold_the_lr_as_a_number(tmp_path):
     """The captured step keeps the lr in a device tensor; last.pt still holds a plain float (and the optimizer keeps its tensor)."""
     from tensorboardX import SummaryWriter
