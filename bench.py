@@ -55,6 +55,7 @@ while something else uses the CPU are meaningless (the load average is recorded)
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -71,7 +72,15 @@ import numpy as np
 import torch
 
 import config
-from pre_process import detect_batch
+import pre_process
+import train
+from data_gen import (LABEL_COLUMNS, Labels, PackedLoader, load_split, make_loader, open_packed, packed_path,
+                      read_labels, write_sidecar)
+from face import FaceDetector, prepare_crop
+from inference import ensure_samples
+from models import build_model
+from pre_process import align_batch, detect_batch
+from synth_imdb import generate, imdb_sized
 from utils import (REPO, CtrlCBetweenSteps, UserError, git_commit, pick_device, read_image, read_jsonl, run_main,
                    seed_everything, write_csv, write_json)
 
@@ -395,8 +404,6 @@ def prepare_data(args: argparse.Namespace, tmp: Path, device: torch.device) -> t
         if not photos.is_dir():
             raise UserError(f"--photos {photos}: not found; pass the folder of the photos {data} was made from")
         return data, photos
-    import pre_process
-    from synth_imdb import generate
 
     if not (photos / "imdb.mat").is_file():
         n = QUICK_PHOTOS if args.quick else 1200
@@ -410,8 +417,6 @@ def prepare_data(args: argparse.Namespace, tmp: Path, device: torch.device) -> t
 
 def train_sources(data: Path, photos: Path, n: int) -> list[Path]:
     """The source photos of the first n training faces of data (photos with a face MTCNN found)."""
-    from data_gen import read_labels
-    import csv
 
     with open(data / "labels.csv", newline="", encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
@@ -429,7 +434,6 @@ def train_args(data: Path, out: Path, batch: int, tuned: bool, workers: int, jpe
                extra: list[str] | tuple = ()) -> argparse.Namespace:
     """train.py's options for one mode: tuned (its defaults, bf16 on CPUs with bf16 instructions, + extra options)
     or naive (fp32, NCHW, no compile); jpeg: read the JPEGs (FaceDataset) even where the packed file exists."""
-    import train
 
     argv = ["--data", str(data), "--out", str(out), "--pretrained", "none", "--batch-size", str(batch),
             "--workers", str(workers), "--epochs", "1"]
@@ -445,8 +449,6 @@ def compile_args(args: argparse.Namespace) -> list[str]:
 def time_training(loader, targs: argparse.Namespace, device: torch.device, warmup: int, steps: int,
                   arch: str = "resnet18") -> dict:
     """Images/s of train.train_one_epoch over `steps` batches of loader, after `warmup` untimed ones."""
-    import train
-    from models import build_model
 
     seed_everything(config.SEED)
     memory_format = train.memory_format_of(targs)
@@ -478,7 +480,6 @@ def bench_train(args: argparse.Namespace, data: Path, tmp: Path, device: torch.d
     (tuned / naive_packed); tuned_bare (the tuned step on one batch over and over: no loading, no
     augmentation) bounds what any loader could reach: its ratio to naive is the ceiling.
     """
-    from data_gen import make_loader
 
     tuned = train_args(data, tmp / "run", args.batch_size, True, args.workers, extra=compile_args(args))
     modes = {
@@ -527,7 +528,6 @@ class SameBatch:
 
 def bench_grid(args: argparse.Namespace, tmp: Path, device: torch.device) -> list[dict]:
     """Tuned training images/s of ResNet-18/50 at 112/224 on random uint8 faces held in memory."""
-    from data_gen import Labels, PackedLoader
 
     rows = []
     rng = np.random.default_rng(0)
@@ -558,7 +558,6 @@ def tile_packed(data: Path, out: Path, faces: int) -> dict[str, int]:
 
     The arrays are written through memory maps (a few GB at the issue's size, never held in memory).
     """
-    from data_gen import LABEL_COLUMNS, load_split, open_packed, packed_path, write_sidecar
 
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -602,7 +601,6 @@ def time_train_py(data: Path, out: Path, batch: int, device: torch.device, extra
 def time_loader(data: Path, batch: int, device: torch.device, warmup: int) -> dict:
     """Images/s of train.py's loader alone (PackedLoader: gather, copy, augment, prefetch thread) over one epoch
     of data's training split, nothing consuming the batches, synced at both ends of the clock."""
-    from data_gen import make_loader
 
     loader = make_loader(data, "train", True, batch, device, prefetch=config.PREFETCH)
     warmup = min(warmup, len(loader) - 1)
@@ -618,7 +616,6 @@ def time_loop_batch(loop_data: Path, tmp: Path, batch: int, device: torch.device
     """One row of the loop phase: train.py's own loop in a step mode (images/s of its last epoch, from its
     metrics.jsonl), the bare step in the same mode (SameBatch: one batch over and over, args.repeats rounds) and
     the loader alone, at one batch size."""
-    from data_gen import make_loader
 
     loop = time_train_py(loop_data, tmp / f"loop_{mode}_b{batch}", batch, device, LOOP_MODES[mode])
     targs = train_args(loop_data, tmp / "run", batch, True, 0, extra=LOOP_MODES[mode])
@@ -653,8 +650,6 @@ def bench_loop(args: argparse.Namespace, data: Path, tmp: Path, device: torch.de
 
 def align_photos(detector, photos: list[np.ndarray], batch: int, size: int) -> int:
     """pre_process.align_all's work (pre_process.align_batch) on decoded photos, batch photos a call: faces aligned."""
-    from face import prepare_crop
-    from pre_process import align_batch
 
     fraction = config.MIN_FACE_FRACTION
     return sum(len(align_batch(detector, [(None, p, prepare_crop(detector, p, fraction)) for p in photos[start:start + batch]],
@@ -667,8 +662,6 @@ def bench_preprocess(args: argparse.Namespace, data: Path, photos_dir: Path, dev
     The built-in crops (~180 px) are enlarged to IMDB's spread of sizes first (synth_imdb.imdb_sized: short
     side 150-700 px, median ~430), the work per photo depending on its size.
     """
-    from face import FaceDetector
-    from synth_imdb import imdb_sized
 
     paths = train_sources(data, photos_dir, args.preprocess_photos)
     rng = np.random.default_rng(0)
@@ -698,7 +691,6 @@ def bench_preprocess(args: argparse.Namespace, data: Path, photos_dir: Path, dev
 # --- inference -----------------------------------------------------------------------------------
 
 def inference_photos(args: argparse.Namespace, data: Path, photos_dir: Path) -> list[Path]:
-    from inference import ensure_samples
 
     samples = ensure_samples(REPO / config.IMAGES)
     samples = [p for p in samples if p.name in SAMPLE_PHOTOS]
@@ -708,7 +700,6 @@ def inference_photos(args: argparse.Namespace, data: Path, photos_dir: Path) -> 
 
 def random_checkpoint(path: Path, size: int) -> Path:
     """best.pt as train.py writes it, with a random ResNet-18 (l1 head): timing does not depend on weights."""
-    from models import build_model
 
     torch.manual_seed(0)
     model = build_model("resnet18", "l1", "none")

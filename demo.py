@@ -41,6 +41,7 @@ from typing import Iterator
 
 import cv2
 import numpy as np
+from PIL import Image
 
 import config
 # before data_gen/face (torch): inference sets torch's OpenMP spinning, read when torch loads
@@ -160,8 +161,6 @@ def draw(image: np.ndarray, faces: list[dict], labels: bool = True) -> np.ndarra
 
 def encode_like(rgb: np.ndarray, name: str) -> tuple[bytes, str]:
     """(encoded bytes, file name): the format the name's suffix says, else PNG with .png appended."""
-    from PIL import Image
-
     fmt = Image.registered_extensions().get(Path(name).suffix.lower())
     buf = io.BytesIO()
     try:

@@ -43,12 +43,14 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 import config
 # before face (torch): inference sets torch's OpenMP spinning, read when torch loads
 from inference import (GENDERS, INTERVAL_KEYS, Labelled, OnnxModel, check_flip, detector_for, load_model, predict,
                        predicted_gender, read_ahead, read_csv_labels, read_utkface)
 from metrics import compute_metrics, interval_coverage, reliability
+from data_gen import load_split
 from face import detect_and_align
 from utils import UserError, chunks_within, pick_device, pyplot, read_image_or_reason, run_main, save_figure, write_csv, write_json
 
@@ -60,8 +62,6 @@ BUCKET_LABELS = tuple(f"{lo}-{lo + 9}" for lo in BUCKET_EDGES[:-1]) + (f"{BUCKET
 
 def read_pre_processed(data: Path, split: str) -> list[Labelled]:
     """The rows of DATA/labels.csv in `split` (checked by data_gen.load_split, as train.py reads them)."""
-    from data_gen import load_split
-
     if not (data / "labels.csv").is_file():
         raise UserError(f"--data {data}: no labels.csv there; make it with `python pre_process.py --out {data}` "
                         "(or pass --utkface / --csv for raw labelled photos)")
@@ -79,8 +79,6 @@ def read_images(items: list[Labelled], workers: int, ahead: int, unit: str, skip
 
     Files that are not usable images are counted in `skipped` by reason and left out.
     """
-    from tqdm import tqdm
-
     with tqdm(total=len(items), desc="evaluate", unit=unit, file=sys.stderr, disable=None) as bar:
         for item, img in read_ahead(items, lambda it: read_image_or_reason(it.path), workers, ahead):
             bar.update(1)

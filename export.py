@@ -21,23 +21,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
 
 import config
 from data_gen import IMAGENET_MEAN, IMAGENET_STD
 from inference import INPUT, OUTPUTS, load_model
+from models import mirrored
 from utils import UserError, atomic_write_bytes, run_main
 
 
 def wrapped(model, flip: bool = False):
     """The model plus its head outputs (models.AgeGenderNet.head_outputs), as one module returning OUTPUTS."""
-    import torch
-
-    from models import mirrored
-
     class Exported(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -58,10 +59,6 @@ def to_onnx(module, size: int, opset: int, exporter: str) -> tuple[bytes, str]:
     offline); it is tried first. If it fails on some model, the TorchScript exporter
     (dynamo=False, deprecated but still shipped) is the fallback.
     """
-    import tempfile
-
-    import torch
-
     example = torch.randn(2, 3, size, size)
     tries = {"auto": ("dynamo", "torchscript"), "dynamo": ("dynamo",), "torchscript": ("torchscript",)}[exporter]
     errors = []
@@ -91,8 +88,6 @@ def to_onnx(module, size: int, opset: int, exporter: str) -> tuple[bytes, str]:
 
 def add_metadata(data: bytes, meta: dict) -> bytes:
     """The ONNX bytes with `meta` as metadata_props and the batch dimension named 'batch'."""
-    import onnx
-
     proto = onnx.load_from_string(data)
     for name, value in meta.items():
         proto.metadata_props.append(onnx.StringStringEntryProto(key=name, value=str(value)))
@@ -102,9 +97,6 @@ def add_metadata(data: bytes, meta: dict) -> bytes:
 def check(module, data: bytes, size: int, batches=(1, 5), seed: int = 0) -> float:
     """Largest |onnxruntime - PyTorch| over all outputs, on random inputs of the given batch sizes
     (NaN on both sides, the intervals of l1/l2 heads, counts as equal; on one side only, as inf)."""
-    import onnxruntime as ort
-    import torch
-
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(seed)
     worst = 0.0
@@ -137,8 +129,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import torch
-
     args = parse_args(argv)
     if Path(args.checkpoint).suffix.lower() == ".onnx":
         raise UserError(f"--checkpoint {args.checkpoint}: already ONNX; export.py reads a best.pt written by train.py")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 import config
 from utils import (UserError, pick_device, process_device, pyplot, read_image, read_image_or_reason, run_main,
@@ -74,7 +75,7 @@ def find_mat(root: Path, dataset: str | None) -> Path:
 
 def load_meta(path: Path, dataset: str | None = None) -> tuple[str, Meta]:
     """Parse imdb.mat / wiki.mat as scipy.io.loadmat returns the real file: (dataset name, Meta)."""
-    import scipy.io
+    import scipy.io  # here: the spawned decode workers import this module, and only the parent reads the .mat
 
     try:
         mat = scipy.io.loadmat(path)
@@ -215,8 +216,6 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
     Faces are looked for from min_face_fraction of each photo's short side up (0: from
     MTCNN's 20 px); a photo with none that large is retried with the full pyramid.
     """
-    from tqdm import tqdm
-
     import face  # here, not at the top: the spawned decode workers import this module, and face loads torch
 
     detector = face.FaceDetector(device=device)
@@ -361,7 +360,7 @@ def plot_ages(path: Path, ages: np.ndarray, per_age: int) -> None:
 
 
 def pack(out: Path) -> None:
-    from data_gen import pack_split
+    from data_gen import pack_split  # see write_labels
 
     for split in ("train", "valid"):
         pack_split(out, split)

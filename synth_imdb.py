@@ -32,6 +32,7 @@ DIRTY_KINDS = ("no_face_score", "second_face", "gender_unknown", "age_out_of_ran
 
 def base_portraits() -> list[tuple[np.ndarray, np.ndarray, float]]:
     """The shipped portraits as (RGB image, its 5 landmarks (5, 2), face box side) found by our MTCNN."""
+    # here: face loads torch, and scripts/imdb_scale.py's spawned workers import this module for imdb_sized alone
     import matplotlib.cbook
     import skimage.data
     from PIL import Image

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tensorboardX import SummaryWriter
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -496,8 +497,6 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", cfg)
         start_logs(out, ckpt)
-        from tensorboardX import SummaryWriter
-
         writer = SummaryWriter(str(out / "tb"))
         print(f"training {args.arch}/{args.age_loss} on {device} x{world}, {len(train_loader)} steps of "
               f"{cfg['global_batch']} per epoch, peak lr {cfg['peak_lr']:g}, {'bf16' if amp else 'fp32'}"
