@@ -66,7 +66,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ import train
 from data_gen import (LABEL_COLUMNS, Labels, PackedLoader, load_split, make_loader, open_packed, packed_path,
                       read_labels, write_sidecar)
 from face import FaceDetector, prepare_crop
-from inference import ensure_samples
+from inference import Predictor, ensure_samples
 from models import build_model
 from pre_process import align_batch, detect_batch
 from synth_imdb import generate, imdb_sized
@@ -244,7 +244,7 @@ class Phases:
         if self.current is not None:
             raise TimeUp("stopped by SIGTERM (a time limit, e.g. `timeout`)")
 
-    def run(self, name: str, fn: Callable, *args: object):
+    def run(self, name: str, fn: Callable, *args: object) -> object:
         """fn(*args), or None with the reason in errors."""
         if self.stopped:
             self.errors[name] = "skipped: the run was stopped before it"
@@ -446,7 +446,7 @@ def compile_args(args: argparse.Namespace) -> list[str]:
     return ["--compile"] if args.compile else []
 
 
-def time_training(loader, targs: argparse.Namespace, device: torch.device, warmup: int, steps: int,
+def time_training(loader: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], targs: argparse.Namespace, device: torch.device, warmup: int, steps: int,
                   arch: str = "resnet18") -> dict:
     """Images/s of train.train_one_epoch over `steps` batches of loader, after `warmup` untimed ones."""
 
@@ -648,7 +648,7 @@ def bench_loop(args: argparse.Namespace, data: Path, tmp: Path, device: torch.de
 
 # --- pre-processing ------------------------------------------------------------------------------
 
-def align_photos(detector, photos: list[np.ndarray], batch: int, size: int) -> int:
+def align_photos(detector: FaceDetector, photos: list[np.ndarray], batch: int, size: int) -> int:
     """pre_process.align_all's work (pre_process.align_batch) on decoded photos, batch photos a call: faces aligned."""
 
     fraction = config.MIN_FACE_FRACTION
@@ -708,7 +708,7 @@ def random_checkpoint(path: Path, size: int) -> Path:
     return path
 
 
-def time_ours(annotator, images: list[np.ndarray], warmup: int, repeat: int) -> dict:
+def time_ours(annotator: Predictor, images: list[np.ndarray], warmup: int, repeat: int) -> dict:
     per_photo = []
     for image in images:
         for _ in range(warmup):

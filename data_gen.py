@@ -245,7 +245,7 @@ class FaceDataset(Dataset):
 
 # --- loaders -----------------------------------------------------------------------------------
 
-def index_sampler(n: int, train: bool, seed: int, rank: int, world_size: int):
+def index_sampler(n: int, train: bool, seed: int, rank: int, world_size: int) -> DistributedSampler | range:
     """Training: a seeded permutation per epoch (set_epoch), padded to a multiple of world_size, a shard per process.
     Validation: every index once, in order, striped over the processes (no padding, so no face counts twice)."""
     if train:

@@ -47,11 +47,12 @@ from tqdm import tqdm
 
 import config
 # before face (torch): inference sets torch's OpenMP spinning, read when torch loads
-from inference import (GENDERS, INTERVAL_KEYS, Labelled, OnnxModel, check_flip, detector_for, load_model, predict,
+from inference import (GENDERS, INTERVAL_KEYS, Labelled, Model, OnnxModel, check_flip, detector_for, load_model, predict,
                        predicted_gender, read_ahead, read_csv_labels, read_utkface)
+import torch  # after inference, as face is
 from metrics import compute_metrics, interval_coverage, reliability
 from data_gen import load_split
-from face import detect_and_align
+from face import FaceDetector, detect_and_align
 from utils import UserError, chunks_within, pick_device, pyplot, read_image_or_reason, run_main, save_figure, write_csv, write_json
 
 BUCKET_EDGES = (0, 10, 20, 30, 40, 50, 60, 70)  # lower bounds; the last bucket is open: 70+
@@ -89,7 +90,7 @@ def read_images(items: list[Labelled], workers: int, ahead: int, unit: str, skip
                 yield item, img
 
 
-def evaluate_aligned(items: list[Labelled], model, cfg: dict, device, batch_size: int, workers: int,
+def evaluate_aligned(items: list[Labelled], model: Model, cfg: dict, device: str | torch.device, batch_size: int, workers: int,
                      flip: bool = False) -> tuple[list[dict], dict]:
     """Predict pre-aligned faces: (records, skipped count per reason)."""
     size = int(cfg["size"])
@@ -105,8 +106,8 @@ def evaluate_aligned(items: list[Labelled], model, cfg: dict, device, batch_size
     return records, skipped
 
 
-def evaluate_photos(items: list[Labelled], model, cfg: dict, device, batch_size: int, workers: int,
-                    detector=None, detect_pixels: int = config.DETECT_PIXELS, flip: bool = False
+def evaluate_photos(items: list[Labelled], model: Model, cfg: dict, device: str | torch.device, batch_size: int,
+                    workers: int, detector: FaceDetector | None = None, detect_pixels: int = config.DETECT_PIXELS, flip: bool = False
                     ) -> tuple[list[dict], dict]:
     """Detect, align and predict raw labelled photos: (records, skipped count per reason).
 
@@ -161,7 +162,7 @@ def _group_stats(err: np.ndarray, right: np.ndarray, mask: np.ndarray) -> dict:
     return dict(n=n, age_mae=float(err[mask].mean()) if n else None, gender_acc=float(right[mask].mean()) if n else None)
 
 
-def breakdown(pred_age, true_age, pred_gender, true_gender) -> dict:
+def breakdown(pred_age: np.ndarray, true_age: np.ndarray, pred_gender: np.ndarray, true_gender: np.ndarray) -> dict:
     """MAE per true-age bucket and per true gender, gender accuracy per bucket, confusion matrix.
 
     Empty groups get n 0 and null (None) values. confusion[t][p] counts true class t predicted p.
@@ -180,7 +181,7 @@ def breakdown(pred_age, true_age, pred_gender, true_gender) -> dict:
     )
 
 
-def group_table(pred_age, true_age, pred_gender, true_gender, min_n: int = config.MIN_GROUP) -> dict:
+def group_table(pred_age: np.ndarray, true_age: np.ndarray, pred_gender: np.ndarray, true_gender: np.ndarray, min_n: int = config.MIN_GROUP) -> dict:
     """{gender: {age bucket: {n, age_mae, gender_acc, few}}}: the errors of each true gender x true-age
     bucket; few is true where n < min_n (too few faces for the numbers to mean much)."""
     true_age, true_gender = np.asarray(true_age, np.float64), np.asarray(true_gender, np.int64)
@@ -209,7 +210,7 @@ def interval_report(records: list[dict]) -> dict | None:
                                for b, label in enumerate(BUCKET_LABELS)})
 
 
-def headline(pred_age, true_age, pred_gender, true_gender) -> dict:
+def headline(pred_age: np.ndarray, true_age: np.ndarray, pred_gender: np.ndarray, true_gender: np.ndarray) -> dict:
     """Gender accuracy, age MAE, CS(5): metrics.py's implementation, the one train.py reports."""
     return compute_metrics(np.asarray(pred_age, np.float64), np.asarray(true_age, np.float64),
                            np.asarray(pred_gender, np.int64), np.asarray(true_gender, np.int64))
@@ -360,7 +361,7 @@ def write_predictions(path: Path, records: list[dict]) -> None:
               [{k: v for k, v in r.items() if k != "plain"} for r in records])
 
 
-def trust(pred_age, p_male, true_age, true_gender) -> dict:
+def trust(pred_age: np.ndarray, p_male: np.ndarray, true_age: np.ndarray, true_gender: np.ndarray) -> dict:
     """The headline metrics and the gender ECE of one set of predictions (plain or flipped)."""
     pred_gender = predicted_gender(p_male)
     return dict(headline(pred_age, true_age, pred_gender, true_gender),

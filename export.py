@@ -33,11 +33,11 @@ import torch
 import config
 from data_gen import IMAGENET_MEAN, IMAGENET_STD
 from inference import INPUT, OUTPUTS, load_model
-from models import mirrored
+from models import AgeGenderNet, mirrored
 from utils import UserError, atomic_write_bytes, run_main
 
 
-def wrapped(model, flip: bool = False):
+def wrapped(model: AgeGenderNet, flip: bool = False) -> torch.nn.Module:
     """The model plus its head outputs (models.AgeGenderNet.head_outputs), as one module returning OUTPUTS."""
     class Exported(torch.nn.Module):
         def __init__(self):
@@ -52,7 +52,7 @@ def wrapped(model, flip: bool = False):
     return Exported().eval()
 
 
-def to_onnx(module, size: int, opset: int, exporter: str) -> tuple[bytes, str]:
+def to_onnx(module: torch.nn.Module, size: int, opset: int, exporter: str) -> tuple[bytes, str]:
     """(ONNX bytes, the exporter that made them) with a dynamic batch dimension.
 
     torch 2.14's default is the dynamo exporter (torch.export + onnxscript, both installed and fully
@@ -94,7 +94,7 @@ def add_metadata(data: bytes, meta: dict) -> bytes:
     return proto.SerializeToString()
 
 
-def check(module, data: bytes, size: int, batches=(1, 5), seed: int = 0) -> float:
+def check(module: torch.nn.Module, data: bytes, size: int, batches: tuple[int, ...] = (1, 5), seed: int = 0) -> float:
     """Largest |onnxruntime - PyTorch| over all outputs, on random inputs of the given batch sizes
     (NaN on both sides, the intervals of l1/l2 heads, counts as equal; on one side only, as inf)."""
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])

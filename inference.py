@@ -31,7 +31,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeAlias, TypeVar
 
 # Idle OpenMP threads of torch spin for ~300,000 iterations after each op by default, holding the
 # cores that onnxruntime (an .onnx checkpoint) needs between detector calls: ~1.6x slower
@@ -57,11 +57,12 @@ INPUT, OUTPUTS = "face", ("gender_prob", "age", "age_std", "age_low", "age_high"
 INTERVAL_KEYS = ("age_std", "age_low", "age_high")  # NaN (l1/l2) in the arrays, null in the records
 
 T = TypeVar("T")
+Model: TypeAlias = "torch.nn.Module | OnnxModel"  # what load_model gives: a .pt's network, or an exported .onnx
 
 
 # --- model ---------------------------------------------------------------------------------
 
-def load_model(path: str | Path, device) -> tuple["torch.nn.Module | OnnxModel", dict]:
+def load_model(path: str | Path, device: str | torch.device) -> tuple[Model, dict]:
     """(model, its config) with errors a user can act on: a .pt from train.py in eval mode on device,
     or a .onnx from export.py as an OnnxModel (onnxruntime, on the CPU whatever the device)."""
     path = Path(path)
@@ -118,7 +119,7 @@ class OnnxModel:
 PREDICTION_KEYS = ("p_male", "age") + INTERVAL_KEYS  # predict()'s arrays
 
 
-def check_flip(model, flip: bool) -> None:
+def check_flip(model: Model, flip: bool) -> None:
     """A UserError where flip is asked of an ONNX file exported without it (its graph cannot average)."""
     if isinstance(model, OnnxModel) and flip and not model.flip:
         raise UserError(f"--flip: {model.cfg['onnx']} was exported without it; export it again with "
@@ -131,7 +132,7 @@ def _as_prediction(out: dict) -> dict[str, np.ndarray]:
     return dict(p_male=out["gender_prob"][:, 1], **{k: out[k] for k in ("age",) + INTERVAL_KEYS})
 
 
-def predict(model, cfg: dict, faces: np.ndarray, device, batch_size: int = 64, flip: bool = False) -> dict[str, np.ndarray]:
+def predict(model: Model, cfg: dict, faces: np.ndarray, device: str | torch.device, batch_size: int = 64, flip: bool = False) -> dict[str, np.ndarray]:
     """{p_male, age, age_std, age_low, age_high}: arrays (N,) for aligned faces, uint8 (N, S, S, 3) RGB,
     by a load_model() model (the interval keys NaN for l1/l2 heads).
 
@@ -179,7 +180,7 @@ def pixels(image: np.ndarray) -> int:
     return int(image.shape[0] * image.shape[1])
 
 
-def detector_for(model, device: torch.device | str, min_face: int = 20) -> FaceDetector:
+def detector_for(model: Model, device: torch.device | str, min_face: int = 20) -> FaceDetector:
     """The MTCNN detector to go with model: for an ONNX model its nets run in onnxruntime too, on the CPU, so
     that no torch network runs on that model's path."""
     onnx = isinstance(model, OnnxModel)
@@ -263,7 +264,7 @@ def face_record(box: np.ndarray, score: float, marks: np.ndarray, pred: dict) ->
 
 
 def calibrate_checkpoint(path: str | Path, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                         device) -> float:
+                         device: str | torch.device) -> float:
     """Fit the gender temperature on (x, age, gender) batches (the validation split) and store it in the
     checkpoint's model_args (rewritten atomically); returns it. train.py calls it on best.pt."""
     ckpt = read_checkpoint(path)

@@ -32,6 +32,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -297,7 +298,7 @@ class GraphedStep(Step):
             self.graph.replay()
 
 
-def make_step(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer, autocast: functools.partial,
+def make_step(model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer, autocast: functools.partial,
               args: argparse.Namespace, device: torch.device) -> Step:
     """The step train_one_epoch runs: captured as a CUDA graph with --cuda-graph on CUDA, eager otherwise."""
     graphed = args.cuda_graph and device.type == "cuda"
@@ -306,7 +307,8 @@ def make_step(model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer,
 
 # --- one epoch --------------------------------------------------------------------------------
 
-def train_one_epoch(step: Step, loader, args, epoch: int, world: int, writer,
+def train_one_epoch(step: Step, loader: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                    args: argparse.Namespace, epoch: int, world: int, writer: SummaryWriter | None,
                     ctrl_c: CtrlCBetweenSteps) -> tuple[float, float]:
     """(mean training loss over all processes, images/s over all processes).
 
@@ -347,7 +349,8 @@ def stop_if_nonfinite(nonfinite: torch.Tensor, epoch: int, step: int, out: str) 
 
 
 @torch.inference_mode()
-def validate(raw: AgeGenderNet, loader, args, device: torch.device, show_bar: bool, ctrl_c: CtrlCBetweenSteps) -> dict:
+def validate(raw: AgeGenderNet, loader: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+             args: argparse.Namespace, device: torch.device, show_bar: bool, ctrl_c: CtrlCBetweenSteps) -> dict:
     """gender_acc, age_mae, cs5, loss over the whole valid split (the sum of every process's stripe).
 
     raw is the model without DDP (the stripes differ in length, and DDP's forward would wait for
@@ -542,7 +545,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     return best
 
 
-def save_epoch(out: Path, writer, record: dict, improved: bool, best: dict, cfg: dict, raw, optimizer) -> None:
+def save_epoch(out: Path, writer: SummaryWriter, record: dict, improved: bool, best: dict, cfg: dict,
+               raw: AgeGenderNet, optimizer: torch.optim.Optimizer) -> None:
     """Checkpoints first, then the metrics line: a resume repairs the log from the checkpoint (start_logs)."""
     opt = optimizer.state_dict()
     for group in opt["param_groups"]:  # copies; --cuda-graph keeps the lr in a device tensor

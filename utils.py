@@ -16,6 +16,7 @@ import sys
 import tempfile
 import tomllib
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
@@ -168,7 +169,7 @@ def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: list[dict])
     atomic_write_text(path, buf.getvalue())
 
 
-def pyplot():
+def pyplot() -> ModuleType:
     """matplotlib.pyplot on the Agg backend: figures are only ever saved here, never shown."""
     import matplotlib
 
@@ -178,7 +179,7 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
+def save_figure(fig: "matplotlib.figure.Figure", path: str | os.PathLike, dpi: int = 100) -> None:
     """Atomically write a matplotlib figure as PNG (tight layout) and close it."""
     buf = io.BytesIO()
     fig.tight_layout()
