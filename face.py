@@ -1,7 +1,11 @@
 """Face detection (MTCNN in PyTorch, or its three nets in onnxruntime) and alignment onto the ArcFace 5-point template.
 
-The one implementation of detection + alignment, shared by pre_process.py, demo.py,
-evaluate.py and the benchmark.
+Not run directly: the one implementation of detection + alignment, shared by pre_process.py,
+demo.py, evaluate.py and the benchmark. In Python:
+
+    from face import FaceDetector, align_face
+    faces = FaceDetector(device="cpu").detect([rgb])[0]          # boxes, scores, landmarks (K, 5, 2)
+    aligned = align_face(rgb, faces.landmarks[0], size=112)       # (112, 112, 3) uint8
 
 Detection replicates the algorithm of the `mtcnn` PyPI package, version 1.0.0 (the TensorFlow
 implementation by Iván de Paz Centeno), and loads the weights that package ships. Its stages:
