@@ -187,7 +187,8 @@ def bench_serve(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("mode", choices=("folder", "serve"))
     p.add_argument("--checkpoint", default=config.CHECKPOINT, help="a .pt or .onnx model (default: %(default)s)")
     p.add_argument("--crops", type=int, default=40, help="folder: built-in crops added to the samples (default: %(default)s)")

@@ -360,7 +360,8 @@ def make_sheet(source: Path, ann: Predictor, out: Path, rows: int) -> list[dict]
 # --- main ------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--checkpoint", default=config.CHECKPOINT,
                    help="best.pt written by train.py, or a .onnx written by export.py (onnxruntime on the CPU: "
                         "faster there) (default: %(default)s)")

@@ -115,7 +115,8 @@ def check(module: torch.nn.Module, data: bytes, size: int, batches: tuple[int, .
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--checkpoint", default=config.CHECKPOINT, help="best.pt written by train.py (default: %(default)s)")
     p.add_argument("--out", default=None, help="the .onnx file to write (default: the checkpoint's path with .onnx)")
     p.add_argument("--opset", type=int, default=config.ONNX_OPSET, help="ONNX opset (default: %(default)s)")

@@ -367,7 +367,8 @@ def pack(out: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--root", default=config.ROOT, help="unpacked imdb_crop/ or wiki_crop/ (default: %(default)s)")
     p.add_argument("--out", default=None,
                    help=f"output folder (default: {config.DATA_FOR_SIZE}, a folder per size; {config.DATA} at the default size)")

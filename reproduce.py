@@ -67,7 +67,8 @@ DATA_DIRS = ((112, "image"), (112, "identity"), (224, "image"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--root", default=None,
                    help=f"the unpacked imdb_crop/ (default: {config.ROOT}; with --quick: {QUICK_ROOT})")
     p.add_argument("--out", default=None, help=f"runs and results (default: {OUT}; with --quick: {QUICK_OUT})")

@@ -283,7 +283,8 @@ drop.addEventListener("drop", (e) => {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--checkpoint", default=config.CHECKPOINT,
                    help="best.pt written by train.py, or a .onnx written by export.py (default: %(default)s)")
     p.add_argument("--host", default=config.SERVE_HOST, help="interface to listen on (default: %(default)s)")

@@ -200,7 +200,8 @@ def write_mat(path: Path, fields: dict, celeb_names: list[str]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--out", default="data/builtin_crop", help="where to write imdb.mat and NN/ (default: %(default)s)")
     p.add_argument("--n", type=int, default=1200, help="number of photos (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")

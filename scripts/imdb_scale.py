@@ -220,7 +220,8 @@ def profile(cmd: list[str], out: Path, report: Path, log: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--rows", type=int, default=IMDB_ROWS, help="rows of imdb.mat (default: %(default)s, the real file's)")
     p.add_argument("--photos", type=int, default=3000, help="rows with a photo on disk (default: %(default)s)")
     p.add_argument("--pool", type=int, default=300, help="distinct generated photos they are copies of (default: %(default)s)")

@@ -72,7 +72,8 @@ def rows(out: Path) -> set[tuple]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--photos", type=int, default=800, help="photos in the dataset (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=2, help="runs of each, alternated (default: %(default)s)")
     p.add_argument("--old", default="02182c5", help="the commit to compare with (default: %(default)s)")

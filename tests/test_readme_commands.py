@@ -1,9 +1,12 @@
-"""The README's first command, `make quickstart`, end to end in a temp folder: it must learn."""
+"""The README's first command, `make quickstart`, end to end in a temp folder: it must learn. And every option
+the README's commands pass is one their script has."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+from test_utils import SCRIPTS, script_parser
 from utils import REPO, read_jsonl
 
 
@@ -27,3 +30,15 @@ def test_make_quickstart_learns_and_annotates(tmp_path):
     assert sorted(Path(e["image"]).name for e in results) == ["astronaut.jpg", "camera.jpg", "grace_hopper.jpg"]
     assert all(len(e["faces"]) == 1 for e in results)
     assert all((tmp_path / "run" / "demo" / Path(e["image"]).name).is_file() for e in results)
+
+
+def test_every_option_in_the_readme_s_commands_exists(monkeypatch):
+    """Each `python SCRIPT.py ...` / `torchrun ... SCRIPT.py ...` of the README (code blocks and inline) passes only
+    options SCRIPT has, spelled out (abbreviations are refused); what follows ` -- ` goes to another script."""
+    readme = (REPO / "README.md").read_text()
+    commands = re.findall(r"(?:python3?|torchrun[^\n`]*?)\s+((?:scripts/)?\w+)\.py([^\n`|]*)", readme)
+    assert len(commands) >= 20
+    options = {script: set(script_parser(script, monkeypatch)._option_string_actions) for script in SCRIPTS}
+    for script, rest in commands:
+        flags = re.findall(r"(?<![\w-])--[a-z][\w-]*", rest.split(" -- ")[0])
+        assert set(flags) <= options[script], (script, rest)

@@ -1,7 +1,10 @@
-"""utils: CtrlCBetweenSteps (where train.py lets a Ctrl-C land) and git_commit."""
+"""utils: CtrlCBetweenSteps (where train.py lets a Ctrl-C land) and git_commit; every script's parser."""
+import argparse
+import importlib
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -32,3 +35,36 @@ def test_git_commit_is_the_checkout_s_or_the_one_a_copy_is_told(monkeypatch):
     assert git_commit().removesuffix("+dirty") == head
     monkeypatch.setenv("AGE_GENDER_COMMIT", "abc123")
     assert git_commit() == "abc123"
+
+
+
+SCRIPTS = ("bench", "bench_inference", "demo", "evaluate", "export", "pre_process", "reproduce", "serve", "synth_imdb",
+           "train", "scripts/imdb_scale", "scripts/pre_process_speed")
+
+
+def script_parser(script: str, monkeypatch) -> argparse.ArgumentParser:
+    """The parser a script (SCRIPTS' spelling) builds, caught as it parses: nothing of the script runs after that."""
+    seen = []
+
+    def caught(parser, *args, **kwargs):
+        seen.append(parser)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", caught)
+    monkeypatch.setattr(sys, "argv", [script])
+    folder, _, name = script.rpartition("/")
+    if folder:
+        monkeypatch.syspath_prepend(str(REPO / folder))
+    module = importlib.import_module(name)
+    with pytest.raises(SystemExit):
+        module.parse_args([]) if hasattr(module, "parse_args") else module.main()
+    monkeypatch.undo()
+    assert len(seen) == 1, script
+    return seen[0]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_refuses_abbreviated_options(script, monkeypatch):
+    """An unknown option fails loudly: argparse would otherwise take `--work 4` for `--workers 4`, or a typo for the
+    option it happens to begin."""
+    assert script_parser(script, monkeypatch).allow_abbrev is False
