@@ -446,8 +446,8 @@ def compile_args(args: argparse.Namespace) -> list[str]:
     return ["--compile"] if args.compile else []
 
 
-def time_training(loader: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], targs: argparse.Namespace, device: torch.device, warmup: int, steps: int,
-                  arch: str = "resnet18") -> dict:
+def time_training(loader: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], targs: argparse.Namespace,
+                  device: torch.device, warmup: int, steps: int, arch: str = "resnet18") -> dict:
     """Images/s of train.train_one_epoch over `steps` batches of loader, after `warmup` untimed ones."""
 
     seed_everything(config.SEED)

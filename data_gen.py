@@ -454,18 +454,16 @@ def make_loader(data_dir: str | os.PathLike, split: str, train: bool, batch_size
     dummy: a face side; the packed loader over dummy_split's random faces instead of data_dir's.
     """
     device = torch.device(device)
-    packed = packed_path(data_dir, split) if dummy is None else None
-    if dummy is not None or (packed.is_file() and not jpeg):
-        if dummy is not None:
-            faces, labels = dummy_split(dummy, split, seed)
-        else:
-            labels = load_split(data_dir, split)
-            faces = open_packed(packed, labels.images, data_dir)
-        labels = head(labels, limit)
-        return PackedLoader(faces[:len(labels.images)], labels, batch_size, train, device, seed, rank, world_size,
-                            prefetch)
-    dataset = FaceDataset(data_dir, split, train, limit, seed)
-    return JpegLoader(dataset, batch_size, train, device, workers, seed, rank, world_size)
+    if dummy is not None:
+        faces, labels = dummy_split(dummy, split, seed)
+    elif packed_path(data_dir, split).is_file() and not jpeg:
+        labels = load_split(data_dir, split)
+        faces = open_packed(packed_path(data_dir, split), labels.images, data_dir)
+    else:
+        dataset = FaceDataset(data_dir, split, train, limit, seed)
+        return JpegLoader(dataset, batch_size, train, device, workers, seed, rank, world_size)
+    labels = head(labels, limit)
+    return PackedLoader(faces[:len(labels.images)], labels, batch_size, train, device, seed, rank, world_size, prefetch)
 
 
 def dummy_split(size: int, split: str, seed: int) -> tuple[np.ndarray, Labels]:

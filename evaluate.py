@@ -90,8 +90,8 @@ def read_images(items: list[Labelled], workers: int, ahead: int, unit: str, skip
                 yield item, img
 
 
-def evaluate_aligned(items: list[Labelled], model: Model, cfg: dict, device: str | torch.device, batch_size: int, workers: int,
-                     flip: bool = False) -> tuple[list[dict], dict]:
+def evaluate_aligned(items: list[Labelled], model: Model, cfg: dict, device: str | torch.device, batch_size: int,
+                     workers: int, flip: bool = False) -> tuple[list[dict], dict]:
     """Predict pre-aligned faces: (records, skipped count per reason)."""
     size = int(cfg["size"])
     records, skipped = [], {}
@@ -107,8 +107,8 @@ def evaluate_aligned(items: list[Labelled], model: Model, cfg: dict, device: str
 
 
 def evaluate_photos(items: list[Labelled], model: Model, cfg: dict, device: str | torch.device, batch_size: int,
-                    workers: int, detector: FaceDetector | None = None, detect_pixels: int = config.DETECT_PIXELS, flip: bool = False
-                    ) -> tuple[list[dict], dict]:
+                    workers: int, detector: FaceDetector | None = None, detect_pixels: int = config.DETECT_PIXELS,
+                    flip: bool = False) -> tuple[list[dict], dict]:
     """Detect, align and predict raw labelled photos: (records, skipped count per reason).
 
     MTCNN's working memory grows with the pixels it is given, so each detection call gets at most
@@ -181,7 +181,8 @@ def breakdown(pred_age: np.ndarray, true_age: np.ndarray, pred_gender: np.ndarra
     )
 
 
-def group_table(pred_age: np.ndarray, true_age: np.ndarray, pred_gender: np.ndarray, true_gender: np.ndarray, min_n: int = config.MIN_GROUP) -> dict:
+def group_table(pred_age: np.ndarray, true_age: np.ndarray, pred_gender: np.ndarray, true_gender: np.ndarray,
+                min_n: int = config.MIN_GROUP) -> dict:
     """{gender: {age bucket: {n, age_mae, gender_acc, few}}}: the errors of each true gender x true-age
     bucket; few is true where n < min_n (too few faces for the numbers to mean much)."""
     true_age, true_gender = np.asarray(true_age, np.float64), np.asarray(true_gender, np.int64)

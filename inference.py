@@ -132,7 +132,8 @@ def _as_prediction(out: dict) -> dict[str, np.ndarray]:
     return dict(p_male=out["gender_prob"][:, 1], **{k: out[k] for k in ("age",) + INTERVAL_KEYS})
 
 
-def predict(model: Model, cfg: dict, faces: np.ndarray, device: str | torch.device, batch_size: int = 64, flip: bool = False) -> dict[str, np.ndarray]:
+def predict(model: Model, cfg: dict, faces: np.ndarray, device: str | torch.device, batch_size: int = 64,
+            flip: bool = False) -> dict[str, np.ndarray]:
     """{p_male, age, age_std, age_low, age_high}: arrays (N,) for aligned faces, uint8 (N, S, S, 3) RGB,
     by a load_model() model (the interval keys NaN for l1/l2 heads).
 

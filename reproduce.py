@@ -9,8 +9,8 @@ Every stage is an ordinary script run as a subprocess, its output streaming thro
      whose outputs are complete is reused without calling pre_process.py. The identity split starts
      from hard links to the 112 px faces (a face does not depend on the split), so MTCNN runs
      over the photos twice, not three times.
-  2. train.py: every row of RUNS (a recipe of configs/, train.py --config) into OUT/runs/NAME. A finished run is skipped; one with a last.pt
-     that did not reach --epochs resumes from it.
+  2. train.py: every row of RUNS (a recipe of configs/: train.py --config) into OUT/runs/NAME. A
+     finished run is skipped; one with a last.pt that did not reach --epochs resumes from it.
   3. evaluate.py: each best.pt on its data dir's valid split into OUT/runs/NAME/eval (skipped when
      its metrics.json is newer than best.pt).
 Then OUT/results.json (one object per run), OUT/results.md (the original's table, our numbers
@@ -274,7 +274,8 @@ def table(results: list[dict], batches: list[int], args: argparse.Namespace) -> 
                      f"{percent(r['cs5'])} | {duration(r['seconds'])} |")
     lines += ["", "Ours: best.pt of each run on its data dir's valid split (evaluate.py). The original's rows 1-5 use "
               "its recipe (its batch and age weights: configs/original_*.toml); dex_112 and mv_112 change only the "
-              "age loss (configs/dex.toml, configs/mv.toml) and default_112_identity uses train.py's defaults. Training: the sum of the epochs' seconds in metrics.jsonl.", "",
+              "age loss (configs/dex.toml, configs/mv.toml) and default_112_identity uses train.py's defaults. "
+              "Training: the sum of the epochs' seconds in metrics.jsonl.", "",
               "![age MAE by true age](mae_by_age.png)", ""]
     return "\n".join(lines)
 

@@ -298,8 +298,8 @@ class GraphedStep(Step):
             self.graph.replay()
 
 
-def make_step(model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer, autocast: functools.partial,
-              args: argparse.Namespace, device: torch.device) -> Step:
+def make_step(model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer,
+              autocast: functools.partial, args: argparse.Namespace, device: torch.device) -> Step:
     """The step train_one_epoch runs: captured as a CUDA graph with --cuda-graph on CUDA, eager otherwise."""
     graphed = args.cuda_graph and device.type == "cuda"
     return (GraphedStep if graphed else Step)(model, loss_fn, optimizer, autocast, args.age_weight, device)
