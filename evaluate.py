@@ -53,7 +53,8 @@ import torch  # after inference, as face is
 from metrics import compute_metrics, interval_coverage, reliability
 from data_gen import load_split
 from face import FaceDetector, detect_and_align
-from utils import UserError, chunks_within, pick_device, pyplot, read_image_or_reason, run_main, save_figure, write_csv, write_json
+from utils import (UserError, argument_parser, chunks_within, pick_device, pyplot, read_image_or_reason, run_main,
+                   save_figure, write_csv, write_json)
 
 BUCKET_EDGES = (0, 10, 20, 30, 40, 50, 60, 70)  # lower bounds; the last bucket is open: 70+
 BUCKET_LABELS = tuple(f"{lo}-{lo + 9}" for lo in BUCKET_EDGES[:-1]) + (f"{BUCKET_EDGES[-1]}+",)
@@ -395,8 +396,7 @@ def summarize(records: list[dict], skipped: dict, temperature: float = 1.0, min_
 # --- main ----------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argument_parser(__doc__)
     p.add_argument("--checkpoint", default=config.CHECKPOINT,
                    help="best.pt written by train.py, or a .onnx written by export.py (onnxruntime on the CPU: "
                         "faster there) (default: %(default)s)")

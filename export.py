@@ -34,7 +34,7 @@ import config
 from data_gen import IMAGENET_MEAN, IMAGENET_STD
 from inference import INPUT, OUTPUTS, load_model
 from models import AgeGenderNet, mirrored
-from utils import UserError, atomic_write_bytes, run_main
+from utils import UserError, argument_parser, atomic_write_bytes, run_main
 
 
 def wrapped(model: AgeGenderNet, flip: bool = False) -> torch.nn.Module:
@@ -115,8 +115,7 @@ def check(module: torch.nn.Module, data: bytes, size: int, batches: tuple[int, .
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argument_parser(__doc__)
     p.add_argument("--checkpoint", default=config.CHECKPOINT, help="best.pt written by train.py (default: %(default)s)")
     p.add_argument("--out", default=None, help="the .onnx file to write (default: the checkpoint's path with .onnx)")
     p.add_argument("--opset", type=int, default=config.ONNX_OPSET, help="ONNX opset (default: %(default)s)")

@@ -40,8 +40,8 @@ import numpy as np
 from tqdm import tqdm
 
 import config
-from utils import (UserError, pick_device, process_device, pyplot, read_image, read_image_or_reason, run_main,
-                   save_figure, write_csv, write_json, write_jpeg)
+from utils import (UserError, argument_parser, pick_device, process_device, pyplot, read_image, read_image_or_reason,
+                   run_main, save_figure, write_csv, write_jpeg, write_json)
 
 FIELDS = ("dob", "photo_taken", "full_path", "gender", "face_score", "second_face_score")
 
@@ -367,8 +367,7 @@ def pack(out: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argument_parser(__doc__)
     p.add_argument("--root", default=config.ROOT, help="unpacked imdb_crop/ or wiki_crop/ (default: %(default)s)")
     p.add_argument("--out", default=None,
                    help=f"output folder (default: {config.DATA_FOR_SIZE}, a folder per size; {config.DATA} at the default size)")

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import config
-from utils import REPO, UserError, atomic_write_text, pyplot, read_jsonl, run_main, save_figure, write_json
+from utils import (REPO, UserError, argument_parser, atomic_write_text, pyplot, read_jsonl, run_main, save_figure,
+                   write_json)
 
 OUT = "runs/reproduce"  # --out's default: the run dirs, the data dirs (unless --data-dir) and the results
 QUICK_ROOT = "data/builtin_crop"  # --quick without --root: the built-in dataset (make quickstart's), written if absent
@@ -67,8 +68,7 @@ DATA_DIRS = ((112, "image"), (112, "identity"), (224, "image"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argument_parser(__doc__)
     p.add_argument("--root", default=None,
                    help=f"the unpacked imdb_crop/ (default: {config.ROOT}; with --quick: {QUICK_ROOT})")
     p.add_argument("--out", default=None, help=f"runs and results (default: {OUT}; with --quick: {QUICK_OUT})")

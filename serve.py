@@ -44,7 +44,7 @@ from starlette.datastructures import UploadFile
 
 import config
 from inference import COLOURS, OnnxModel, Predictor
-from utils import ImageError, read_image, run_main
+from utils import ImageError, argument_parser, read_image, run_main
 
 STATUS_OF_REASON = {"empty": 400, "truncated": 400, "not_image": 415, "too_large": 413, "unreadable": 400}
 FORM_SLACK = 64 * 1024  # bytes of multipart framing and other fields allowed beyond --max-bytes
@@ -283,8 +283,7 @@ drop.addEventListener("drop", (e) => {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argument_parser(__doc__)
     p.add_argument("--checkpoint", default=config.CHECKPOINT,
                    help="best.pt written by train.py, or a .onnx written by export.py (default: %(default)s)")
     p.add_argument("--host", default=config.SERVE_HOST, help="interface to listen on (default: %(default)s)")

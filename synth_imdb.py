@@ -16,7 +16,6 @@ a model nothing about real faces: it exists to prove that the pipeline runs and 
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import cv2
 import numpy as np
 import scipy.io
 
-from utils import atomic_write_bytes, run_main, write_jpeg
+from utils import argument_parser, atomic_write_bytes, run_main, write_jpeg
 
 DIRTY_KINDS = ("no_face_score", "second_face", "gender_unknown", "age_out_of_range",
                "missing_file", "empty_file", "corrupt_file")
@@ -200,8 +199,7 @@ def write_mat(path: Path, fields: dict, celeb_names: list[str]) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argument_parser(__doc__)
     p.add_argument("--out", default="data/builtin_crop", help="where to write imdb.mat and NN/ (default: %(default)s)")
     p.add_argument("--n", type=int, default=1200, help="number of photos (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")

@@ -45,8 +45,9 @@ from data_gen import make_loader
 from inference import calibrate_checkpoint
 from metrics import MetricSums
 from models import AGE_LOSSES, ARCHS, AgeGenderNet, build_model, model_args_of
-from utils import (CtrlCBetweenSteps, UserError, append_jsonl, atomic_torch_save, atomic_write_text, git_commit,
-                   parse_with_recipe, pick_device, process_device, read_jsonl, run_main, seed_everything, write_json)
+from utils import (CtrlCBetweenSteps, UserError, append_jsonl, argument_parser, atomic_torch_save, atomic_write_text,
+                   git_commit, parse_with_recipe, pick_device, process_device, read_jsonl, run_main, seed_everything,
+                   write_json)
 
 # settings a checkpoint cannot be resumed under if they change: they change the model or its input
 RESUME_MUST_MATCH = ("arch", "age_loss", "size")
@@ -55,8 +56,7 @@ SCHEDULE_KEYS = ("global_batch", "lr", "warmup_epochs", "epochs", "momentum", "w
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argument_parser(__doc__)
     p.add_argument("--config", default=None, metavar="RECIPE",
                    help="an experiment recipe: a TOML file of these options without their dashes, e.g. "
                         "configs/original_r18_l1.toml; the command line overrides it (default: none)")

@@ -42,6 +42,13 @@ def run_main(main: Callable[[], Any]) -> None:
         sys.exit(130)
 
 
+def argument_parser(doc: str | None) -> argparse.ArgumentParser:
+    """Every script's parser: its docstring as the help, kept as written, and no abbreviated options (argparse would
+    take `--work 4` for `--workers 4`, or a typo for the option it happens to begin: an unknown option must fail)."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   allow_abbrev=False)
+
+
 RECIPES = REPO / "configs"  # the experiment recipes we ship
 
 

@@ -42,7 +42,6 @@ Prints a table and writes --out-json. Not a CI test: minutes of CPU, ~0.2 GB of 
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import io
 import json
@@ -64,7 +63,7 @@ sys.path.insert(0, str(REPO))
 
 import config  # noqa: E402  (the repo's modules, after the path is set)
 from synth_imdb import birth_for_age, generate, imdb_sized, matlab_datenum, write_mat  # noqa: E402
-from utils import UserError, read_image, run_main, write_jpeg, write_json  # noqa: E402
+from utils import UserError, argument_parser, read_image, run_main, write_jpeg, write_json  # noqa: E402
 
 IMDB_ROWS = 460_723  # rows of the real imdb.mat
 IMDB_CELEBS = 20_284  # celebrities it names (celeb_names)
@@ -220,8 +219,7 @@ def profile(cmd: list[str], out: Path, report: Path, log: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argument_parser(__doc__)
     p.add_argument("--rows", type=int, default=IMDB_ROWS, help="rows of imdb.mat (default: %(default)s, the real file's)")
     p.add_argument("--photos", type=int, default=3000, help="rows with a photo on disk (default: %(default)s)")
     p.add_argument("--pool", type=int, default=300, help="distinct generated photos they are copies of (default: %(default)s)")

@@ -14,7 +14,6 @@ Not a CI test: minutes of CPU.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import shutil
@@ -29,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from synth_imdb import generate, imdb_sized  # noqa: E402  (the repo's modules, after the path is set)
-from utils import read_image, run_main, write_jpeg  # noqa: E402
+from utils import argument_parser, read_image, run_main, write_jpeg  # noqa: E402
 
 
 def make_photos(root: Path, n: int, seed: int) -> None:
@@ -72,8 +71,7 @@ def rows(out: Path) -> set[tuple]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argument_parser(__doc__)
     p.add_argument("--photos", type=int, default=800, help="photos in the dataset (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=2, help="runs of each, alternated (default: %(default)s)")
     p.add_argument("--old", default="02182c5", help="the commit to compare with (default: %(default)s)")
