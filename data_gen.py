@@ -456,9 +456,9 @@ def make_loader(data_dir: str | os.PathLike, split: str, train: bool, batch_size
     device = torch.device(device)
     if dummy is not None:
         faces, labels = dummy_split(dummy, split, seed)
-    elif packed_path(data_dir, split).is_file() and not jpeg:
+    elif (packed := packed_path(data_dir, split)).is_file() and not jpeg:
         labels = load_split(data_dir, split)
-        faces = open_packed(packed_path(data_dir, split), labels.images, data_dir)
+        faces = open_packed(packed, labels.images, data_dir)
     else:
         dataset = FaceDataset(data_dir, split, train, limit, seed)
         return JpegLoader(dataset, batch_size, train, device, workers, seed, rank, world_size)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import evaluate as ev
-import face
+from face import onnx_mtcnn
 import inference
 from utils import UserError
 
@@ -331,7 +331,7 @@ def test_labelled_photos_with_an_onnx_model_run_no_torch_network(checkpoint, onn
     pt_model, pt_cfg = inference.load_model(checkpoint, "cpu")
     want, _ = ev.evaluate_photos(items, pt_model, pt_cfg, "cpu", 8, 1)
     model, cfg = inference.load_model(onnx_checkpoint, "cpu")
-    face.onnx_mtcnn()  # MTCNN's nets exported into this session's cache (by torch) now, whatever test ran first
+    onnx_mtcnn()  # MTCNN's nets exported into this session's cache (by torch) now, whatever test ran first
 
     def no_torch_network(module, *args, **kwargs):
         raise AssertionError(f"torch ran {type(module).__name__} while evaluating with an .onnx model")
