@@ -2,19 +2,21 @@
 
     python reproduce.py --root data/imdb_crop --out runs/reproduce
     python reproduce.py --quick     # the built-in dataset, tiny settings, on the CPU: a smoke test
+    python reproduce.py --root data/imdb_crop --runs 1_r18_112_l1 3_r18_112_l2   # these rows: no 224 px data
 
 Every stage is an ordinary script run as a subprocess, its output streaming through:
   1. pre_process.py: --root at 112 and 224 px with the original's protocol (--split image) and at
-     112 with ours (--split identity), into DATA_DIR/{size}_{split} (default OUT/data). A data dir
-     whose outputs are complete is reused without calling pre_process.py. The identity split starts
-     from hard links to the 112 px faces (a face does not depend on the split), so MTCNN runs
-     over the photos twice, not three times.
-  2. train.py: every row of RUNS (a recipe of configs/: train.py --config) into OUT/runs/NAME. A
-     finished run is skipped; one with a last.pt that did not reach --epochs resumes from it.
+     112 with ours (--split identity), the ones the runs train on, into DATA_DIR/{size}_{split}
+     (default OUT/data). A data dir whose outputs are complete is reused without calling
+     pre_process.py. The identity split starts from hard links to the 112 px faces (a face does not
+     depend on the split), so MTCNN runs over the photos twice, not three times.
+  2. train.py: every row of RUNS (or those of --runs; a recipe of configs/: train.py --config) into
+     OUT/runs/NAME. A finished run is skipped; one with a last.pt that did not reach --epochs
+     resumes from it.
   3. evaluate.py: each best.pt on its data dir's valid split into OUT/runs/NAME/eval (skipped when
      its metrics.json is newer than best.pt).
-Then OUT/results.json (one object per run), OUT/results.md (the original's table, our numbers
-beside it) and OUT/mae_by_age.png (age MAE per true-age bucket, every run). A second invocation
+Then OUT/results.json (one object per run, in the table's order), OUT/results.md (the original's
+table, our numbers beside it) and OUT/mae_by_age.png (age MAE per true-age bucket, every run). A second invocation
 runs no stage; a killed one continues where it stopped. OUT/reproduce.json records the root and
 the mode, so that the runs of --quick are never resumed into the real table.
 """
@@ -65,6 +67,7 @@ RUNS = (
 )
 # pre-processing order: the 112 px image split first, so that the identity split can link its faces
 DATA_DIRS = ((112, "image"), (112, "identity"), (224, "image"))
+NAMES = [run.name for run in RUNS]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train.py's --pretrained: imagenet, none or PATH (default: train.py's; with --quick: none)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke test: the built-in dataset, {QUICK_LIMIT} faces a split, batch {QUICK_BATCH}, on the CPU")
+    p.add_argument("--runs", nargs="+", choices=NAMES, default=NAMES, metavar="NAME",
+                   help=f"the rows to run, pre-processing only the data dirs they train on (default: all of {', '.join(NAMES)})")
     args = p.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
         p.error("--epochs must be at least 1")
@@ -89,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.epochs = args.epochs or (QUICK_EPOCHS if args.quick else config.EPOCHS)
     args.device = args.device or ("cpu" if args.quick else config.DEVICE)
     args.pretrained = args.pretrained or ("none" if args.quick else None)
+    args.runs = [run for run in RUNS if run.name in args.runs]  # the table's order, each row once
     return args
 
 
@@ -172,8 +178,13 @@ def link_faces(src: Path, dst: Path) -> int:
     return linked
 
 
+def data_dirs(runs: list[Run]) -> list[tuple[int, str]]:
+    """The (size, split) of the data dirs that runs train on, in DATA_DIRS' order."""
+    return [d for d in DATA_DIRS if d in {(run.size, run.split) for run in runs}]
+
+
 def pre_process_all(args: argparse.Namespace) -> None:
-    for size, split in DATA_DIRS:
+    for size, split in data_dirs(args.runs):
         path, title = data_dir(args, size, split), f"pre-process {size} px, split {split}"
         if data_complete(path, args.root, size, split):
             skip(title, f"{path} is complete")
@@ -203,7 +214,7 @@ def epochs_done(run_dir: Path) -> int:
 
 
 def train_all(args: argparse.Namespace) -> None:
-    for run in RUNS:
+    for run in args.runs:
         run_dir, title = args.out / "runs" / run.name, f"train {run.name}"
         done = epochs_done(run_dir)
         if done >= args.epochs and (run_dir / "best.pt").is_file():
@@ -217,7 +228,7 @@ def train_all(args: argparse.Namespace) -> None:
 
 
 def evaluate_all(args: argparse.Namespace) -> None:
-    for run in RUNS:
+    for run in args.runs:
         run_dir, title = args.out / "runs" / run.name, f"evaluate {run.name}"
         best, metrics = run_dir / "best.pt", run_dir / "eval" / "metrics.json"
         if metrics.is_file() and metrics.stat().st_mtime_ns >= best.stat().st_mtime_ns:
@@ -266,7 +277,7 @@ def table(results: list[dict], batches: list[int], args: argparse.Namespace) -> 
              "", "| # | image size | network | age loss | age weight | batch | split | epochs | gender acc. original "
              "| gender acc. ours | age MAE original | age MAE ours | CS(5) ours | training |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for run, r, batch in zip(RUNS, results, batches):
+    for run, r, batch in zip(args.runs, results, batches):
         network = r["arch"].replace("resnet", "ResNet-")
         lines.append(f"| {run.name} | {r['size']}x{r['size']} | {network} | {r['age_loss']} | {r['age_weight']:g} | "
                      f"{batch} | {r['split']} | {r['epochs']} | {percent(r.get('original_gender_acc'))} | "
@@ -294,11 +305,11 @@ def plot_buckets(path: Path, buckets: dict[Run, dict]) -> None:
 
 
 def write_results(args: argparse.Namespace) -> list[dict]:
-    results, batches, buckets = zip(*(read_run(args.out / "runs" / run.name, run) for run in RUNS))
+    results, batches, buckets = zip(*(read_run(args.out / "runs" / run.name, run) for run in args.runs))
     write_json(args.out / "results.json", list(results))
     text = table(list(results), list(batches), args)
     atomic_write_text(args.out / "results.md", text)
-    plot_buckets(args.out / "mae_by_age.png", dict(zip(RUNS, buckets)))
+    plot_buckets(args.out / "mae_by_age.png", dict(zip(args.runs, buckets)))
     print("\n" + text)
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'} and {args.out / 'mae_by_age.png'}")
     return list(results)

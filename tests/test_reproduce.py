@@ -1,5 +1,5 @@
-"""reproduce.py end to end on the built-in dataset (--quick): killed in a training stage and rerun,
-results.json complete, a third invocation (through `make reproduce`) that runs no stage."""
+"""reproduce.py end to end on the built-in dataset (--quick), three of its rows (--runs): killed in a training stage
+and rerun, results.json complete, a third invocation (through `make reproduce`) that runs no stage."""
 import json
 import os
 import re
@@ -28,6 +28,9 @@ def recipe(run: reproduce.Run) -> dict:
 
 
 KILLED = next(r for r in reproduce.RUNS if recipe(r).get("arch") == "resnet50")  # the slowest epoch: the widest window to kill in
+# --runs: a row with a recipe before the killed one, the killed one (224 px, no original MAE) and one with train.py's
+# defaults on the identity split: every data dir, both kinds of row, in a third of the time of all eight
+RUNS = [reproduce.RUNS[0], KILLED, next(r for r in reproduce.RUNS if r.recipe is None and r.split == "identity")]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def crop(tmp_path_factory):
 
 
 def arguments(crop: Path, out: Path) -> list[str]:
-    return ["--quick", "--root", str(crop), "--out", str(out), "--epochs", str(EPOCHS)]
+    return ["--quick", "--root", str(crop), "--out", str(out), "--epochs", str(EPOCHS), "--runs", *(r.name for r in RUNS)]
 
 
 def command(crop: Path, out: Path) -> list[str]:
@@ -75,7 +78,7 @@ def killed_then_rerun(crop, tmp_path_factory):
 def test_killed_run_resumes_and_completes(killed_then_rerun):
     out, killed_at, rerun = killed_then_rerun
     assert killed_at == [1], "the kill came after the killed run had finished"
-    before = reproduce.RUNS[:reproduce.RUNS.index(KILLED)]
+    before = RUNS[:RUNS.index(KILLED)]
     for run in before:  # finished before the kill: not trained again
         assert f"== train {run.name}: finished ({EPOCHS} epochs), skipped" in rerun.stdout
     assert f"== train {KILLED.name}, resuming after epoch 1" in rerun.stdout
@@ -87,8 +90,8 @@ def test_killed_run_resumes_and_completes(killed_then_rerun):
 def test_results_complete(killed_then_rerun):
     out, _, _ = killed_then_rerun
     results = json.loads((out / "results.json").read_text())
-    assert len(results) == len(reproduce.RUNS)
-    for run, r in zip(reproduce.RUNS, results):
+    assert len(results) == len(RUNS)
+    for run, r in zip(RUNS, results):
         originals = {k for k in ("original_gender_acc", "original_age_mae") if getattr(run, k) is not None}
         assert set(r) == KEYS | originals, run.name
         assert all(r[k] == getattr(run, k) for k in originals)
@@ -126,7 +129,7 @@ def test_second_run_redoes_nothing(killed_then_rerun, crop):
                        timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "\nrun: " not in r.stdout
-    assert len(re.findall(r"^== .*, skipped$", r.stdout, re.M)) == len(reproduce.DATA_DIRS) + 2 * len(reproduce.RUNS)
+    assert len(re.findall(r"^== .*, skipped$", r.stdout, re.M)) == len(reproduce.DATA_DIRS) + 2 * len(RUNS)
     assert {p: p.stat().st_mtime_ns for d in ("runs", "data") for p in (out / d).rglob("*")} == stamps
     assert (out / "results.json").read_text() == results
 
@@ -136,6 +139,16 @@ def test_out_of_another_mode_is_refused(killed_then_rerun, crop):
     out, _, _ = killed_then_rerun
     with pytest.raises(UserError, match="with --quick"):
         reproduce.main(["--root", str(crop), "--out", str(out), "--epochs", str(EPOCHS)])
+
+
+def test_runs_pick_rows_in_the_table_s_order_and_only_their_data_dirs():
+    names = ["mv_112", "3_r18_112_l2", "mv_112"]
+    args = reproduce.parse_args(["--runs", *names])
+    assert [run.name for run in args.runs] == ["3_r18_112_l2", "mv_112"]
+    assert reproduce.data_dirs(args.runs) == [(112, "image")]
+    assert reproduce.data_dirs(reproduce.parse_args([]).runs) == list(reproduce.DATA_DIRS)
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--runs", "6_r18_112_l1"])
 
 
 def test_failed_stage_names_its_command_and_dir(tmp_path):
