@@ -272,17 +272,21 @@ def test_area_resize_is_tensorflows(shape, out):
 
 
 def test_a_passes_taps_travel_in_one_copy():
-    """area_taps_on's taps for many levels are views of one index and one weight buffer (on a GPU, each copy from
-    pageable memory waits for the device), each the shape and values _area_taps gives."""
-    pairs = [(430, 107), (322, 80), (430, 76), (322, 57), (17, 17), (5, 8)]
+    """area_taps_on's taps for many levels (computed together) are views of one index and one weight buffer (on a
+    GPU, each copy from pageable memory waits for the device), each the shape and values of its pair's taps alone."""
+    pairs = [(430, 107), (322, 80), (430, 76), (322, 57), (17, 17), (5, 8), (700, 12)]
     taps = face.area_taps_on(pairs, torch.device("cpu"))
     for k in (0, 1):
         assert len({t[k].untyped_storage().data_ptr() for t in taps}) == 1
-    for (n_in, n_out), (idx, w) in zip(pairs, taps):
-        want_idx, want_w = face._area_taps(n_in, n_out)
-        assert idx.shape == want_idx.shape == w.shape and idx.shape[0] == n_out
-        np.testing.assert_array_equal(idx.numpy(), want_idx)
-        np.testing.assert_array_equal(w.numpy(), want_w)
+    assert len({t[0].shape[1] for t in taps}) > 3  # pairs of different widths K, each its own
+    for pair, (idx, w) in zip(pairs, taps):
+        want_idx, want_w = face.area_taps_on([pair], torch.device("cpu"))[0]
+        assert idx.shape == want_idx.shape == w.shape and idx.shape[0] == pair[1]
+        torch.testing.assert_close(idx, want_idx, rtol=0, atol=0)
+        torch.testing.assert_close(w, want_w, rtol=0, atol=0)
+        assert (w.sum(1) - 1).abs().max() < 1e-5  # an output cell's weights cover its span once
+    with pytest.raises(ValueError, match="sizes must be positive"):
+        face.area_taps_on([(5, 3), (7, 0)], torch.device("cpu"))
 
 
 def test_crops_of_the_whole_image_are_align_corners_resizes():
