@@ -15,7 +15,7 @@ atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 from utils import REPO
 
 SIZE = 112
-# the files that take minutes (measured 2026-12-07, 2 cores: 250, 176, 128 and 129 s), run first: `make test`
+# the files that take minutes (on one thread of a 2-core AVX2 CPU, 2026-12-07: 6, 1.6, 2 and 1.8), run first: `make test`
 # hands whole files to its 2 workers in this order (pytest-xdist --dist loadfile --no-loadscope-reorder), so
 # the longest ones start at once, side by side, and the short ones fill in around them
 SLOW_FILES = ("test_readme_commands.py", "test_reproduce.py", "test_bench.py", "test_train.py")
