@@ -418,7 +418,7 @@ def _area_taps(pairs: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray
     fi, lo, hi, s = i.astype(np.float32), lo[cell], hi[cell], s[cell]
     w = np.where(fi < lo, np.where(fi + 1 > hi, s, fi + 1 - lo), np.where(fi + 1 > hi, hi - fi, np.float32(1)))
     w = np.where(i < end[cell], w, 0).astype(np.float32) / s
-    return np.clip(i, 0, n_in[row_pair[cell]] - 1), w.astype(np.float32), list(zip(n_out.tolist(), k_pair.tolist()))
+    return np.clip(i, 0, n_in[row_pair[cell]] - 1), w, list(zip(n_out.tolist(), k_pair.tolist()))
 
 
 Taps = tuple[torch.Tensor, torch.Tensor]  # one axis' taps on a device: indices (out, K), weights (out, K)

@@ -180,7 +180,8 @@ def link_faces(src: Path, dst: Path) -> int:
 
 def data_dirs(runs: list[Run]) -> list[tuple[int, str]]:
     """The (size, split) of the data dirs that runs train on, in DATA_DIRS' order."""
-    return [d for d in DATA_DIRS if d in {(run.size, run.split) for run in runs}]
+    used = {(run.size, run.split) for run in runs}
+    return [d for d in DATA_DIRS if d in used]
 
 
 def pre_process_all(args: argparse.Namespace) -> None:

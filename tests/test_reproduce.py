@@ -129,7 +129,7 @@ def test_second_run_redoes_nothing(killed_then_rerun, crop):
                        timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "\nrun: " not in r.stdout
-    assert len(re.findall(r"^== .*, skipped$", r.stdout, re.M)) == len(reproduce.DATA_DIRS) + 2 * len(RUNS)
+    assert len(re.findall(r"^== .*, skipped$", r.stdout, re.M)) == len(reproduce.data_dirs(RUNS)) + 2 * len(RUNS)
     assert {p: p.stat().st_mtime_ns for d in ("runs", "data") for p in (out / d).rglob("*")} == stamps
     assert (out / "results.json").read_text() == results
 
