@@ -421,40 +421,42 @@ def _area_taps(pairs: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray
     return np.clip(i, 0, n_in[row_pair[cell]] - 1), w, list(zip(n_out.tolist(), k_pair.tolist()))
 
 
-Taps = tuple[torch.Tensor, torch.Tensor]  # one axis' taps on a device: indices (out, K), weights (out, K)
+Taps = tuple[torch.Tensor, torch.Tensor]  # one axis' taps on a device: indices (out * K,), weights (out, 1, K)
 
 
 def area_taps_on(pairs: Sequence[tuple[int, int]], device: torch.device) -> list[Taps]:
     """_area_taps of each (in_size, out_size) pair on `device`, sent in one copy of indices and one of weights.
 
     On a GPU a copy from pageable host memory waits for the device to finish its queue: one pair of
-    copies for a whole P-Net pass, not one per pyramid level and axis, keeps the host ahead.
+    copies for a whole P-Net pass, not one per pyramid level and axis, keeps the host ahead. The
+    taps come shaped as _resize_rows takes them, so a level costs no reshaping of its own.
     """
     indices, weights, shapes = _area_taps(pairs)
     sizes = [n * k for n, k in shapes]
     indices = torch.from_numpy(indices).to(device).split(sizes)
     weights = torch.from_numpy(weights).to(device).split(sizes)
-    return [(i.view(shape), w.view(shape)) for i, w, shape in zip(indices, weights, shapes)]
+    return [(i, w.view(n, 1, k)) for i, w, (n, k) in zip(indices, weights, shapes)]
 
 
 def _resize_rows(x: torch.Tensor, taps: Taps) -> torch.Tensor:
-    """Area-resample the rows of x (L, M) -> (out, M): gather whole rows, then one weighted sum each."""
-    idx, w = taps  # (out, K)
-    rows = x.index_select(0, idx.reshape(-1)).view(idx.shape[0], idx.shape[1], x.shape[1])  # (out, K, M)
-    return torch.bmm(w[:, None, :], rows)[:, 0]  # (out, M)
+    """Area-resample along the first axis of x (L, ...) -> (out, 1, prod(...)): gather whole rows (L's slices, of
+    any strides), then one weighted sum each."""
+    idx, w = taps  # (out * K,), (out, 1, K)
+    rows = x.index_select(0, idx)  # (out * K, ...), contiguous
+    return torch.bmm(w, rows.view(w.shape[0], w.shape[2], -1))  # (out, 1, M)
 
 
 def area_resize(image: torch.Tensor, taps_y: Taps, taps_x: Taps) -> torch.Tensor:
     """TensorFlow-exact AREA resize of an (H, W, C) float image -> (C, out_h, out_w), any device.
 
     taps_y, taps_x: area_taps_on's for (H, out_h) and (W, out_w). Separable; each pass gathers
-    contiguous rows (fast everywhere) instead of single elements.
+    whole rows (of the image, then of its transpose, strided) instead of single elements. On a GPU
+    the host's work per op sets P-Net's pace: ten ops a pyramid level.
     """
-    h, w, c = image.shape
-    out_h, out_w = taps_y[0].shape[0], taps_x[0].shape[0]
-    x = _resize_rows(image.reshape(h, w * c), taps_y)  # (out_h, W*C)
-    x = x.view(out_h, w, c).transpose(0, 1).reshape(w, out_h * c)  # (W, out_h*C)
-    x = _resize_rows(x, taps_x)  # (out_w, out_h*C)
+    w, c = image.shape[1:]
+    out_h, out_w = taps_y[1].shape[0], taps_x[1].shape[0]
+    x = _resize_rows(image, taps_y).view(out_h, w, c).transpose(0, 1)  # (W, out_h, C), strided
+    x = _resize_rows(x, taps_x)  # (out_w, 1, out_h*C)
     return x.view(out_w, out_h, c).permute(2, 1, 0)  # (C, out_h, out_w)
 
 
@@ -765,9 +767,10 @@ class FaceDetector:
             pairs += [(batch.shapes[i][0], hs), (batch.shapes[i][1], ws)]
         taps = area_taps_on(pairs, self.device)
         canvas = torch.empty((n, 3, tile_h, tile_w), device=self.device, memory_format=self.memory_format).zero_()
+        images = {i: batch.image(i) for i in {rects[r][0] for r, *_ in levels}}  # a view per photo, not per level
         for (r, t, y, x), taps_y, taps_x in zip(levels, taps[::2], taps[1::2]):
             i, _, hs, ws = rects[r]
-            canvas[t, :, y:y + hs, x:x + ws] = area_resize(batch.image(i), taps_y, taps_x)
+            canvas[t, :, y:y + hs, x:x + ws] = area_resize(images[i], taps_y, taps_x)
         return canvas, torch.from_numpy(valid).to(self.device), torch.from_numpy(owner).to(self.device)
 
     def _run_chunked(self, net: nn.Module | OnnxNet, batch: _Batch, boxes: torch.Tensor, img: torch.Tensor,

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import face
 
@@ -278,15 +279,48 @@ def test_a_passes_taps_travel_in_one_copy():
     taps = face.area_taps_on(pairs, torch.device("cpu"))
     for k in (0, 1):
         assert len({t[k].untyped_storage().data_ptr() for t in taps}) == 1
-    assert len({t[0].shape[1] for t in taps}) > 3  # pairs of different widths K, each its own
+    assert len({w.shape[2] for _, w in taps}) > 3  # pairs of different widths K, each its own
     for pair, (idx, w) in zip(pairs, taps):
         want_idx, want_w = face.area_taps_on([pair], torch.device("cpu"))[0]
-        assert idx.shape == want_idx.shape == w.shape and idx.shape[0] == pair[1]
+        assert w.shape == want_w.shape and w.shape[:2] == (pair[1], 1) and idx.shape == (w.shape[0] * w.shape[2],)
         torch.testing.assert_close(idx, want_idx, rtol=0, atol=0)
         torch.testing.assert_close(w, want_w, rtol=0, atol=0)
-        assert (w.sum(1) - 1).abs().max() < 1e-5  # an output cell's weights cover its span once
+        assert (w.sum(2) - 1).abs().max() < 1e-5  # an output cell's weights cover its span once
     with pytest.raises(ValueError, match="sizes must be positive"):
         face.area_taps_on([(5, 3), (7, 0)], torch.device("cpu"))
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the ops dispatched inside it: on a GPU each is host work (a dispatch, most also a launch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_pyramid_level_costs_few_ops(detector):
+    """P-Net's input for a pass (_pass_input): each pyramid level's resize and its placement on the canvas
+    take at most 16 ops, views included, whatever the level's size: on a GPU each op is host work (a
+    dispatch, most also a launch), and the photos' levels are most of a batch's ops (29 a level before
+    2026-12-07, when this failed)."""
+    photo = np.random.default_rng(0).integers(0, 256, (430, 350, 3), dtype=np.uint8)
+    batch = face._Batch([photo], torch.device("cpu"))
+
+    def ops(levels: int) -> int:
+        rects = [(0, float(s), int(430 * s), int(350 * s)) for s in face.pyramid_scales(430, 350)[:levels]]
+        tile_h, tile_w, where = face._pack([(h, w) for *_, h, w in rects], face.tile_side(rects))
+        n_tiles = max(t for t, _, _ in where) + 1
+        with OpCount() as count:
+            _, _, owner = detector._pass_input(batch, rects, where, 0, n_tiles, tile_h, tile_w)
+        assert {int(r) for r in owner.unique()} == set(range(-1, levels))  # every level drawn
+        return count.ops
+
+    one, many = ops(1), ops(9)
+    assert (many - one) / 8 <= 16, (one, many)
 
 
 def test_crops_of_the_whole_image_are_align_corners_resizes():
