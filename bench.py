@@ -810,7 +810,8 @@ def bench_folder(args: argparse.Namespace, device: torch.device, checkpoint: Pat
         raise RuntimeError(f"bench_inference.py folder failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
     res = json.loads(out.read_text())
     print(f"  folder: {res['photos']} photos, batched {res['photos_per_s']['batched']:.1f} photos/s, one at a time "
-          f"{res['photos_per_s']['one_at_a_time']:.1f}; identical: {res['identical']}", flush=True)
+          f"{res['photos_per_s']['one_at_a_time']:.1f}; identical: {res['identical']}, matching: {res['matching']}",
+          flush=True)
     return res
 
 

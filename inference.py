@@ -55,6 +55,8 @@ COLOURS = {"female": (230, 60, 140), "male": (40, 120, 240)}  # RGB of a face's 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 INPUT, OUTPUTS = "face", ("gender_prob", "age", "age_std", "age_low", "age_high")  # the ONNX graph's names: export.py writes them, OnnxModel reads them
 INTERVAL_KEYS = ("age_std", "age_low", "age_high")  # NaN (l1/l2) in the arrays, null in the records
+# digits after the point a face record keeps of each number (face_record): finer ones are noise
+DECIMALS = dict(box=2, score=4, landmarks=2, gender_prob=4, age=2, age_std=2, age_low=2, age_high=2)
 
 T = TypeVar("T")
 Model: TypeAlias = "torch.nn.Module | OnnxModel"  # what load_model gives: a .pt's network, or an exported .onnx
@@ -254,14 +256,30 @@ def prediction_fields(pred: dict) -> dict:
     """A face's gender, gender_prob, age, age_std, age_low, age_high from predict()'s values for it
     (rounded: sub-0.01-year digits are noise; NaN intervals -> None)."""
     gender, gender_prob = gender_of(pred["p_male"])
-    return dict(gender=gender, gender_prob=round(gender_prob, 4), age=round(float(pred["age"]), 2),
-                **{k: None if np.isnan(pred[k]) else round(float(pred[k]), 2) for k in INTERVAL_KEYS})
+    return dict(gender=gender, gender_prob=round(gender_prob, DECIMALS["gender_prob"]),
+                age=round(float(pred["age"]), DECIMALS["age"]),
+                **{k: None if np.isnan(pred[k]) else round(float(pred[k]), DECIMALS[k]) for k in INTERVAL_KEYS})
 
 
 def face_record(box: np.ndarray, score: float, marks: np.ndarray, pred: dict) -> dict:
     """One face as results.json and /predict give it (rounded: sub-pixel digits are noise)."""
-    return dict(box=[round(float(v), 2) for v in box], score=round(float(score), 4),
-                landmarks=[[round(float(x), 2), round(float(y), 2)] for x, y in marks], **prediction_fields(pred))
+    return dict(box=[round(float(v), DECIMALS["box"]) for v in box], score=round(float(score), DECIMALS["score"]),
+                landmarks=[[round(float(v), DECIMALS["landmarks"]) for v in point] for point in marks],
+                **prediction_fields(pred))
+
+
+def records_match(a: list[dict], b: list[dict]) -> bool:
+    """Whether two photos' face records are the same faces, each number within one unit of its last digit kept.
+
+    Batches of other sizes round differently: on GPUs (cuDNN) and on CPUs whose oneDNN kernels depend
+    on the batch (AVX-512: ~1e-6 in a logit), which moves a rounded digit now and then.
+    """
+    def close(key: str, x: object, y: object) -> bool:
+        if key not in DECIMALS or x is None or y is None:
+            return x == y
+        return bool(np.allclose(x, y, rtol=0, atol=1.01 * 10.0 ** -DECIMALS[key]))
+
+    return len(a) == len(b) and all(x.keys() == y.keys() and all(close(k, x[k], y[k]) for k in x) for x, y in zip(a, b))
 
 
 def calibrate_checkpoint(path: str | Path, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],

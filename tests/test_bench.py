@@ -90,7 +90,7 @@ def test_modes_ran_as_described(run):
     assert faces["ours"] == faces["ours_torch"] and sum(faces["ours"]) >= 3  # ONNX and PyTorch: the same faces
     assert res["settings"]["min_face"] == bench.PEER_MIN_FACE
     folder = res["details"]["folder"]  # bench_inference.py folder's own JSON: the sample portraits and one crop
-    assert folder["photos"] == res["settings"]["folder_photos"] == 3 + 1 and folder["identical"] is True
+    assert folder["photos"] == res["settings"]["folder_photos"] == 3 + 1 and folder["matching"] is True
     assert res["infer_folder_speedup"] == pytest.approx(
         res["infer_folder_photos_per_s"] / res["infer_folder_one_at_a_time_photos_per_s"], rel=1e-9)
     assert res["errors"] == {}

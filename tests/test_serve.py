@@ -60,7 +60,7 @@ def test_16_concurrent_requests_give_16_right_answers(server, samples, expected)
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda name: post_image(server + "/predict", (samples / name).read_bytes(), name), photos))
     for name, (status, body) in zip(photos, answers):
-        assert status == 200 and body["faces"] == expected[name], name
+        assert status == 200 and inference.records_match(body["faces"], expected[name]), name
 
 
 def test_bad_uploads_get_4xx_and_the_service_keeps_serving(server, samples, expected, tmp_path):
@@ -113,7 +113,7 @@ def test_photos_arriving_together_share_a_batch(checkpoint, samples, expected):
         answers = [f.result(timeout=120) for f in futures]
     finally:
         batcher.close()
-    assert answers == [expected[name] for name in photos]
+    assert all(inference.records_match(a, expected[name]) for a, name in zip(answers, photos))
     assert predictor.model.batches == [16]  # one forward pass of the 16 photos' 16 faces
 
 
