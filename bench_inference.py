@@ -8,14 +8,16 @@ folder: the sample portraits of images/ plus --crops built-in crops (synth_imdb.
         look-alike photos, written to a temp folder), analysed by inference.Predictor (a) one
         photo at a time, read then analysed, as demo.py did, and (b) as a folder: decoded ahead in
         threads and analysed --photo-batch photos per MTCNN call and forward pass. The two are
-        alternated over --repeats rounds after a warm-up; their face records must match (on the
-        CPU: the same faces, each number within one unit of its last digit, inference.records_match,
-        as oneDNN's AVX-512 kernels round a little differently per batch size; on a GPU, where cuDNN's
-        kernels depend on the batch's shape, they are compared and the verdict recorded). Prints ms per photo and photos/s of each and the ratio (one at a time /
-        batched); --out writes them as JSON (bench.py reads it).
+        alternated over --repeats rounds after a warm-up; their face records must match on the CPU
+        (inference.records_match: the same faces, each number within one unit of its last digit, as
+        oneDNN's AVX-512 kernels round a little differently per batch size); on a GPU, where cuDNN's
+        kernels depend on the batch's shape, they are compared and the verdict recorded. Prints ms
+        per photo and photos/s of each and the ratio (one at a time / batched); --out writes them as
+        JSON (bench.py reads it).
 serve:  starts serve.py on a free port of 127.0.0.1 (loopback only), sends --requests POST /predict
         of the sample portraits from --clients concurrent clients, checks every answer is a 200 with
-        the faces of that photo (records_match), prints requests/s and the p50/p99 latency, and stops the server.
+        the faces of that photo (records_match), prints requests/s and the p50/p99 latency, and
+        stops the server.
 Timings taken while other programs use the CPU are skewed: the script prints the load average.
 """
 from __future__ import annotations

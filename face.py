@@ -542,7 +542,7 @@ class _Batch:
         self.bases = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         flat = torch.from_numpy(np.concatenate([im.reshape(-1, 3) for im in images]))  # (M, 3) uint8
         # one host->device copy; normalise on the device: (rgb - 127.5) / 128, no transpose
-        self.flat = flat.to(device).float().sub_(127.5).div_(128.0)  # (M, 3); in place: no more buffers than one
+        self.flat = flat.to(device).float().sub_(127.5).div_(128.0)  # (M, 3); in place: one buffer, not three
         self.base_t = torch.from_numpy(self.bases).to(device)
         self.h_t = torch.tensor([h for h, _ in self.shapes], device=device)
         self.w_t = torch.tensor([w for _, w in self.shapes], device=device)
