@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import config
 import train
@@ -17,6 +16,7 @@ import models
 import reproduce
 from models import load_checkpoint
 from test_data_gen import make_fake_data
+from test_face import OpCount
 from utils import REPO, UserError, read_jsonl
 
 EPOCHS = 2
@@ -235,21 +235,14 @@ def test_cuda_graph_refuses_torchrun_and_compile():
     train.check_cuda_graph(train.parse_args(["--no-cuda-graph", "--compile"]), 2, cuda)
 
 
-class HostReads(TorchDispatchMode):
+class HostReads(OpCount):
     """Counts the ops, dispatched in this thread, that read a tensor's values on the host: .item() and bool() (through
     _local_scalar_dense) and the ops whose output size depends on the values. On a GPU each waits for the queue of
     launched kernels. (.tolist(), .numpy() and .cpu() of a CPU tensor dispatch nothing, so they go uncounted.)"""
 
-    OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_consecutive",
-           "repeat_interleave", "equal", "is_nonzero"}
-
     def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func.overloadpacket.__name__ in self.OPS
-        return func(*args, **(kwargs or {}))
+        super().__init__({"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_consecutive",
+                          "repeat_interleave", "equal", "is_nonzero"})
 
 
 def epoch_under(watch, data, device: str, faces: int, log_every: int, age_loss: str = "l1", *extra) -> int:
