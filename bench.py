@@ -31,7 +31,8 @@ Measures, on the same machine, data and model, each pair timed back to back and 
                       decoded ahead, demo.py's default photos per MTCNN call and forward pass) against one
                       photo at a time, with the same model as above (the .pt, or the --checkpoint given)
 With --device cuda (or --grid) it adds training images/s of ResNet-18 and ResNet-50 at 112 and
-224 on random uint8 faces held in memory (the tuned path, --grid-batch, optional --compile).
+224 on random uint8 faces held in memory (the tuned path, --grid-batch; --grid-cells adds or picks cells,
+each ARCH:SIZE[:MODE] in a step mode of the loop's below, e.g. resnet50:224:compile).
 With --device cuda (or --loop) it adds the loop phase: --data's packed faces tiled into a set of
 --loop-faces (100,000) training faces in a temp dir, then per --loop-modes (eager: the step as train.py
 runs it by default; cuda-graph: train.py --cuda-graph, the step captured and replayed; compile: --compile
@@ -47,7 +48,8 @@ Issue 10's targets on one H200 (GPU_TARGETS) are recorded beside TARGETS: met is
 The GPU table in one command, on the device machine or a GPU box: scripts/gpu_bench.sh.
 A phase that fails (or is cut by SIGTERM, e.g. `timeout`, which skips the phases after it) is recorded
 under `errors` with its reason, the others' numbers are kept and --out is written; the exit status is
-then 2. Phases run in this order: loop, grid (the GPU table first), pre-processing, folder, training, inference.
+then 2. Phases run in this order: loop, grid (the GPU table first), pre-processing, folder, training, inference;
+--no-folder and --no-infer leave those two out (a short GPU lease needs only the table's).
 Prints a table and writes --out (JSON): every ratio, the raw numbers behind it, the device, the
 torch version, the thread count and the settings. Close other programs first: timings taken
 while something else uses the CPU are meaningless (the load average is recorded).
@@ -78,7 +80,7 @@ from data_gen import (LABEL_COLUMNS, Labels, PackedLoader, load_split, make_load
                       read_labels, write_sidecar)
 from face import FaceDetector, prepare_crop
 from inference import Predictor, ensure_samples
-from models import build_model
+from models import ARCHS, build_model
 from pre_process import align_batch, detect_batch
 from synth_imdb import generate, imdb_sized
 from utils import (REPO, CtrlCBetweenSteps, UserError, argument_parser, git_commit, pick_device, read_image, read_jsonl,
@@ -96,8 +98,9 @@ QUICK_PHOTOS = 48  # photos of the tiny built-in dataset --quick generates
 LOOP_FACES = 100_000  # training faces of the loop phase's packed set (issue 10's size: ~3.8 GB at 112 px)
 LOOP_BATCHES = (256, 1024)  # train.py's batch sizes in the loop phase: its CUDA default and a fuller card
 LOOP_EPOCHS = 2  # train.py's epochs per loop run; the last is timed (epoch 1 carries cuDNN autotuning and warm-up)
-# the loop's step modes: train.py's options for each (the bare step runs with the same ones)
-LOOP_MODES = {"eager": [], "cuda-graph": ["--cuda-graph"], "compile": ["--compile", "--compile-mode", "reduce-overhead"]}
+# the step modes of the loop and the grid: train.py's options for each (the bare step runs with the same ones)
+STEP_MODES = {"eager": [], "cuda-graph": ["--cuda-graph"], "compile": ["--compile", "--compile-mode", "reduce-overhead"]}
+GRID_CELLS = ("resnet18:112", "resnet50:112", "resnet18:224", "resnet50:224")  # ARCH:SIZE[:MODE], eager by default
 # issue 10's targets on one H200 (the loop: train.py itself, ResNet-18 at 112 px); met is None off CUDA
 GPU_TARGETS = {"train_loop_images_per_s": 40_000, "train_loop_over_bare": 0.95, "loader_images_per_s": 100_000,
                "grid_resnet50_224_images_per_s": 5_000}
@@ -176,6 +179,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=None,
                    help="also train ResNet-18/50 at 112/224 on random faces in memory (default: on with cuda)")
     p.add_argument("--grid-batch", type=int, default=None, help="batch of the grid (default: 256, CPU 16, quick 2)")
+    p.add_argument("--grid-cells", nargs="+", type=grid_cell, default=None,
+                   help=f"the grid's cells, each ARCH:SIZE[:MODE] with MODE one of {', '.join(STEP_MODES)} (default: "
+                        f"{' '.join(GRID_CELLS)}, all eager)")
     p.add_argument("--loop", action=argparse.BooleanOptionalAction, default=None,
                    help="also time train.py itself (one run per --loop-batches, a subprocess) over a packed set of "
                         "--loop-faces faces tiled from --data's, the bare step and the loader alone at the same "
@@ -185,12 +191,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loop-batches", type=int, nargs="+", default=None,
                    help=f"train.py's batch sizes in the loop phase (default: {' '.join(map(str, LOOP_BATCHES))}, "
                         "quick 8 16; on a CPU pass small ones)")
-    p.add_argument("--loop-modes", nargs="+", choices=tuple(LOOP_MODES), default=None,
+    p.add_argument("--loop-modes", nargs="+", choices=tuple(STEP_MODES), default=None,
                    help="the loop's step modes, each timed at every --loop-batches: eager, cuda-graph (train.py "
                         "--cuda-graph), compile (--compile --compile-mode reduce-overhead) (default: eager cuda-graph "
                         "on CUDA, eager elsewhere)")
+    p.add_argument("--folder", action=argparse.BooleanOptionalAction, default=True,
+                   help="time a folder of photos, batched against one at a time (default: on)")
+    p.add_argument("--infer", action=argparse.BooleanOptionalAction, default=True,
+                   help="time one photo end to end, ONNX and PyTorch, against the peer (default: on)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the tuned models of the grid and training phases (GPU; slow to start)")
+                   help="torch.compile the tuned model of the training phase (GPU; slow to start)")
     p.add_argument("--quick", action="store_true", help="tiny counts, to check that every path runs (tests)")
     p.add_argument("--out", default="bench.json", help="JSON results (default: %(default)s)")
     args = p.parse_args(argv)
@@ -200,7 +210,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     batch_size=8 if q else (256 if cuda else 64), naive_batch=4 if q else NAIVE_BATCH,
                     detect_batch=detect_batch("cuda" if cuda else "cpu"),
                     preprocess_photos=8 if q else 192, infer_crops=1 if q else 3, folder_crops=1 if q else (300 if cuda else 40), infer_repeat=1 if q else 10,
-                    grid=cuda, grid_batch=2 if q else (256 if cuda else 16), loop=cuda,
+                    grid=cuda, grid_batch=2 if q else (256 if cuda else 16), grid_cells=[grid_cell(c) for c in GRID_CELLS],
+                    loop=cuda,
                     loop_modes=["eager", "cuda-graph"] if cuda else ["eager"],
                     loop_faces=32 if q else LOOP_FACES, loop_batches=[8, 16] if q else list(LOOP_BATCHES))
     for name, value in defaults.items():
@@ -218,6 +229,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.loop_faces < max(args.loop_batches):
         p.error(f"--loop-faces {args.loop_faces}: fewer than a batch of {max(args.loop_batches)}; raise it")
     return args
+
+
+def grid_cell(text: str) -> tuple[str, int, str]:
+    """--grid-cells' ARCH:SIZE[:MODE] -> (arch, size, mode), eager where MODE is left out."""
+    parts = text.split(":")
+    arch, size, mode = parts + ["eager"] if len(parts) == 2 else parts if len(parts) == 3 else ("", "", "")
+    if arch not in ARCHS or not size.isdigit() or int(size) < 32 or mode not in STEP_MODES:
+        raise argparse.ArgumentTypeError(f"{text!r}: ARCH:SIZE[:MODE], ARCH one of {', '.join(ARCHS)}, SIZE at "
+                                         f"least 32, MODE one of {', '.join(STEP_MODES)}")
+    return arch, int(size), mode
 
 
 class TimeUp(Exception):
@@ -522,25 +543,34 @@ class SameBatch:
 
 
 def bench_grid(args: argparse.Namespace, tmp: Path, device: torch.device) -> list[dict]:
-    """Tuned training images/s of ResNet-18/50 at 112/224 on random uint8 faces held in memory."""
+    """Tuned training images/s of each --grid-cells (arch, size, step mode) on random uint8 faces held in memory."""
     rows = []
     rng = np.random.default_rng(0)
-    for size in (112, 224):
-        n = 2 * args.grid_batch  # two batches per epoch; TimedSteps cycles epochs
-        faces = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-        labels = Labels([""] * n, rng.integers(0, 101, n), rng.integers(0, 2, n))
-        for arch in ("resnet18", "resnet50"):
-            targs = train_args(tmp, tmp / "run", args.grid_batch, True, 0, extra=compile_args(args))
-            loader = PackedLoader(faces, labels, args.grid_batch, True, device, config.SEED, 0, 1)
-            try:
-                res = time_training(loader, targs, device, args.warmup, args.steps, arch)
-            except torch.OutOfMemoryError:
-                res = dict(images_per_s=None, error=f"out of memory at batch {args.grid_batch}")
-                torch.cuda.empty_cache()
-            rows.append(dict(arch=arch, size=size, **res))
-            ips = res.get("images_per_s")
-            print(f"  grid {arch} {size}: " + (f"{ips:.1f} images/s" if ips else res.get("error", "")), flush=True)
+    n = 2 * args.grid_batch  # two batches per epoch; TimedSteps cycles epochs
+    labels = Labels([""] * n, rng.integers(0, 101, n), rng.integers(0, 2, n))
+    faces = {size: rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8) for size in {c[1] for c in args.grid_cells}}
+    for arch, size, mode in args.grid_cells:
+        targs = train_args(tmp, tmp / "run", args.grid_batch, True, 0, extra=STEP_MODES[mode])
+        loader = PackedLoader(faces[size], labels, args.grid_batch, True, device, config.SEED, 0, 1)
+        try:
+            res = time_training(loader, targs, device, args.warmup, args.steps, arch)
+        except torch.OutOfMemoryError:
+            res = dict(images_per_s=None, error=f"out of memory at batch {args.grid_batch}")
+            torch.cuda.empty_cache()
+        except TimeUp:
+            raise
+        except Exception as e:  # a mode that fails (a compiler's error) is this cell's, not the other cells' loss
+            res = dict(images_per_s=None, error=f"{type(e).__name__}: {e}"[:500])
+        rows.append(dict(arch=arch, size=size, mode=mode, **res))
+        ips = res.get("images_per_s")
+        print(f"  grid {arch} {size} {mode}: " + (f"{ips:.1f} images/s" if ips else res.get("error", "")), flush=True)
     return rows
+
+
+def best_grid_images_per_s(grid: list[dict] | None, arch: str, size: int) -> float | None:
+    """The fastest step mode's images/s of the grid's (arch, size) cells; None where none ran."""
+    done = [g["images_per_s"] for g in grid or [] if (g["arch"], g["size"]) == (arch, size) and g["images_per_s"]]
+    return max(done, default=None)
 
 
 # --- the loop: train.py itself -------------------------------------------------------------------
@@ -608,8 +638,8 @@ def time_loop_batch(loop_data: Path, tmp: Path, batch: int, device: torch.device
     """One row of the loop phase: train.py's own loop in a step mode (images/s of its last epoch, from its
     metrics.jsonl), the bare step in the same mode (SameBatch: one batch over and over, args.repeats rounds) and
     the loader alone, at one batch size."""
-    loop = time_train_py(loop_data, tmp / f"loop_{mode}_b{batch}", batch, device, LOOP_MODES[mode])
-    targs = train_args(loop_data, tmp / "run", batch, True, 0, extra=LOOP_MODES[mode])
+    loop = time_train_py(loop_data, tmp / f"loop_{mode}_b{batch}", batch, device, STEP_MODES[mode])
+    targs = train_args(loop_data, tmp / "run", batch, True, 0, extra=STEP_MODES[mode])
     bare = [time_training(SameBatch(make_loader(loop_data, "train", True, batch, device)), targs, device,
                           args.warmup, args.steps) for _ in range(args.repeats)]
     bare_ips = sum(x["images"] for x in bare) / sum(x["seconds"] for x in bare)
@@ -875,11 +905,11 @@ def table(res: dict) -> str:
         lines.append(f"  WARNING: other processes used {100 * share:.0f}% of the CPU during this run: these timings "
                      "are skewed; rerun when the machine is quiet")
     if res.get("grid"):
-        lines.append(f"train grid (tuned: train.py's precision, channels_last, batch {s['grid_batch']}"
-                     f"{', compiled' if s['compile'] else ''}, random faces in memory):")
+        lines.append(f"train grid (tuned: train.py's precision, channels_last, batch {s['grid_batch']}, "
+                     "random faces in memory):")
         for g in res["grid"]:
             mem = f", {g['max_memory_gib']:.1f} GiB" if g.get("max_memory_gib") is not None else ""
-            lines.append(f"  {g['arch']:9s} {g['size']:4d}: " +
+            lines.append(f"  {g['arch']:9s} {g['size']:4d} {g['mode']:10s}: " +
                          (f"{g['images_per_s']:.1f} images/s{mem}" if g.get("images_per_s") else g.get("error", "")))
         target = res["targets"]["grid_resnet50_224_images_per_s"]
         lines.append(f"  target on one H200: resnet50 224 >= {target['target']} images/s: "
@@ -910,9 +940,10 @@ def main(argv: list[str] | None = None) -> dict:
         loop = phases.run("loop", bench_loop, args, data, tmp, device) if args.loop else None
         grid = phases.run("grid", bench_grid, args, tmp, device) if args.grid else None
         pre_res = phases.run("preprocess", bench_preprocess, args, data, photos_dir, device, size) or {}
-        folder = phases.run("folder", bench_folder, args, device, checkpoint, tmp) or {}
+        folder = (phases.run("folder", bench_folder, args, device, checkpoint, tmp) if args.folder else None) or {}
         train_res = phases.run("train", bench_train, args, data, tmp, device) or {}
-        infer_res = phases.run("infer", bench_infer, args, data, photos_dir, device, checkpoint, tmp) or {}
+        infer_res = (phases.run("infer", bench_infer, args, data, photos_dir, device, checkpoint, tmp)
+                     if args.infer else None) or {}
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
     share = others.share()
@@ -958,7 +989,8 @@ def main(argv: list[str] | None = None) -> dict:
                       preprocess_photos=pre_res.get("photos"), infer_photos=infer_res.get("photos"),
                       folder_photos=folder.get("photos"), infer_repeat=args.infer_repeat, min_face=args.min_face,
                       checkpoint=str(checkpoint) if args.checkpoint else "random resnet18 (l1)",
-                      grid_batch=args.grid_batch, compile=args.compile,
+                      grid_batch=args.grid_batch, grid_cells=[":".join(map(str, c)) for c in args.grid_cells],
+                      compile=args.compile,
                       loop_faces=loop["faces"] if loop else None, loop_batches=args.loop_batches,
                       loop_modes=args.loop_modes,
                       loop_epochs=LOOP_EPOCHS,
@@ -972,8 +1004,7 @@ def main(argv: list[str] | None = None) -> dict:
                      loop={k: v for k, v in loop.items() if k != "best"} if loop else None),
     )
     res["targets"] = {k: dict(target=t, met=None if res[k] is None else res[k] >= t) for k, t in TARGETS.items()}
-    gpu = dict(res, grid_resnet50_224_images_per_s=next(
-        (g["images_per_s"] for g in grid or [] if (g["arch"], g["size"]) == ("resnet50", 224)), None))
+    gpu = dict(res, grid_resnet50_224_images_per_s=best_grid_images_per_s(grid, "resnet50", 224))
     res["targets"].update({k: dict(target=t, value=gpu[k], on="one NVIDIA H200",
                                    met=None if device.type != "cuda" or gpu[k] is None else gpu[k] >= t)
                            for k, t in GPU_TARGETS.items()})

@@ -27,11 +27,12 @@ PEER_KEYS = ("peer_infer_ms_per_image", "infer_speedup_vs_peer", "peer_skipped",
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(bench.json, stdout) of one `bench.py --quick --grid --loop --loop-modes eager cuda-graph` whose --data is
-    missing, so it generates one (on the CPU train.py ignores --cuda-graph: the plumbing is what runs)."""
+    missing, so it generates one (on the CPU train.py ignores --cuda-graph: the plumbing is what runs); the grid
+    has a fifth cell, ResNet-50 at 224 in the cuda-graph mode."""
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "bench.json"
     cmd = [sys.executable, "bench.py", "--quick", "--grid", "--loop", "--loop-modes", "eager", "cuda-graph",
-           "--device", "cpu", "--data", str(tmp / "faces_112"),
+           "--grid-cells", *bench.GRID_CELLS, "resnet50:224:cuda-graph", "--device", "cpu", "--data", str(tmp / "faces_112"),
            "--photos", str(tmp / "crop"), "--peer-python", str(tmp / "no-peer" / "bin" / "python"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -106,9 +107,14 @@ def test_peer_missing_is_reported_as_skipped(run):
 
 def test_grid_and_generated_data(run):
     res, stdout, tmp = run
-    assert [(g["arch"], g["size"]) for g in res["grid"]] == [("resnet18", 112), ("resnet50", 112),
-                                                             ("resnet18", 224), ("resnet50", 224)]
+    assert [(g["arch"], g["size"], g["mode"]) for g in res["grid"]] == [
+        ("resnet18", 112, "eager"), ("resnet50", 112, "eager"), ("resnet18", 224, "eager"), ("resnet50", 224, "eager"),
+        ("resnet50", 224, "cuda-graph")]
     assert all(positive(g["images_per_s"]) for g in res["grid"])
+    # the target is judged on the faster mode of ResNet-50 at 224
+    assert res["targets"]["grid_resnet50_224_images_per_s"]["value"] == max(g["images_per_s"] for g in res["grid"][3:])
+    assert res["settings"]["grid_cells"] == [f"{cell}:eager" for cell in bench.GRID_CELLS] + ["resnet50:224:cuda-graph"]
+    assert "resnet50   224 cuda-graph:" in stdout
     assert (tmp / "faces_112" / "faces_train.npy").is_file() and (tmp / "crop" / "imdb.mat").is_file()
     assert "train img/s" in stdout and "pre-process faces/s" in stdout and "inference ms/photo" in stdout
 
@@ -142,6 +148,47 @@ def test_loop_is_train_py_s_own_numbers(run):
         assert res["targets"][key]["target"] == target and res["targets"][key]["met"] is None
     assert res["targets"]["loader_images_per_s"]["value"] == res["loader_images_per_s"]
     assert "train.py loop eager b8" in stdout and "train.py loop cuda-graph b16" in stdout and "loader alone" in stdout
+
+
+def test_grid_cells_default_to_the_four_eager_cells_and_refuse_a_bad_one(capsys):
+    assert bench.parse_args(["--quick"]).grid_cells == [("resnet18", 112, "eager"), ("resnet50", 112, "eager"),
+                                                        ("resnet18", 224, "eager"), ("resnet50", 224, "eager")]
+    assert bench.parse_args(["--grid-cells", "resnet34:160:compile"]).grid_cells == [("resnet34", 160, "compile")]
+    for bad in ("resnet99:112", "resnet18", "resnet18:big", "resnet18:16", "resnet18:112:fast", "resnet18:112:eager:1"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--grid-cells", bad])
+        assert f"{bad!r}: ARCH:SIZE[:MODE]" in capsys.readouterr().err
+
+
+def test_a_grid_cell_that_fails_is_reported_and_the_others_still_run(monkeypatch, tmp_path):
+    import torch
+
+    def time_training(loader, targs, device, warmup, steps, arch):
+        if targs.compile:
+            raise RuntimeError("the compiler broke")
+        return dict(images_per_s=1.0)
+
+    monkeypatch.setattr(bench, "time_training", time_training)
+    args = bench.parse_args(["--quick", "--grid-cells", "resnet18:112:compile", "resnet18:112"])
+    rows = bench.bench_grid(args, tmp_path, torch.device("cpu"))
+    assert [(r["mode"], r["images_per_s"]) for r in rows] == [("compile", None), ("eager", 1.0)]
+    assert rows[0]["error"] == "RuntimeError: the compiler broke"
+    assert bench.best_grid_images_per_s(rows, "resnet18", 112) == 1.0
+    assert bench.best_grid_images_per_s(rows, "resnet50", 224) is None
+
+
+def test_folder_and_infer_can_be_left_out(run, tmp_path):
+    """--no-folder --no-infer: those phases do not run, the others do, and nothing is reported as failed."""
+    _, _, tmp = run
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "bench.py", "--quick", "--no-grid", "--no-loop", "--no-folder", "--no-infer", "--device",
+           "cpu", "--data", str(tmp / "faces_112"), "--photos", str(tmp / "crop"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["phase_seconds"]) == {"data", "preprocess", "train"} and res["errors"] == {}
+    assert positive(res["preprocess_speedup"]) and positive(res["train_speedup"])
+    assert res["infer_ms_per_image"] is None and res["infer_folder_photos_per_s"] is None
 
 
 def test_tile_packed_repeats_the_faces_and_their_labels(run, tmp_path):
