@@ -303,6 +303,40 @@ class OpCount(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def test_prelu_on_channels_last_runs_as_rows_and_gives_the_same_values():
+    """face.PReLU takes a CPU channels_last input as rows of W * C values (the weight tiled: one repeat op), and
+    every value is nn.PReLU's, bit for bit; NCHW and 2-D inputs take the plain layer."""
+    torch.manual_seed(0)
+    for c, shape in ((10, (2, 10, 38, 46)), (28, (3, 28, 22, 22)), (128, (5, 128))):
+        ours, plain = face.PReLU(c), torch.nn.PReLU(c)
+        with torch.no_grad():
+            ours.weight.uniform_(-1, 1)
+            plain.weight.copy_(ours.weight)
+        x = torch.randn(shape)
+        layouts = [(x, 0)] if x.dim() == 2 else [(x, 0), (x.contiguous(memory_format=torch.channels_last), 1)]
+        for inp, repeats in layouts:
+            with torch.no_grad(), OpCount({"repeat"}) as count:
+                y = ours(inp)
+            assert count.count == repeats, (shape, inp.stride())
+            assert torch.equal(y, plain(inp).detach()) and y.stride() == inp.stride()
+
+
+def test_the_cpu_runs_r_net_and_o_net_in_cache_sized_chunks(detector, images):
+    """On the CPU R-Net takes 128 crops a pass and O-Net 32 (_CPU_CROP_PIXELS), however many candidates there are."""
+    batch = face._Batch([images[0]], torch.device("cpu"))
+    boxes = torch.tensor([[10.0, 20.0, 90.0, 100.0]]).repeat(300, 1)  # (300, 4)
+    sizes = []
+
+    def net(x: torch.Tensor) -> tuple[torch.Tensor]:
+        sizes.append(x.shape[0])
+        return (x.sum(dim=(1, 2, 3)),)
+
+    for side, chunks in ((24, [128, 128, 44]), (48, [32] * 9 + [12])):
+        sizes.clear()
+        (out,) = detector._run_chunked(net, batch, boxes, torch.zeros(300, dtype=torch.long), side)
+        assert sizes == chunks and out.shape == (300,) and torch.all(out == out[0])  # the same crop 300 times
+
+
 def test_a_pyramid_level_costs_few_ops(detector):
     """P-Net's input for a pass (_pass_input): each pyramid level's resize and its placement on the canvas
     take at most 16 ops, views included, whatever the level's size: on a GPU each op is host work (a
