@@ -542,9 +542,9 @@ class SameBatch:
         return (self.batch for _ in range(self.steps))
 
 
-def bench_grid(args: argparse.Namespace, tmp: Path, device: torch.device) -> list[dict]:
-    """Tuned training images/s of each --grid-cells (arch, size, step mode) on random uint8 faces held in memory."""
-    rows = []
+def bench_grid(args: argparse.Namespace, tmp: Path, device: torch.device, rows: list[dict]) -> None:
+    """Tuned training images/s of each --grid-cells (arch, size, step mode) on random uint8 faces held in memory,
+    appended to rows as each cell finishes: a phase cut by the time limit (in a cell that compiles) keeps the others."""
     rng = np.random.default_rng(0)
     n = 2 * args.grid_batch  # two batches per epoch; TimedSteps cycles epochs
     labels = Labels([""] * n, rng.integers(0, 101, n), rng.integers(0, 2, n))
@@ -564,7 +564,6 @@ def bench_grid(args: argparse.Namespace, tmp: Path, device: torch.device) -> lis
         rows.append(dict(arch=arch, size=size, mode=mode, **res))
         ips = res.get("images_per_s")
         print(f"  grid {arch} {size} {mode}: " + (f"{ips:.1f} images/s" if ips else res.get("error", "")), flush=True)
-    return rows
 
 
 def best_grid_images_per_s(grid: list[dict] | None, arch: str, size: int) -> float | None:
@@ -938,7 +937,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"bench on {device}: torch {torch.__version__}, {torch.get_num_threads()} threads, data {data} ({size}px)",
               flush=True)
         loop = phases.run("loop", bench_loop, args, data, tmp, device) if args.loop else None
-        grid = phases.run("grid", bench_grid, args, tmp, device) if args.grid else None
+        grid: list[dict] | None = [] if args.grid else None
+        if grid is not None:
+            phases.run("grid", bench_grid, args, tmp, device, grid)
         pre_res = phases.run("preprocess", bench_preprocess, args, data, photos_dir, device, size) or {}
         folder = (phases.run("folder", bench_folder, args, device, checkpoint, tmp) if args.folder else None) or {}
         train_res = phases.run("train", bench_train, args, data, tmp, device) or {}

@@ -170,11 +170,28 @@ def test_a_grid_cell_that_fails_is_reported_and_the_others_still_run(monkeypatch
 
     monkeypatch.setattr(bench, "time_training", time_training)
     args = bench.parse_args(["--quick", "--grid-cells", "resnet18:112:compile", "resnet18:112"])
-    rows = bench.bench_grid(args, tmp_path, torch.device("cpu"))
+    rows = []
+    bench.bench_grid(args, tmp_path, torch.device("cpu"), rows)
     assert [(r["mode"], r["images_per_s"]) for r in rows] == [("compile", None), ("eager", 1.0)]
     assert rows[0]["error"] == "RuntimeError: the compiler broke"
     assert bench.best_grid_images_per_s(rows, "resnet18", 112) == 1.0
     assert bench.best_grid_images_per_s(rows, "resnet50", 224) is None
+
+
+def test_a_grid_cut_by_the_time_limit_keeps_the_cells_it_timed(monkeypatch, tmp_path):
+    import torch
+
+    def time_training(loader, targs, device, warmup, steps, arch):
+        if targs.compile:
+            raise bench.TimeUp("stopped by SIGTERM")
+        return dict(images_per_s=2.0)
+
+    monkeypatch.setattr(bench, "time_training", time_training)
+    args = bench.parse_args(["--quick", "--grid-cells", "resnet18:112", "resnet50:224:compile", "resnet50:224"])
+    rows = []
+    with pytest.raises(bench.TimeUp):
+        bench.bench_grid(args, tmp_path, torch.device("cpu"), rows)
+    assert [(r["arch"], r["mode"], r["images_per_s"]) for r in rows] == [("resnet18", "eager", 2.0)]
 
 
 def test_folder_and_infer_can_be_left_out(run, tmp_path):
