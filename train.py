@@ -45,8 +45,8 @@ from data_gen import make_loader
 from inference import calibrate_checkpoint
 from metrics import MetricSums
 from models import AGE_LOSSES, ARCHS, AgeGenderNet, build_model, model_args_of
-from utils import (CtrlCBetweenSteps, UserError, append_jsonl, argument_parser, atomic_torch_save, atomic_write_text,
-                   git_commit, parse_with_recipe, pick_device, process_device, read_jsonl, run_main, seed_everything,
+from utils import (CtrlCBetweenSteps, UserError, append_jsonl, argument_parser, atomic_torch_save, atomic_write_bytes,
+                   atomic_write_text, git_commit, parse_with_recipe, pick_device, process_device, read_jsonl, run_main, seed_everything,
                    write_json)
 
 # settings a checkpoint cannot be resumed under if they change: they change the model or its input
@@ -381,6 +381,24 @@ def load_resume(path: str) -> dict:
         raise UserError(f"--resume {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from e
 
 
+def best_in_out(resume: Path, out: Path, best: dict) -> dict | None:
+    """The best record a run resumed from `resume` goes on from, with OUT/best.pt holding its weights.
+
+    Resumed in its own folder, that is the checkpoint's. Into another --out, the run's best.pt beside `resume` is
+    copied there first (the resumed epochs may never beat it, and OUT must still end with a best.pt); where it is
+    not there (last.pt moved alone), None: the best is chosen again among the epochs trained from here.
+    """
+    if out.resolve() == resume.parent.resolve():
+        return best
+    source = resume.with_name("best.pt")
+    if source.is_file() and torch.load(source, map_location="cpu", weights_only=True)["epoch"] == best["epoch"]:
+        atomic_write_bytes(out / "best.pt", source.read_bytes())
+        return best
+    print(f"{source}: not found (or not epoch {best['epoch']}, the best so far): {out / 'best.pt'} will be the best "
+          "of the epochs trained from here", file=sys.stderr)
+    return None
+
+
 def check_resumable(saved: dict, now: dict, path: str) -> None:
     diffs = [f"{k} {saved.get(k)!r} in the checkpoint, {now[k]!r} now" for k in RESUME_MUST_MATCH if saved.get(k) != now[k]]
     if diffs:
@@ -498,6 +516,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     writer = None
     if master:
         out.mkdir(parents=True, exist_ok=True)
+        if ckpt is not None:
+            best = best_in_out(Path(args.resume), out, best)
         write_json(out / "config.json", cfg)
         start_logs(out, ckpt)
         writer = SummaryWriter(str(out / "tb"))

@@ -187,6 +187,23 @@ def test_resume_takes_momentum_and_weight_decay_from_the_options(run, data, tmp_
     assert [(g["momentum"], g["weight_decay"]) for g in groups] == [(0.5, 0.001), (0.5, 0.0)]
 
 
+def test_a_run_resumed_into_another_out_starts_it_with_the_best_so_far(tmp_path, capsys):
+    """OUT must end with a best.pt even when the resumed epochs never beat the best so far (the calibration at the end
+    reads it): the run's best.pt beside last.pt is copied into a new OUT; without it the best starts over."""
+    run, best = tmp_path / "run", dict(epoch=2, score=1.0)
+    run.mkdir()
+    torch.save(dict(epoch=3), run / "last.pt")
+    torch.save(dict(epoch=2, model={"w": torch.ones(2)}), run / "best.pt")
+    assert train.best_in_out(run / "last.pt", run, best) is best  # in place: its best.pt is there already
+    assert train.best_in_out(run / "last.pt", tmp_path / "new", best) is best
+    assert (tmp_path / "new" / "best.pt").read_bytes() == (run / "best.pt").read_bytes()
+    torch.save(dict(epoch=1), run / "best.pt")  # not the best the checkpoint names
+    assert train.best_in_out(run / "last.pt", tmp_path / "other", best) is None
+    assert not (tmp_path / "other" / "best.pt").exists() and "not epoch 2, the best so far" in capsys.readouterr().err
+    (run / "best.pt").unlink()  # last.pt moved alone
+    assert train.best_in_out(run / "last.pt", tmp_path / "other", best) is None
+
+
 def test_bf16_training_validates_what_evaluate_reproduces(data, tmp_path):
     """With bf16 autocast (--amp-cpu) validation still runs in fp32, so the logged metrics, which choose best.pt,
     are the ones load_checkpoint + preprocess (evaluate.py's path, fp32) recompute."""
