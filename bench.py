@@ -41,6 +41,8 @@ runs it by default; cuda-graph: train.py --cuda-graph, the step captured and rep
                            defaults otherwise), the training images/s of epoch 2 as train.py wrote
                            it in its metrics.jsonl (epoch 1 carries cuDNN autotuning and warm-up)
   train_bare_images_per_s  the same step on one batch over and over (SameBatch): no loading at all
+  (loop rows) bare_augmented_images_per_s  the same, the batch made the network's input anew on the
+                           device for each step (AugmentedSameBatch): what augmenting costs the device
   loader_images_per_s      train.py's PackedLoader alone (augmentation, prefetch), one epoch, synced
 The top-level keys are the fastest loop row's (train_loop_mode, train_loop_batch; train_loop_over_bare:
 the lowest ratio over that mode's batches); `loop` holds every row and its loop/bare ratio.
@@ -76,8 +78,8 @@ import torch
 import config
 import pre_process
 import train
-from data_gen import (LABEL_COLUMNS, Labels, PackedLoader, load_split, make_loader, open_packed, packed_path,
-                      read_labels, write_sidecar)
+from data_gen import (LABEL_COLUMNS, Labels, PackedLoader, augment_params, load_split, make_loader, network_input,
+                      open_packed, packed_path, read_labels, write_sidecar)
 from face import FaceDetector, prepare_crop
 from inference import Predictor, ensure_samples
 from models import ARCHS, build_model
@@ -483,7 +485,7 @@ def time_training(loader: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tenso
     train.train_one_epoch(step, timed, targs, 1, 1, None, CtrlCBetweenSteps())
     images = steps * targs.batch_size
     out = dict(images=images, seconds=timed.seconds, images_per_s=images / timed.seconds, batch=targs.batch_size,
-               bf16=amp, channels_last=targs.channels_last, compile=targs.compile)
+               loader=type(loader).__name__, bf16=amp, channels_last=targs.channels_last, compile=targs.compile)
     if device.type == "cuda":
         out["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     return out
@@ -516,7 +518,7 @@ def bench_train(args: argparse.Namespace, data: Path, tmp: Path, device: torch.d
             if name == "tuned_bare":
                 loader = SameBatch(loader)
             res = time_training(loader, targs, device, args.warmup, args.steps)
-            res["loader"], res["prefetch"] = type(loader).__name__, getattr(loader, "prefetch", None)
+            res["prefetch"] = getattr(loader, "prefetch", None)
             rounds[name].append(res)
             print(f"  train {name:12s} round {r + 1}: {res['images_per_s']:.1f} images/s "
                   f"(batch {targs.batch_size}, {res['loader']})", flush=True)
@@ -540,6 +542,22 @@ class SameBatch:
 
     def __iter__(self):
         return (self.batch for _ in range(self.steps))
+
+
+class AugmentedSameBatch(SameBatch):
+    """A PackedLoader's first batch kept on the device as uint8, made the network's input anew for each step
+    (data_gen.network_input, in the step's stream): the bare step plus the augmentation's device time, with no
+    host work. Between it and SameBatch lies what augmenting costs the device; between it and the loop, the rest."""
+
+    def __init__(self, loader: PackedLoader):
+        idx = next(iter(loader.batches))
+        self.size, self.steps = loader.size, len(loader)
+        self.faces = torch.from_numpy(loader.faces[idx]).to(loader.device).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
+        self.params = augment_params(len(idx), torch.Generator().manual_seed(loader.seed)).to(loader.device)
+        self.age, self.gender = loader.labels[idx].to(loader.device).unbind(1)  # (B,), (B,)
+
+    def __iter__(self):
+        return ((network_input(self.faces, self.params), self.age, self.gender) for _ in range(self.steps))
 
 
 def bench_grid(args: argparse.Namespace, tmp: Path, device: torch.device, rows: list[dict]) -> None:
@@ -635,20 +653,24 @@ def time_loader(data: Path, batch: int, device: torch.device, warmup: int) -> di
 def time_loop_batch(loop_data: Path, tmp: Path, batch: int, device: torch.device, mode: str,
                     args: argparse.Namespace) -> dict:
     """One row of the loop phase: train.py's own loop in a step mode (images/s of its last epoch, from its
-    metrics.jsonl), the bare step in the same mode (SameBatch: one batch over and over, args.repeats rounds) and
-    the loader alone, at one batch size."""
+    metrics.jsonl), the bare step in the same mode (SameBatch: one batch over and over, args.repeats rounds), the
+    same with the batch augmented on the device for each step (AugmentedSameBatch) and the loader alone, at one
+    batch size."""
     loop = time_train_py(loop_data, tmp / f"loop_{mode}_b{batch}", batch, device, STEP_MODES[mode])
     targs = train_args(loop_data, tmp / "run", batch, True, 0, extra=STEP_MODES[mode])
     bare = [time_training(SameBatch(make_loader(loop_data, "train", True, batch, device)), targs, device,
                           args.warmup, args.steps) for _ in range(args.repeats)]
-    bare_ips = sum(x["images"] for x in bare) / sum(x["seconds"] for x in bare)
+    augmented = [time_training(AugmentedSameBatch(make_loader(loop_data, "train", True, batch, device)), targs,
+                               device, args.warmup, args.steps) for _ in range(args.repeats)]
+    bare_ips, augmented_ips = (sum(x["images"] for x in rs) / sum(x["seconds"] for x in rs) for rs in (bare, augmented))
     loader = time_loader(loop_data, batch, device, args.warmup)
     print(f"  loop {mode} batch {batch}: train.py {fmt(loop['images_per_s'])} images/s"
           f"{' (' + loop['error'] + ')' if 'error' in loop else ''}, bare step {bare_ips:.1f}, "
-          f"loader alone {loader['images_per_s']:.1f}", flush=True)
+          f"augmented on the device {augmented_ips:.1f}, loader alone {loader['images_per_s']:.1f}", flush=True)
     return dict(mode=mode, batch=batch, loop_images_per_s=loop["images_per_s"], bare_images_per_s=bare_ips,
-                loop_over_bare=quotient(loop["images_per_s"], bare_ips), loader_images_per_s=loader["images_per_s"],
-                loop_error=loop.get("error"), metrics=loop.get("metrics"), bare_rounds=bare, loader=loader)
+                bare_augmented_images_per_s=augmented_ips, loop_over_bare=quotient(loop["images_per_s"], bare_ips),
+                loader_images_per_s=loader["images_per_s"], loop_error=loop.get("error"), metrics=loop.get("metrics"),
+                bare_rounds=bare, bare_augmented_rounds=augmented, loader=loader)
 
 
 def bench_loop(args: argparse.Namespace, data: Path, tmp: Path, device: torch.device) -> dict:
@@ -887,6 +909,8 @@ def table(res: dict) -> str:
             ratio = r["loop_over_bare"]
             row(f"train.py loop {r['mode']} b{r['batch']} (vs bare)", r["loop_images_per_s"], r["bare_images_per_s"],
                 ratio, "train_loop_over_bare", None if not cuda or ratio is None else ratio >= goal)
+            row("  bare, augmented on the device", r["bare_augmented_images_per_s"], r["bare_images_per_s"],
+                quotient(r["bare_augmented_images_per_s"], r["bare_images_per_s"]))
             if r["loop_error"]:
                 lines.append(f"  {r['loop_error']}")
         row(f"  best: {res['train_loop_mode']} b{res['train_loop_batch']}, R18 {s['size']}px", res["train_loop_images_per_s"], None, None,
@@ -960,8 +984,8 @@ def main(argv: list[str] | None = None) -> dict:
         train_loop_batch=best["batch"] if best else None,
         train_loop_mode=best["mode"] if best else None,
         train_loop_over_bare=None if None in ratios else min(ratios),
-        loop=[{k: r[k] for k in ("mode", "batch", "loop_images_per_s", "bare_images_per_s", "loop_over_bare",
-                                 "loader_images_per_s", "loop_error")} for r in loop["rows"]] if loop else None,
+        loop=[{k: r[k] for k in ("mode", "batch", "loop_images_per_s", "bare_images_per_s", "bare_augmented_images_per_s",
+                                 "loop_over_bare", "loader_images_per_s", "loop_error")} for r in loop["rows"]] if loop else None,
         train_speedup=quotient(train_res.get("tuned_images_per_s"), train_res.get("naive_images_per_s")),
         train_tuned_images_per_s=train_res.get("tuned_images_per_s"),
         train_naive_images_per_s=train_res.get("naive_images_per_s"),

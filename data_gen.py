@@ -59,7 +59,14 @@ AUGMENT_PARAMS = 8  # random numbers per face: flip, angle, zoom, shift x and y,
 def preprocess(faces: np.ndarray) -> torch.Tensor:
     """Aligned RGB uint8 faces (N, S, S, 3), or one (S, S, 3), -> the network's input (N, 3, S, S) float32."""
     faces = np.asarray(faces)
-    return normalize(to_unit(to_nchw(faces[None] if faces.ndim == 3 else faces)))
+    return network_input(to_nchw(faces[None] if faces.ndim == 3 else faces))
+
+
+def network_input(faces: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 faces (N, 3, S, S) -> the network's input (N, 3, S, S) float32 on their device, in their memory format:
+    augmented with params (N, AUGMENT_PARAMS) from augment_params where given (training), then normalised."""
+    x = to_unit(faces)
+    return normalize(x if params is None else augment(x, params))
 
 
 def to_nchw(faces: np.ndarray) -> torch.Tensor:
@@ -236,11 +243,10 @@ class FaceDataset(Dataset):
         return face
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        x = to_unit(to_nchw(self.face(i)[None]))  # (1, 3, S, S)
-        if self.train:
-            # hash() of a tuple of ints does not depend on PYTHONHASHSEED
-            x = augment(x, augment_params(1, torch.Generator().manual_seed(hash((self.seed, self.epoch, i)))))
-        return normalize(x)[0], int(self.labels.age[i]), int(self.labels.gender[i])
+        # hash() of a tuple of ints does not depend on PYTHONHASHSEED
+        params = augment_params(1, torch.Generator().manual_seed(hash((self.seed, self.epoch, i)))) if self.train else None
+        x = network_input(to_nchw(self.face(i)[None]), params)  # (1, 3, S, S)
+        return x[0], int(self.labels.age[i]), int(self.labels.gender[i])
 
 
 # --- loaders -----------------------------------------------------------------------------------
@@ -332,8 +338,8 @@ class PackedLoader:
                 labels = labels.to(self.device, non_blocking=True, copy=True)
                 params = params if params is None else params.to(self.device, non_blocking=True, copy=True)
                 slot.copied = stream.record_event() if cuda else None
-                x = to_unit(faces.permute(0, 3, 1, 2))  # (B, 3, S, S), channels_last in memory
-                x = normalize(x if params is None else augment(x, params))
+                # (B, 3, S, S): channels_last in memory unless augmented (grid_sample writes NCHW; the step converts)
+                x = network_input(faces.permute(0, 3, 1, 2), params)
                 yield x, labels[:, 0], labels[:, 1], stream.record_event() if cuda else None
 
 

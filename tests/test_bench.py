@@ -138,6 +138,10 @@ def test_loop_is_train_py_s_own_numbers(run):
         assert all((x["batch"], x["bf16"], x["channels_last"]) == (r["batch"], train.cpu_has_bf16(), True)
                    for x in r["bare_rounds"])
         assert r["loader"]["images"] > 0 and positive(r["loader_images_per_s"])
+        augmented = r["bare_augmented_rounds"]
+        assert [(x["loader"], x["batch"]) for x in augmented] == [("AugmentedSameBatch", r["batch"])] * len(r["bare_rounds"])
+        assert r["bare_augmented_images_per_s"] == pytest.approx(
+            sum(x["images"] for x in augmented) / sum(x["seconds"] for x in augmented), rel=1e-12)
     best = max(rows, key=lambda r: r["loop_images_per_s"])
     assert (res["train_loop_mode"], res["train_loop_batch"]) == (best["mode"], best["batch"])
     assert (res["train_loop_images_per_s"], res["train_bare_images_per_s"], res["loader_images_per_s"]) == (
@@ -206,6 +210,27 @@ def test_folder_and_infer_can_be_left_out(run, tmp_path):
     assert set(res["phase_seconds"]) == {"data", "preprocess", "train"} and res["errors"] == {}
     assert positive(res["preprocess_speedup"]) and positive(res["train_speedup"])
     assert res["infer_ms_per_image"] is None and res["infer_folder_photos_per_s"] is None
+
+
+def test_the_augmented_bare_step_feeds_the_loader_s_first_batch_made_anew_each_step(run):
+    """AugmentedSameBatch yields, at every step, a new tensor equal to what the packed loader makes of its first batch
+    with the same augmentation parameters: the same device work, from uint8 faces already on the device."""
+    import torch
+
+    from data_gen import network_input
+
+    _, _, tmp = run
+    loader = bench.make_loader(tmp / "faces_112", "train", True, 4)
+    same = bench.AugmentedSameBatch(loader)
+    batches = list(same)
+    assert len(batches) == len(loader) >= 2 and batches[0][0] is not batches[1][0]
+    idx = next(iter(loader.batches))
+    faces = torch.from_numpy(loader.faces[idx]).permute(0, 3, 1, 2)
+    params = bench.augment_params(len(idx), torch.Generator().manual_seed(loader.seed))
+    for x, age, gender in batches:
+        assert torch.equal(x, network_input(faces, params)) and x.stride() == next(iter(loader))[0].stride()
+        assert torch.equal(age, loader.labels[idx, 0]) and torch.equal(gender, loader.labels[idx, 1])
+    assert not torch.equal(batches[0][0], network_input(faces))  # augmented, not just normalised
 
 
 def test_tile_packed_repeats_the_faces_and_their_labels(run, tmp_path):
