@@ -417,18 +417,20 @@ def schedule_changes(saved: dict, now: dict, done: int) -> str | None:
             f"at the same point of the run, so the learning rate goes from {before:g} to {after:g}")
 
 
-def start_logs(out: Path, ckpt: dict | None) -> None:
-    """Resume: metrics.jsonl keeps the epochs before the checkpoint's plus its own line (epochs then continue).
+def start_logs(out: Path, ckpt: dict | None, resume: Path | None = None) -> None:
+    """Resume: metrics.jsonl holds the resumed run's epochs before the checkpoint's (from the metrics.jsonl beside
+    `resume`, also when OUT is another folder) plus the checkpoint's own line; epochs then continue.
     Fresh run: metrics.jsonl and the TensorBoard events start empty."""
-    log = out / "metrics.jsonl"
     if ckpt is None:
         records = []
         for events in (out / "tb").glob("events.out.tfevents.*"):
             events.unlink()
     else:
-        earlier = read_jsonl(log) if log.is_file() else []
+        resumed = resume.with_name("metrics.jsonl")
+        earlier = read_jsonl(resumed) if resumed.is_file() else []
         records = [r for r in earlier if r["epoch"] < ckpt["epoch"]] + [ckpt["metrics"]]
-    atomic_write_text(log, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))  # append_jsonl's format
+    log = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)  # append_jsonl's format
+    atomic_write_text(out / "metrics.jsonl", log)
 
 
 def resolve_batch(args: argparse.Namespace, world: int, device: torch.device) -> None:
@@ -492,7 +494,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                             "or more")
         if ckpt["epoch"] == args.epochs:  # finished, perhaps killed between its last checkpoint and its log line
             if master:
-                start_logs(out, ckpt)
+                start_logs(out, ckpt, Path(args.resume))
                 print(f"{args.resume}: already trained {args.epochs} epochs, nothing to do (pass --epochs above that "
                       f"to train on); {out / 'metrics.jsonl'} is complete")
             return ckpt["best"]
@@ -519,7 +521,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         if ckpt is not None:
             best = best_in_out(Path(args.resume), out, best)
         write_json(out / "config.json", cfg)
-        start_logs(out, ckpt)
+        start_logs(out, ckpt, Path(args.resume) if args.resume else None)
         writer = SummaryWriter(str(out / "tb"))
         print(f"training {args.arch}/{args.age_loss} on {device} x{world}, {len(train_loader)} steps of "
               f"{cfg['global_batch']} per epoch, peak lr {cfg['peak_lr']:g}, {'bf16' if amp else 'fp32'}"

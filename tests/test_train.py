@@ -185,6 +185,10 @@ def test_resume_takes_momentum_and_weight_decay_from_the_options(run, data, tmp_
                     "--resume", run / "last.pt"))
     groups = torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]["param_groups"]
     assert [(g["momentum"], g["weight_decay"]) for g in groups] == [(0.5, 0.001), (0.5, 0.0)]
+    # resumed into another folder: it holds the whole run's log and a best.pt, whichever epoch was best
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    assert read_jsonl(tmp_path / "metrics.jsonl")[:2] == read_jsonl(run / "metrics.jsonl")
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] in (1, 2, 3)
 
 
 def test_a_run_resumed_into_another_out_starts_it_with_the_best_so_far(tmp_path, capsys):
