@@ -212,8 +212,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     batch_size=8 if q else (256 if cuda else 64), naive_batch=4 if q else NAIVE_BATCH,
                     detect_batch=detect_batch("cuda" if cuda else "cpu"),
                     preprocess_photos=8 if q else 192, infer_crops=1 if q else 3, folder_crops=1 if q else (300 if cuda else 40), infer_repeat=1 if q else 10,
-                    grid=cuda, grid_batch=2 if q else (256 if cuda else 16), grid_cells=[grid_cell(c) for c in GRID_CELLS],
-                    loop=cuda,
+                    grid=cuda, grid_batch=2 if q else (256 if cuda else 16),
+                    grid_cells=[grid_cell(c) for c in GRID_CELLS], loop=cuda,
                     loop_modes=["eager", "cuda-graph"] if cuda else ["eager"],
                     loop_faces=32 if q else LOOP_FACES, loop_batches=[8, 16] if q else list(LOOP_BATCHES))
     for name, value in defaults.items():
@@ -984,8 +984,9 @@ def main(argv: list[str] | None = None) -> dict:
         train_loop_batch=best["batch"] if best else None,
         train_loop_mode=best["mode"] if best else None,
         train_loop_over_bare=None if None in ratios else min(ratios),
-        loop=[{k: r[k] for k in ("mode", "batch", "loop_images_per_s", "bare_images_per_s", "bare_augmented_images_per_s",
-                                 "loop_over_bare", "loader_images_per_s", "loop_error")} for r in loop["rows"]] if loop else None,
+        loop=[{k: r[k] for k in ("mode", "batch", "loop_images_per_s", "bare_images_per_s",
+                                 "bare_augmented_images_per_s", "loop_over_bare", "loader_images_per_s", "loop_error")}
+              for r in loop["rows"]] if loop else None,
         train_speedup=quotient(train_res.get("tuned_images_per_s"), train_res.get("naive_images_per_s")),
         train_tuned_images_per_s=train_res.get("tuned_images_per_s"),
         train_naive_images_per_s=train_res.get("naive_images_per_s"),

@@ -63,8 +63,9 @@ def preprocess(faces: np.ndarray) -> torch.Tensor:
 
 
 def network_input(faces: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 faces (N, 3, S, S) -> the network's input (N, 3, S, S) float32 on their device, in their memory format:
-    augmented with params (N, AUGMENT_PARAMS) from augment_params where given (training), then normalised."""
+    """uint8 faces (N, 3, S, S) -> the network's input (N, 3, S, S) float32 on their device: augmented with params
+    (N, AUGMENT_PARAMS) from augment_params where given (training; NCHW, as grid_sample writes it), then normalised
+    (in the faces' memory format where not augmented)."""
     x = to_unit(faces)
     return normalize(x if params is None else augment(x, params))
 
@@ -252,7 +253,8 @@ class FaceDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         # hash() of a tuple of ints does not depend on PYTHONHASHSEED
-        params = augment_params(1, torch.Generator().manual_seed(hash((self.seed, self.epoch, i)))) if self.train else None
+        seed = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)))
+        params = augment_params(1, seed) if self.train else None
         x = network_input(to_nchw(self.face(i)[None]), params)  # (1, 3, S, S)
         return x[0], int(self.labels.age[i]), int(self.labels.gender[i])
 

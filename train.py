@@ -46,8 +46,8 @@ from inference import calibrate_checkpoint
 from metrics import MetricSums
 from models import AGE_LOSSES, ARCHS, AgeGenderNet, build_model, model_args_of
 from utils import (CtrlCBetweenSteps, UserError, append_jsonl, argument_parser, atomic_torch_save, atomic_write_bytes,
-                   atomic_write_text, git_commit, parse_with_recipe, pick_device, process_device, read_jsonl, run_main, seed_everything,
-                   write_json)
+                   atomic_write_text, git_commit, parse_with_recipe, pick_device, process_device, read_jsonl, run_main,
+                   seed_everything, write_json)
 
 # settings a checkpoint cannot be resumed under if they change: they change the model or its input
 RESUME_MUST_MATCH = ("arch", "age_loss", "size")
