@@ -694,7 +694,7 @@ def align_photos(detector: FaceDetector, photos: list[np.ndarray], batch: int, s
     """pre_process.align_all's work (pre_process.align_batch) on decoded photos, batch photos a call: faces aligned."""
     fraction = config.MIN_FACE_FRACTION
     return sum(len(align_batch(detector, [(None, p, prepare_crop(detector, p, fraction)) for p in photos[start:start + batch]],
-                               size, False, fraction)[0]) for start in range(0, len(photos), batch))
+                               size, False)[0]) for start in range(0, len(photos), batch))
 
 
 def bench_preprocess(args: argparse.Namespace, data: Path, photos_dir: Path, device: torch.device, size: int) -> dict:

@@ -236,7 +236,7 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
             searched = with_searches(shrinker, photos, detector, min_face_fraction)
             for chunk in size_sorted_batches(searched, batch, sort_batches, dropped):
                 chunk = [(dst, img, None if search is None else search.result()) for dst, img, search in chunk]
-                faces, again = align_batch(detector, chunk, size, fallback == "center", min_face_fraction)
+                faces, again = align_batch(detector, chunk, size, fallback == "center")
                 retried += again
                 if len(faces) < len(chunk):
                     dropped["no_face"] = dropped.get("no_face", 0) + len(chunk) - len(faces)
@@ -271,19 +271,19 @@ def with_searches(pool: Executor, photos: Iterable[tuple[Path, np.ndarray | str]
 
 
 def align_batch(detector: "face.FaceDetector", chunk: list[tuple[Path, np.ndarray, "face.CropSearch | None"]], size: int,
-                center_fallback: bool, min_face_fraction: float) -> tuple[list[tuple[Path, np.ndarray]], int]:
+                center_fallback: bool) -> tuple[list[tuple[Path, np.ndarray]], int]:
     """([(target, aligned face (size, size, 3))] of the photos with a face, photos retried) for one batch.
 
-    chunk: (target, photo, its face.prepare_crop, or None with min_face_fraction 0). A function of its
-    own so that no decoded photo outlives its batch (the caller's locals would).
+    chunk: (target, photo, its face.prepare_crop, or None with min_face_fraction 0: then MTCNN's full pyramid).
+    A function of its own so that no decoded photo outlives its batch (the caller's locals would).
     """
     import face  # see align_all
 
-    images = [img for _, img, _ in chunk]
-    if min_face_fraction > 0:
-        found, again = face.detect_in_crops(detector, images, [search for _, _, search in chunk])
-    else:
+    images, searches = [img for _, img, _ in chunk], [search for _, _, search in chunk]
+    if None in searches:
         found, again = detector.detect(images), []
+    else:
+        found, again = face.detect_in_crops(detector, images, searches)
     aligned = [(dst, face.align_central(img, faces, size, center_fallback)) for (dst, img, _), faces in zip(chunk, found)]
     return [(dst, a["face"]) for dst, a in aligned if a is not None], sum(again)
 

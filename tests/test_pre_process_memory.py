@@ -31,7 +31,11 @@ def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, worke
     monkeypatch.setattr(face, "FaceDetector", lambda device: None)
     monkeypatch.setattr(face, "detect_in_crops", slow_detect)
     shrunk_on = set()  # the threads the photos were shrunk on: off the detecting thread on a GPU with workers
-    monkeypatch.setattr(face, "prepare_crop", lambda detector, img, fraction: shrunk_on.add(threading.current_thread()))
+    def prepare_crop(detector, img, fraction):
+        shrunk_on.add(threading.current_thread())
+        return "a search"  # a stand-in: None would mean the full pyramid
+
+    monkeypatch.setattr(face, "prepare_crop", prepare_crop)
     monkeypatch.setattr(face, "align_central", lambda img, found, size, center: dict(face=np.ascontiguousarray(img[:size, :size])))
     tracemalloc.start()
     try:
