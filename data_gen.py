@@ -252,9 +252,9 @@ class FaceDataset(Dataset):
         return face
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        # hash() of a tuple of ints does not depend on PYTHONHASHSEED
-        seed = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)))
-        params = augment_params(1, seed) if self.train else None
+        params = None
+        if self.train:  # hash() of a tuple of ints does not depend on PYTHONHASHSEED
+            params = augment_params(1, torch.Generator().manual_seed(hash((self.seed, self.epoch, i))))
         x = network_input(to_nchw(self.face(i)[None]), params)  # (1, 3, S, S)
         return x[0], int(self.labels.age[i]), int(self.labels.gender[i])
 

@@ -738,8 +738,7 @@ class FaceDetector:
             return empty
         tile_h, tile_w, where = _pack([(hs, ws) for _, _, hs, ws in rects], tile_side(rects))
         n_tiles = max(t for t, _, _ in where) + 1
-        budget = min(_MAX_CANVAS_PIXELS, _CPU_CANVAS_PIXELS) if dev.type == "cpu" else _MAX_CANVAS_PIXELS
-        per_pass = max(budget // (tile_h * tile_w), 1)
+        per_pass = self._per_pass(tile_h * tile_w, _MAX_CANVAS_PIXELS, _CPU_CANVAS_PIXELS)
         # (R, 3) tile and output-grid origin of each pyramid level
         origin_t = torch.tensor([(t, y // 2, x // 2) for t, y, x in where], device=dev)
         rect_img = torch.tensor([i for i, _, _, _ in rects], device=dev)  # (R,) image of each level
@@ -793,11 +792,16 @@ class FaceDetector:
             canvas[t, :, y:y + hs, x:x + ws] = area_resize(images[i], taps_y, taps_x)
         return canvas, torch.from_numpy(valid).to(self.device), torch.from_numpy(owner).to(self.device)
 
+    def _per_pass(self, pixels: int, most: int, on_cpu: int) -> int:
+        """Items of `pixels` pixels one net pass takes: up to `most` pixels, on a CPU up to the fewer `on_cpu`
+        (cache-sized); at least one item."""
+        budget = min(most, on_cpu) if self.device.type == "cpu" else most
+        return max(budget // pixels, 1)
+
     def _run_chunked(self, net: nn.Module | OnnxNet, batch: _Batch, boxes: torch.Tensor, img: torch.Tensor,
                      size: int) -> tuple[torch.Tensor, ...]:
         """net over crops of all candidates of all images, in chunks bounding the crop memory."""
-        budget = min(_MAX_CROP_PIXELS, _CPU_CROP_PIXELS) if self.device.type == "cpu" else _MAX_CROP_PIXELS
-        step = max(budget // (size * size), 1)
+        step = self._per_pass(size * size, _MAX_CROP_PIXELS, _CPU_CROP_PIXELS)
         outs = [net(batch.crops(img[a:a + step], boxes[a:a + step], size)) for a in range(0, boxes.shape[0], step)]
         return tuple(torch.cat(t) for t in zip(*outs))
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import json
 import math
 import os
@@ -391,8 +392,10 @@ def best_in_out(resume: Path, out: Path, best: dict) -> dict | None:
     if out.resolve() == resume.parent.resolve():
         return best
     source = resume.with_name("best.pt")
-    if source.is_file() and torch.load(source, map_location="cpu", weights_only=True)["epoch"] == best["epoch"]:
-        atomic_write_bytes(out / "best.pt", source.read_bytes())
+    saved = source.read_bytes() if source.is_file() else None  # read once: checked, then copied
+    epoch = None if saved is None else torch.load(io.BytesIO(saved), map_location="cpu", weights_only=True)["epoch"]
+    if epoch == best["epoch"]:
+        atomic_write_bytes(out / "best.pt", saved)
         return best
     print(f"{source}: not found (or not epoch {best['epoch']}, the best so far): {out / 'best.pt'} will be the best "
           "of the epochs trained from here", file=sys.stderr)
@@ -417,7 +420,7 @@ def schedule_changes(saved: dict, now: dict, done: int) -> str | None:
             f"at the same point of the run, so the learning rate goes from {before:g} to {after:g}")
 
 
-def start_logs(out: Path, ckpt: dict | None, resume: Path | None = None) -> None:
+def start_logs(out: Path, ckpt: dict | None, resume: Path | None) -> None:
     """Resume: metrics.jsonl holds the resumed run's epochs before the checkpoint's (from the metrics.jsonl beside
     `resume`, also when OUT is another folder) plus the checkpoint's own line; epochs then continue.
     Fresh run: metrics.jsonl and the TensorBoard events start empty."""

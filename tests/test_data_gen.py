@@ -10,11 +10,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import data_gen
 from data_gen import IMAGENET_MEAN, IMAGENET_STD, augment, augment_params, make_loader, pack_split, preprocess
+from test_face import OpCount
 from utils import REPO, UserError, read_image, write_jpeg
 
 
@@ -180,19 +180,14 @@ def test_augment_keeps_shapes_and_ranges():
     assert torch.equal(augment(x.to(memory_format=torch.channels_last), u), y)
 
 
-class TensorBytes(TorchDispatchMode):
+class TensorBytes(OpCount):
     """Bytes of the tensors each op reads and writes (views excluded): on a GPU, the memory traffic they cost."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not func.is_view:
-            tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
-            self.count += sum(t.numel() * t.element_size() for t in tensors)
-        return out
+    def cost(self, func, args, kwargs, out) -> int:
+        if func.is_view:
+            return 0
+        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def test_the_training_input_costs_few_passes_over_the_batch():

@@ -292,15 +292,21 @@ def test_a_passes_taps_travel_in_one_copy():
 
 class OpCount(TorchDispatchMode):
     """Counts the ops dispatched in this thread inside it, or only those whose names are in `names`: on a GPU each
-    is host work (a dispatch, most also a launch). tests/test_train.py's HostReads counts the ones that sync."""
+    is host work (a dispatch, most also a launch). tests/test_train.py's HostReads counts the ones that sync;
+    tests/test_data_gen.py's TensorBytes weighs each op by the bytes it moves (cost)."""
 
     def __init__(self, names: set[str] | None = None) -> None:
         super().__init__()
         self.names, self.count = names, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += self.names is None or func.overloadpacket.__name__ in self.names
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        self.count += self.cost(func, args, kwargs, out)
+        return out
+
+    def cost(self, func, args, kwargs, out) -> int:
+        """What one op adds to the count: 1 for a counted op."""
+        return self.names is None or func.overloadpacket.__name__ in self.names
 
 
 def test_prelu_on_channels_last_runs_as_rows_and_gives_the_same_values():
