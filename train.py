@@ -496,10 +496,12 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             raise UserError(f"--resume {args.resume}: already trained {ckpt['epoch']} epochs; pass --epochs {ckpt['epoch']} "
                             "or more")
         if ckpt["epoch"] == args.epochs:  # finished, perhaps killed between its last checkpoint and its log line
-            if master:
+            own = out.resolve() == Path(args.resume).parent.resolve()  # another --out gets no run of log alone
+            if master and own:
                 start_logs(out, ckpt, Path(args.resume))
+            if master:
                 print(f"{args.resume}: already trained {args.epochs} epochs, nothing to do (pass --epochs above that "
-                      f"to train on); {out / 'metrics.jsonl'} is complete")
+                      "to train on); " + (f"{out / 'metrics.jsonl'} is complete" if own else f"nothing written to {out}"))
             return ckpt["best"]
 
     memory_format = memory_format_of(args)

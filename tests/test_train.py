@@ -114,6 +114,11 @@ def test_resuming_a_finished_run_repairs_its_log_and_trains_nothing(run, data, t
     assert read_jsonl(log) == read_jsonl(run / "metrics.jsonl")
     assert best == torch.load(run / "last.pt", weights_only=True)["best"]
     assert torch.load(copy / "last.pt", weights_only=True)["epoch"] == 2
+    # into another --out: nothing to train, so nothing written there (a log alone would pass for a run)
+    assert train.main(args(data, tmp_path / "other", "--resume", copy / "last.pt")) == best
+    assert f"nothing to do (pass --epochs above that to train on); nothing written to {tmp_path / 'other'}" in \
+        capsys.readouterr().out
+    assert not (tmp_path / "other").exists()
 
 
 def test_same_seed_same_loss(run, data, tmp_path):
