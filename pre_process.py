@@ -11,25 +11,30 @@ ArcFace template and writes:
   OUT/faces/settings.json   the --size and --fallback they were made with (a rerun must match)
   OUT/labels.csv            image,source,identity,age,gender,split  (gender: 1 male, 0 female)
   OUT/summary.json          counts kept and dropped per reason, the photos this run retried with MTCNN's
-                            full pyramid (--min-face-fraction), and the settings used
+                            full pyramid (--min-face-fraction), the settings used, and per process
+                            ("ranks") the photos it aligned and where its align phase's seconds went:
+                            waiting for photos, detecting and aligning, waiting for writes (also printed;
+                            on a GPU a long wait for photos says to raise --workers)
   OUT/age_hist.png          the age distribution after the cap
   OUT/faces_{train,valid}.npy  every face of a split in one uint8 array (unless --no-pack, which deletes
                                old ones), and faces_{train,valid}.json, the images each holds
 Under torchrun each process aligns its share (RANK of WORLD_SIZE, GPU LOCAL_RANK, round robin where the
 processes outnumber the GPUs: several may share one) and rank 0 writes
-labels.csv, summary.json (with each rank's photo count) and the packed arrays once all are done.
+labels.csv, summary.json (with each rank's photos and seconds) and the packed arrays once all are done.
 A rerun skips faces already written; labels.csv is written last, from what is on disk, so a
 killed run loses nothing and a rerun ends with the same files. `--pack-only` packs an existing OUT.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import signal
+import time
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +49,7 @@ from utils import (UserError, argument_parser, pick_device, process_device, pypl
                    run_main, save_figure, write_csv, write_jpeg, write_json)
 
 FIELDS = ("dob", "photo_taken", "full_path", "gender", "face_score", "second_face_score")
+PHOTO_WAIT_ADVICE = 20  # % of the align phase spent waiting for photos above which a GPU run advises more --workers
 
 
 @dataclass
@@ -207,8 +213,9 @@ def read_face_settings(record: Path) -> dict:
 
 def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: str, workers: int,
               batch: int, quality: int, min_face_fraction: float = config.MIN_FACE_FRACTION,
-              sort_batches: int = config.SORT_BATCHES) -> tuple[dict, int]:
-    """Detect, align and write every (source, target) pair: (dropped count per reason, photos retried).
+              sort_batches: int = config.SORT_BATCHES) -> tuple[dict, int, dict[str, float]]:
+    """Detect, align and write every (source, target) pair: (dropped count per reason, photos retried, PhaseClock
+    seconds: where the time went).
 
     `workers` processes decode while MTCNN runs, but at most a batch or so ahead of it, and write
     the faces; the photos held at once (a few MB each at full size) stay bounded however many
@@ -218,6 +225,7 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
     """
     import face  # here, not at the top: the spawned decode workers import this module, and face loads torch
 
+    clock = PhaseClock()
     detector = face.FaceDetector(device=device)
     dropped: dict[str, int] = {}
     retried = 0
@@ -234,26 +242,67 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
         with tqdm(total=len(todo), desc="align", unit="photo") as bar:
             photos = zip((dst for _, dst in todo), decode_ahead(pool, [src for src, _ in todo], ahead))
             searched = with_searches(shrinker, photos, detector, min_face_fraction)
-            for chunk in size_sorted_batches(searched, batch, sort_batches, dropped):
-                chunk = [(dst, img, None if search is None else search.result()) for dst, img, search in chunk]
-                faces, again = align_batch(detector, chunk, size, fallback == "center")
+            batches = size_sorted_batches(searched, batch, sort_batches, dropped)
+            while True:
+                with clock("photos"):  # decoded by the workers, shrunk by the threads
+                    chunk = next(batches, None)
+                    if chunk is not None:
+                        chunk = [(dst, img, None if s is None else s.result()) for dst, img, s in chunk]
+                if chunk is None:
+                    break
+                with clock("detect"):
+                    faces, again = align_batch(detector, chunk, size, fallback == "center")
                 retried += again
                 if len(faces) < len(chunk):
                     dropped["no_face"] = dropped.get("no_face", 0) + len(chunk) - len(faces)
                 for dst, pixels in faces:
                     writes.append(pool.submit(write_jpeg, dst, pixels, quality))
-                while len(writes) > ahead or (writes and writes[0].done()):  # bounded; a failed write raises here
-                    writes.popleft().result()
+                with clock("writes"):  # bounded; a failed write raises here
+                    while len(writes) > ahead or (writes and writes[0].done()):
+                        writes.popleft().result()
                 unread = sum(n for reason, n in dropped.items() if reason != "no_face") - undecoded
                 bar.update(len(chunk) + unread)
                 undecoded += unread
-            while writes:
-                writes.popleft().result()
+            with clock("writes"):
+                while writes:
+                    writes.popleft().result()
             bar.update(bar.total - bar.n)  # photos that failed to decode after the last batch
     finally:
         pool.shutdown(cancel_futures=True)
         shrinker.shutdown(cancel_futures=True)
-    return dropped, retried
+    return dropped, retried, clock.total()
+
+
+class PhaseClock:
+    """Wall seconds of align_all in each phase: waiting for photos (decoded, shrunk), detecting and aligning a batch
+    (align_batch), waiting for writes; the rest (Python between them, the bar) is total less their sum."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds = dict.fromkeys(("photos", "detect", "writes"), 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - began
+
+    def total(self) -> dict[str, float]:
+        return dict(self.seconds, total=time.perf_counter() - self.start)
+
+
+def phase_report(seconds: dict[str, float], device: str, workers: int) -> str:
+    """One line of where the align phase's time went, and what to change when photos kept the device waiting."""
+    total = seconds["total"] or 1.0
+    share = {k: 100 * v / total for k, v in seconds.items() if k != "total"}
+    line = (f"align: {seconds['total']:.1f} s, waiting for photos {share['photos']:.0f}%, detecting and aligning "
+            f"{share['detect']:.0f}%, waiting for writes {share['writes']:.0f}%")
+    if device.startswith("cuda") and share["photos"] > PHOTO_WAIT_ADVICE:
+        line += (f"; the GPU waited for photos: decoding is the bottleneck, raise --workers ({workers}) if there "
+                 "are idle cores")
+    return line
 
 
 def with_searches(pool: Executor, photos: Iterable[tuple[Path, np.ndarray | str]], detector: "face.FaceDetector",
@@ -527,9 +576,12 @@ def run(args: argparse.Namespace, rank: int, world: int, device: str) -> None:
     todo = [(src, t) for src, t in share if not t.is_file()]
     if len(todo) < len(share):
         print(f"{len(share) - len(todo)} faces already written, skipped" + (f" (rank {rank})" if world > 1 else ""))
-    aligned, retried = align_all(todo, args.size, args.fallback, device, args.workers, args.batch, args.quality,
-                                 args.min_face_fraction, args.sort_batches)
-    ranks = gather(world, dict(dropped=aligned, retried=retried, photos=len(todo) - sum(aligned.values())))
+    aligned, retried, seconds = align_all(todo, args.size, args.fallback, device, args.workers, args.batch,
+                                          args.quality, args.min_face_fraction, args.sort_batches)
+    if todo:
+        print(phase_report(seconds, device, args.workers) + (f" (rank {rank})" if world > 1 else ""))
+    ranks = gather(world, dict(dropped=aligned, retried=retried, photos=len(todo) - sum(aligned.values()),
+                               seconds={k: round(v, 3) for k, v in seconds.items()}))
     if rank != 0:
         return
     for r in ranks:
@@ -546,7 +598,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: str) -> None:
         retried=sum(r["retried"] for r in ranks),
         train=sum(r["split"] == "train" for r in rows), valid=sum(r["split"] == "valid" for r in rows),
         male=sum(r["gender"] == 1 for r in rows), female=sum(r["gender"] == 0 for r in rows),
-        size=args.size, ranks=[dict(rank=i, photos=r["photos"]) for i, r in enumerate(ranks)], settings=vars(args)))
+        size=args.size, ranks=[dict(rank=i, photos=r["photos"], seconds=r["seconds"]) for i, r in enumerate(ranks)],
+        settings=vars(args)))
     write_labels(out, rows)
     if args.pack:
         pack(out)

@@ -1,5 +1,6 @@
 """pre_process.align_all decodes at most a batch or so ahead of detection (plus its size-sorting window), shrinks
 the photos for the search on other threads, and writes the same faces."""
+import re
 import threading
 import time
 import tracemalloc
@@ -12,15 +13,21 @@ import pre_process
 from utils import read_image, write_jpeg
 
 
+def grey_photos(root, n: int, side: int) -> list[tuple]:
+    """align_all's todo: n photos, photo i all of grey 6 * i (to check the pairing), and the faces' targets."""
+    todo = []
+    for i in range(n):
+        src = root / "photos" / f"{i}.jpg"
+        write_jpeg(src, np.full((side, side, 3), 6 * i, np.uint8))
+        todo.append((src, root / "faces" / f"{i}.jpg"))
+    return todo
+
+
 @pytest.mark.parametrize("workers,sort_batches,device", [(1, 1, "cpu"), (0, 1, "cpu"), (1, 3, "cpu"), (1, 1, "cuda:0")])
 def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, workers, sort_batches, device):
     n, batch, side = 40, 4, 700
     photo_bytes = side * side * 3  # one decoded photo in the parent
-    todo = []
-    for i in range(n):
-        src = tmp_path / "photos" / f"{i}.jpg"
-        write_jpeg(src, np.full((side, side, 3), 6 * i, np.uint8))  # its own grey, to check the pairing
-        todo.append((src, tmp_path / "faces" / f"{i}.jpg"))
+    todo = grey_photos(tmp_path, n, side)
     held = []  # decoded photos alive in the parent at each detection, from the bytes traced
 
     def slow_detect(detector, images, searches):
@@ -39,7 +46,8 @@ def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, worke
     monkeypatch.setattr(face, "align_central", lambda img, found, size, center: dict(face=np.ascontiguousarray(img[:size, :size])))
     tracemalloc.start()
     try:
-        dropped, retried = pre_process.align_all(todo, 32, "drop", device, workers, batch, 95, sort_batches=sort_batches)
+        dropped, retried, seconds = pre_process.align_all(todo, 32, "drop", device, workers, batch, 95,
+                                                          sort_batches=sort_batches)
     finally:
         tracemalloc.stop()
     assert dropped == {} and retried == 0 and len(held) == n // batch
@@ -49,3 +57,36 @@ def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, worke
     assert max(held) <= (sort_batches + 1) * batch + 0.5, [round(h, 1) for h in held]
     for i, (_, dst) in enumerate(todo):
         assert abs(read_image(dst).mean() - 6 * i) < 2  # every face written from its own photo, in order
+
+
+def test_the_align_clock_says_where_the_time_went(tmp_path, monkeypatch):
+    """Slow decoding shows as waiting for photos, slow detection as detecting and aligning; on a GPU the first is
+    reported with the advice to raise --workers, the second without."""
+    todo = grey_photos(tmp_path, 8, 64)
+    monkeypatch.setattr(face, "FaceDetector", lambda device: None)
+    monkeypatch.setattr(face, "prepare_crop", lambda detector, img, fraction: "a search")
+    monkeypatch.setattr(face, "align_central", lambda img, found, size, center: dict(face=img[:size, :size].copy()))
+
+    def seconds(decode_s: float, detect_s: float) -> dict:
+        def decode(path):
+            time.sleep(decode_s)
+            return read_image(path)
+
+        def detect(detector, images, searches):
+            time.sleep(detect_s)
+            return images, [False] * len(images)
+
+        monkeypatch.setattr(pre_process, "read_image_or_reason", decode)  # --workers 0 decodes in this process
+        monkeypatch.setattr(face, "detect_in_crops", detect)
+        spent = pre_process.align_all(todo, 32, "drop", "cuda:0", 0, 4, 95, sort_batches=1)[2]
+        assert sum(v for k, v in spent.items() if k != "total") <= spent["total"]
+        return spent
+
+    decoding = seconds(0.05, 0)  # 8 photos
+    assert decoding["photos"] >= 0.4 and decoding["photos"] > 5 * decoding["detect"]
+    assert int(re.search(r"waiting for photos (\d+)%", pre_process.phase_report(decoding, "cuda:0", 0))[1]) >= 50
+    assert "raise --workers (0)" in pre_process.phase_report(decoding, "cuda:0", 0)
+    assert "raise --workers" not in pre_process.phase_report(decoding, "cpu", 0)  # there the cores are MTCNN's
+    detecting = seconds(0, 0.2)  # 2 batches
+    assert detecting["detect"] >= 0.4 and detecting["detect"] > 5 * detecting["photos"]
+    assert "raise --workers" not in pre_process.phase_report(detecting, "cuda:0", 0)

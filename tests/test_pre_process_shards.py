@@ -41,8 +41,11 @@ def test_two_processes_write_what_one_writes(tmp_path):
     assert (two / "labels.csv").read_text() == (one / "labels.csv").read_text()
     s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert s2["dropped"] == s1["dropped"] and s2["kept"] == s1["kept"] and s2["retried"] == s1["retried"]
-    assert s1["ranks"] == [dict(rank=0, photos=s1["kept"])]
+    assert [(r["rank"], r["photos"]) for r in s1["ranks"]] == [(0, s1["kept"])]
     assert [r["rank"] for r in s2["ranks"]] == [0, 1] and sum(r["photos"] for r in s2["ranks"]) == s2["kept"]
+    for r in s1["ranks"] + s2["ranks"]:  # each process's align phase: where its seconds went
+        assert set(r["seconds"]) == {"photos", "detect", "writes", "total"} and r["seconds"]["detect"] > 0
+        assert sum(r["seconds"].values()) - r["seconds"]["total"] <= r["seconds"]["total"] + 0.01  # rounded to 1 ms
     assert all(r["photos"] >= s2["kept"] // 2 - 3 for r in s2["ranks"])  # each its half, give or take a drop
     sources = {r["source"] for r in labels(two)}
     assert len(sources) == s2["kept"]  # no photo twice
