@@ -62,6 +62,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import config  # noqa: E402  (the repo's modules, after the path is set)
+from pre_process import phase_report  # noqa: E402
 from synth_imdb import birth_for_age, generate, imdb_sized, matlab_datenum, write_mat  # noqa: E402
 from utils import UserError, argument_parser, read_image, run_main, write_jpeg, write_json  # noqa: E402
 
@@ -278,6 +279,9 @@ def main() -> None:
   max RSS, one process   {run['max_rss_mb']:>10.0f} MB   (rerun {rerun['max_rss_mb']:.0f} MB)
   peak RSS, process tree {run['tree_peak_rss_mb']:>10.0f} MB   (rerun {rerun['tree_peak_rss_mb']:.0f} MB; sampled every 0.2 s)
   load average before    {load:>10.2f}     on {os.cpu_count()} CPUs""")
+    for r in summary["ranks"]:  # the first run's: where each process's align phase went
+        print(f"  rank {r['rank']}: " + phase_report(r["seconds"], summary["settings"]["device"],
+                                                   summary["settings"]["workers"]))
 
 
 if __name__ == "__main__":
