@@ -12,7 +12,7 @@ ArcFace template and writes:
   OUT/labels.csv            image,source,identity,age,gender,split  (gender: 1 male, 0 female)
   OUT/summary.json          counts kept and dropped per reason, the photos this run retried with MTCNN's
                             full pyramid (--min-face-fraction), the settings used, and per process
-                            ("ranks") the photos it aligned and where its align phase's seconds went:
+                            ("ranks") the photos it aligned, its device and where its align phase's seconds went:
                             waiting for photos, detecting and aligning, waiting for writes (also printed;
                             on a GPU a long wait for photos says to raise --workers)
   OUT/age_hist.png          the age distribution after the cap
@@ -581,7 +581,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: str) -> None:
     if todo:
         print(phase_report(seconds, device, args.workers) + (f" (rank {rank})" if world > 1 else ""))
     ranks = gather(world, dict(dropped=aligned, retried=retried, photos=len(todo) - sum(aligned.values()),
-                               seconds={k: round(v, 3) for k, v in seconds.items()}))
+                               device=device, seconds={k: round(v, 3) for k, v in seconds.items()}))
     if rank != 0:
         return
     for r in ranks:
@@ -598,8 +598,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: str) -> None:
         retried=sum(r["retried"] for r in ranks),
         train=sum(r["split"] == "train" for r in rows), valid=sum(r["split"] == "valid" for r in rows),
         male=sum(r["gender"] == 1 for r in rows), female=sum(r["gender"] == 0 for r in rows),
-        size=args.size, ranks=[dict(rank=i, photos=r["photos"], seconds=r["seconds"]) for i, r in enumerate(ranks)],
-        settings=vars(args)))
+        size=args.size, settings=vars(args),
+        ranks=[dict(rank=i, photos=r["photos"], device=r["device"], seconds=r["seconds"]) for i, r in enumerate(ranks)]))
     write_labels(out, rows)
     if args.pack:
         pack(out)

@@ -280,8 +280,7 @@ def main() -> None:
   peak RSS, process tree {run['tree_peak_rss_mb']:>10.0f} MB   (rerun {rerun['tree_peak_rss_mb']:.0f} MB; sampled every 0.2 s)
   load average before    {load:>10.2f}     on {os.cpu_count()} CPUs""")
     for r in summary["ranks"]:  # the first run's: where each process's align phase went
-        print(f"  rank {r['rank']}: " + phase_report(r["seconds"], summary["settings"]["device"],
-                                                   summary["settings"]["workers"]))
+        print(f"  rank {r['rank']}: " + phase_report(r["seconds"], r["device"], summary["settings"]["workers"]))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def test_two_processes_write_what_one_writes(tmp_path):
     assert s2["dropped"] == s1["dropped"] and s2["kept"] == s1["kept"] and s2["retried"] == s1["retried"]
     assert [(r["rank"], r["photos"]) for r in s1["ranks"]] == [(0, s1["kept"])]
     assert [r["rank"] for r in s2["ranks"]] == [0, 1] and sum(r["photos"] for r in s2["ranks"]) == s2["kept"]
+    assert [r["device"] for r in s1["ranks"] + s2["ranks"]] == ["cpu"] * 3
     for r in s1["ranks"] + s2["ranks"]:  # each process's align phase: where its seconds went
         assert set(r["seconds"]) == {"photos", "detect", "writes", "total"} and r["seconds"]["detect"] > 0
         assert sum(r["seconds"].values()) - r["seconds"]["total"] <= r["seconds"]["total"] + 0.01  # rounded to 1 ms
