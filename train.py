@@ -382,6 +382,11 @@ def load_resume(path: str) -> dict:
         raise UserError(f"--resume {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from e
 
 
+def in_place(resume: Path, out: Path) -> bool:
+    """Whether a run resumed from `resume` goes on in the folder it was trained in (not into another --out)."""
+    return out.resolve() == resume.parent.resolve()
+
+
 def best_in_out(resume: Path, out: Path, best: dict) -> dict | None:
     """The best record a run resumed from `resume` goes on from, with OUT/best.pt holding its weights.
 
@@ -389,7 +394,7 @@ def best_in_out(resume: Path, out: Path, best: dict) -> dict | None:
     copied there first (the resumed epochs may never beat it, and OUT must still end with a best.pt); where it is
     not there (last.pt moved alone), None: the best is chosen again among the epochs trained from here.
     """
-    if out.resolve() == resume.parent.resolve():
+    if in_place(resume, out):
         return best
     source = resume.with_name("best.pt")
     saved = source.read_bytes() if source.is_file() else None  # read once: checked, then copied
@@ -496,7 +501,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             raise UserError(f"--resume {args.resume}: already trained {ckpt['epoch']} epochs; pass --epochs {ckpt['epoch']} "
                             "or more")
         if ckpt["epoch"] == args.epochs:  # finished, perhaps killed between its last checkpoint and its log line
-            own = out.resolve() == Path(args.resume).parent.resolve()  # another --out gets no run of log alone
+            own = in_place(Path(args.resume), out)  # another --out gets no run of a log alone
             if master and own:
                 start_logs(out, ckpt, Path(args.resume))
             if master:
