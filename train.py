@@ -501,10 +501,10 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             raise UserError(f"--resume {args.resume}: already trained {ckpt['epoch']} epochs; pass --epochs {ckpt['epoch']} "
                             "or more")
         if ckpt["epoch"] == args.epochs:  # finished, perhaps killed between its last checkpoint and its log line
-            own = in_place(Path(args.resume), out)  # another --out gets no run of a log alone
-            if master and own:
-                start_logs(out, ckpt, Path(args.resume))
             if master:
+                own = in_place(Path(args.resume), out)  # another --out gets no run of a log alone
+                if own:
+                    start_logs(out, ckpt, Path(args.resume))
                 print(f"{args.resume}: already trained {args.epochs} epochs, nothing to do (pass --epochs above that "
                       "to train on); " + (f"{out / 'metrics.jsonl'} is complete" if own else f"nothing written to {out}"))
             return ckpt["best"]
