@@ -25,8 +25,6 @@ import hashlib
 import json
 import math
 import os
-import queue
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +37,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from tqdm import tqdm
 
 import config
-from utils import ImageError, UserError, read_image, write_json
+from utils import ImageError, UserError, in_background, read_image, write_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB; the torchvision backbones were trained with these
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -377,39 +375,6 @@ class Slot:
         torch.index_select(labels, 0, torch.as_tensor(idx), out=self.labels[:n])
         params = None if seed is None else augment_params(n, torch.Generator().manual_seed(seed), out=self.params[:n])
         return self.faces[:n], self.labels[:n], params
-
-
-def in_background(items: Iterator, depth: int) -> Iterator:
-    """items, produced by a background thread up to `depth` ahead; its exceptions are raised here, in order.
-
-    Leaving early (break, an exception in the consumer) stops the thread after its current item.
-    """
-    done, stop = object(), threading.Event()
-    q: queue.Queue = queue.Queue(maxsize=depth)
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                q.put(item)
-            q.put(done)
-        except BaseException as e:  # handed to the consumer, which raises it
-            q.put(e)
-
-    thread = threading.Thread(target=produce, name="packed-loader", daemon=True)
-    thread.start()
-    try:
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # empty the queue so that a put blocked on it returns
-            with contextlib.suppress(queue.Empty):
-                q.get(timeout=0.01)
-        thread.join()
 
 
 def packed_path(data_dir: str | os.PathLike, split: str) -> Path:

@@ -47,10 +47,9 @@ import config
 # before data_gen/face (torch): inference sets torch's OpenMP spinning, read when torch loads
 from inference import (COLOURS, IMAGE_SUFFIXES, PREDICTION_KEYS, Labelled, Predictor, ensure_samples, list_images,
                        predict, prediction_fields, read_ahead, read_csv_labels, read_utkface)
-from data_gen import in_background
 from face import detect_and_align
-from utils import (REPO, ImageError, UserError, argument_parser, atomic_write_bytes, pid_alive, pyplot, read_image,
-                   run_main, save_figure, write_json)
+from utils import (REPO, ImageError, UserError, argument_parser, atomic_write_bytes, in_background, pid_alive, pyplot,
+                   read_image, run_main, save_figure, write_json)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 LANDMARK_COLOUR = (60, 220, 60)

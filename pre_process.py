@@ -39,14 +39,14 @@ from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Generator, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 import config
-from utils import (UserError, argument_parser, pick_device, process_device, pyplot, read_image, read_image_or_reason,
-                   run_main, save_figure, write_csv, write_jpeg, write_json)
+from utils import (UserError, argument_parser, in_background, pick_device, process_device, pyplot, read_image,
+                   read_image_or_reason, run_main, save_figure, write_csv, write_jpeg, write_json)
 
 FIELDS = ("dob", "photo_taken", "full_path", "gender", "face_score", "second_face_score")
 PHOTO_WAIT_ADVICE = 20  # % of the align phase spent waiting for photos above which a GPU run advises more --workers
@@ -219,7 +219,8 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
 
     `workers` processes decode while MTCNN runs, but at most a batch or so ahead of it, and write
     the faces; the photos held at once (a few MB each at full size) stay bounded however many
-    photos there are: the decode-ahead window, and `sort_batches` batches sorted by size.
+    photos there are: the decode-ahead window, and `sort_batches` batches sorted by size (on a GPU,
+    twice that: the next window is taken in while one is detected).
     Faces are looked for from min_face_fraction of each photo's short side up (0: from
     MTCNN's 20 px); a photo with none that large is retried with the full pyramid.
     """
@@ -233,15 +234,19 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
     # spawn: fork after torch threads start can deadlock; Ctrl-C is the parent's to handle
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=signal.signal,
                                initargs=(signal.SIGINT, signal.SIG_IGN)) if workers > 0 else _InlineExecutor()
-    # on a GPU, threads shrink the photos for the search as they enter the sorting window while this one feeds
-    # the device; on the CPU the cores are torch's, and shrinking in threads beside it ran 16-19% slower (2 cores)
-    shrinker = ThreadPoolExecutor(workers) if workers > 0 and device.startswith("cuda") else _InlineExecutor()
+    # on a GPU, threads shrink the photos for the search while this one feeds the device; on the CPU the cores
+    # are torch's, and shrinking in threads beside it ran 16-19% slower (2 cores)
+    threaded = workers > 0 and device.startswith("cuda")
+    shrinker = ThreadPoolExecutor(workers) if threaded else _InlineExecutor()
     writes: deque[Future] = deque()
     undecoded = 0  # photos that failed to decode, already on the progress bar
+    feed: Generator | None = None  # the thread taking decoded photos in, on a GPU
     try:
         with tqdm(total=len(todo), desc="align", unit="photo") as bar:
             photos = zip((dst for _, dst in todo), decode_ahead(pool, [src for src, _ in todo], ahead))
             searched = with_searches(shrinker, photos, detector, min_face_fraction)
+            if threaded:  # a thread takes them in, so the next window is decoded and shrunk while this one is detected
+                searched = feed = in_background(searched, batch * max(sort_batches, 1))
             batches = size_sorted_batches(searched, batch, sort_batches, dropped)
             while True:
                 with clock("photos"):  # decoded by the workers, shrunk by the threads
@@ -268,6 +273,8 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
                     writes.popleft().result()
             bar.update(bar.total - bar.n)  # photos that failed to decode after the last batch
     finally:
+        if feed is not None:  # stopped before the pools it waits on
+            feed.close()
         pool.shutdown(cancel_futures=True)
         shrinker.shutdown(cancel_futures=True)
     return dropped, retried, clock.total()

@@ -1,23 +1,27 @@
-"""Helpers shared by every script: errors, atomic writes, images, onnxruntime sessions, seeding, devices, code version.
+"""Helpers shared by every script: errors, atomic writes, images, onnxruntime sessions, seeding, devices, code version,
+background producers.
 
 Not run directly.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
 import os
+import queue
 import random
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import tomllib
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Generator, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -382,3 +386,35 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
 
+
+def in_background(items: Iterator, depth: int) -> Generator:
+    """items, produced by a background thread up to `depth` ahead; its exceptions are raised here, in order.
+
+    Leaving early (break, an exception in the consumer) stops the thread after its current item.
+    """
+    done, stop = object(), threading.Event()
+    q: queue.Queue = queue.Queue(maxsize=depth)
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # handed to the consumer, which raises it
+            q.put(e)
+
+    thread = threading.Thread(target=produce, name="packed-loader", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # empty the queue so that a put blocked on it returns
+            with contextlib.suppress(queue.Empty):
+                q.get(timeout=0.01)
+        thread.join()
