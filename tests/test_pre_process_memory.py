@@ -11,7 +11,7 @@ import pytest
 
 import face
 import pre_process
-from utils import read_image, write_jpeg
+from utils import REPO, read_image, write_jpeg
 
 
 def grey_photos(root, n: int, side: int) -> list[tuple]:
@@ -92,6 +92,22 @@ def test_on_a_gpu_the_next_window_is_decoded_while_one_is_detected(tmp_path, mon
     assert spent["photos"] < 0.35 * decoding, spent
     for i, (_, dst) in enumerate(todo):
         assert abs(read_image(dst).mean() - 6 * i) < 2
+
+
+def test_feed_speed_runs_a_tree_s_align_phase_with_the_stand_in_detector(tmp_path, monkeypatch):
+    """scripts/feed_speed.py's run of a tree (here this one): every photo of every repeat goes through, the stand-in's
+    sleeps are in the time, and the phase split comes back."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import feed_speed
+
+    rng = np.random.default_rng(0)
+    for i in range(6):  # noise: a JPEG over feed_speed's 1000 bytes, under which a file counts as a planted broken one
+        write_jpeg(tmp_path / "photos" / f"{i % 2:02d}" / f"{i}.jpg", rng.integers(0, 255, (300, 200, 3), np.uint8))
+    run = feed_speed.feed(REPO, dict(detect_s=0.02, workers=1, batch=4, repeat=2, root=str(tmp_path / "photos"),
+                                     out=str(tmp_path / "out")))
+    assert run["photos"] == 12 and run["seconds"] >= 12 * 0.02, run
+    assert run["report"].startswith("align: ") and "detecting and aligning" in run["report"]
+    assert len(list((tmp_path / "out").rglob("*.jpg"))) == 12
 
 
 def test_the_align_clock_says_where_the_time_went(tmp_path, monkeypatch):
