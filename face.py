@@ -412,6 +412,17 @@ def _pnet_out(size: int) -> int:
     return max(-(-(size - 2) // 2) - 4, 0)
 
 
+def pyramid_rects(height: int, width: int, min_face_size: int, scale_factor: float) -> list[tuple[float, int, int]]:
+    """(scale, h, w) of each level of a photo's pyramid that P-Net can run on."""
+    rects = []
+    for s in pyramid_scales(height, width, min_face_size, scale_factor):
+        # the package passes shape * scale (float) as the size; TF truncates it to int32
+        hs, ws = int(height * s), int(width * s)
+        if _pnet_out(hs) > 0 and _pnet_out(ws) > 0:
+            rects.append((float(s), hs, ws))
+    return rects
+
+
 def _area_taps(pairs: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
     """Taps of TensorFlow's ResizeArea along one axis for each (in_size, out_size) pair, computed together.
 
@@ -549,6 +560,28 @@ def _refine(boxes: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return boxes + offsets * torch.stack([w, h, w, h], dim=1)
 
 
+def normalized(pixels: torch.Tensor) -> torch.Tensor:
+    """RGB uint8 (..., 3) -> the values P-Net takes, (rgb - 127.5) / 128, float32 (..., 3)."""
+    return pixels.float().sub_(127.5).div_(128.0)  # in place: one buffer, not three
+
+
+def host_pyramid(image: np.ndarray, min_face_size: int, scale_factor: float) -> list[np.ndarray]:
+    """P-Net's pyramid of one RGB uint8 photo (H, W, 3), made on the CPU: (h, w, 3) float32 per pyramid_rects level.
+
+    detect(..., pyramids=) draws these on P-Net's canvas on the host and sends it in one copy a
+    pass: on a GPU the levels resized there cost the feeding thread ~19 dispatches each (5 or 6
+    levels an IMDB crop), and this runs beforehand, on other threads (prepare_crop). The same
+    area_resize as on the device, so on a CPU the values are the same, bit for bit.
+    """
+    rects = pyramid_rects(*image.shape[:2], min_face_size, scale_factor)
+    if not rects:
+        return []
+    h, w = image.shape[:2]
+    taps = area_taps_on([pair for _, hs, ws in rects for pair in ((h, hs), (w, ws))], torch.device("cpu"))
+    x = normalized(torch.from_numpy(image.astype(np.float32)))  # (H, W, 3); a copy, so a read-only photo will do
+    return [area_resize(x, taps_y, taps_x).permute(1, 2, 0).numpy() for taps_y, taps_x in zip(taps[::2], taps[1::2])]
+
+
 class _Batch:
     """All images of one detect() call in a single flat (sum H*W, 3) normalised buffer.
 
@@ -561,8 +594,7 @@ class _Batch:
         sizes = [h * w for h, w in self.shapes]
         self.bases = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         flat = torch.from_numpy(np.concatenate([im.reshape(-1, 3) for im in images]))  # (M, 3) uint8
-        # one host->device copy; normalise on the device: (rgb - 127.5) / 128, no transpose
-        self.flat = flat.to(device).float().sub_(127.5).div_(128.0)  # (M, 3); in place: one buffer, not three
+        self.flat = normalized(flat.to(device))  # (M, 3): one host->device copy, normalised there, no transpose
         self.base_t = torch.from_numpy(self.bases).to(device)
         self.h_t = torch.tensor([h for h, _ in self.shapes], device=device)
         self.w_t = torch.tensor([w for _, w in self.shapes], device=device)
@@ -687,21 +719,24 @@ class FaceDetector:
         return np.ascontiguousarray(image)
 
     @torch.inference_mode()
-    def detect(self, images: Sequence[np.ndarray], min_face_sizes: Sequence[int] | None = None) -> list[Faces]:
+    def detect(self, images: Sequence[np.ndarray], min_face_sizes: Sequence[int] | None = None,
+               pyramids: Sequence[list[np.ndarray]] | None = None) -> list[Faces]:
         """Faces of each RGB uint8 (H, W, 3) image (sizes may differ; (H, W) gray is accepted); one Faces per image.
 
         min_face_sizes, one per image, replaces self.min_face_size for that image's pyramid (P-Net
-        then never scans the scales of smaller faces). Results equal those of detecting each image
-        alone, up to float rounding.
+        then never scans the scales of smaller faces). pyramids, one per image: its host_pyramid
+        (for its min face size and this scale_factor), made ahead. Results equal those of
+        detecting each image alone, up to float rounding.
         """
         if len(images) == 0:
             return []
         n = len(images)
         min_faces = [self.min_face_size] * n if min_face_sizes is None else list(min_face_sizes)
-        if len(min_faces) != n:
-            raise ValueError(f"{len(min_faces)} min_face_sizes for {n} images")
+        if len(min_faces) != n or (pyramids is not None and len(pyramids) != n):
+            raise ValueError(f"{len(min_faces)} min_face_sizes and {n if pyramids is None else len(pyramids)} "
+                             f"pyramids for {n} images")
         batch = _Batch([self._as_rgb(im) for im in images], self.device)
-        boxes, img = self._stage_pnet(batch, min_faces)
+        boxes, img = self._stage_pnet(batch, min_faces, pyramids)
         if boxes.shape[0]:
             boxes, img = self._stage_rnet(batch, boxes, img)
         if boxes.shape[0] == 0:
@@ -723,16 +758,15 @@ class FaceDetector:
             at += c
         return out
 
-    def _stage_pnet(self, batch: _Batch, min_faces: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stage_pnet(self, batch: _Batch, min_faces: list[int], pyramids: Sequence[list[np.ndarray]] | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidate square boxes (N, 4) and their image index (N,) from the pyramid of every image."""
         dev = self.device
-        rects: list[tuple[int, float, int, int]] = []  # pyramid levels: (image, scale, h, w)
-        for i, ((h, w), min_face) in enumerate(zip(batch.shapes, min_faces)):
-            for s in pyramid_scales(h, w, min_face, self.scale_factor):
-                # the package passes shape * scale (float) as the size; TF truncates it to int32
-                hs, ws = int(h * s), int(w * s)
-                if _pnet_out(hs) > 0 and _pnet_out(ws) > 0:
-                    rects.append((i, float(s), hs, ws))
+        rects = [(i, s, hs, ws) for i, ((h, w), min_face) in enumerate(zip(batch.shapes, min_faces))
+                 for s, hs, ws in pyramid_rects(h, w, min_face, self.scale_factor)]  # levels: (image, scale, h, w)
+        planes = None if pyramids is None else [level for pyramid in pyramids for level in pyramid]  # one per rect
+        if planes is not None and [p.shape[:2] for p in planes] != [(hs, ws) for *_, hs, ws in rects]:
+            raise ValueError("pyramids are not host_pyramid's for these images, min face sizes and scale factor")
         empty = torch.zeros((0, 4), device=dev), torch.zeros((0,), dtype=torch.long, device=dev)
         if not rects:
             return empty
@@ -746,7 +780,7 @@ class FaceDetector:
         found = []
         for first in range(0, n_tiles, per_pass):
             canvas, valid, owner = self._pass_input(batch, rects, where, first, min(per_pass, n_tiles - first),
-                                                    tile_h, tile_w)
+                                                    tile_h, tile_w, planes)
             reg, prob = self.pnet(canvas, valid)  # (n, 4, out_h, out_w), (n, out_h, out_w)
             # cells outside every level are garbage (maybe NaN): the owner mask drops them
             ct, cy, cx = ((owner >= 0) & (prob > self.thresholds[0])).nonzero(as_tuple=True)
@@ -768,12 +802,14 @@ class FaceDetector:
         return _square(boxes[keep]), img[keep]
 
     def _pass_input(self, batch: _Batch, rects: list[tuple[int, float, int, int]], where: list[tuple[int, int, int]],
-                    first: int, n: int, tile_h: int, tile_w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    first: int, n: int, tile_h: int, tile_w: int, planes: list[np.ndarray] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """P-Net's input for tiles first .. first + n - 1: canvas (n, 3, H, W), valid (n, 1, H-2, W-2), owner.
 
         owner (n, out_h, out_w) holds the pyramid level of each output cell (-1: none). The two masks
         are drawn on the host, where a rectangle is free, and sent in one copy each; on a GPU, drawing
-        them on the device cost two launches and eight more ops per level.
+        them on the device cost two launches and eight more ops per level. planes: each level made
+        ahead (host_pyramid), drawn on the host too; None: resized here, from the batch's images.
         """
         valid = np.zeros((n, 1, tile_h - 2, tile_w - 2), dtype=bool)
         owner = np.full((n, _pnet_out(tile_h), _pnet_out(tile_w)), -1, dtype=np.int64)
@@ -784,13 +820,26 @@ class FaceDetector:
             valid[t, 0, y:y + hs - 2, x:x + ws - 2] = True
             owner[t, y // 2:y // 2 + _pnet_out(hs), x // 2:x // 2 + _pnet_out(ws)] = r
             pairs += [(batch.shapes[i][0], hs), (batch.shapes[i][1], ws)]
+        if planes is None:
+            canvas = self._resized_canvas(batch, rects, levels, pairs, n, tile_h, tile_w)
+        else:
+            drawn = np.zeros((n, tile_h, tile_w, 3), np.float32)  # NHWC: the canvas channels_last
+            for r, t, y, x in levels:
+                drawn[t, y:y + rects[r][2], x:x + rects[r][3]] = planes[r]
+            canvas = torch.from_numpy(drawn).permute(0, 3, 1, 2).to(self.device).contiguous(memory_format=self.memory_format)
+        return canvas, torch.from_numpy(valid).to(self.device), torch.from_numpy(owner).to(self.device)
+
+    def _resized_canvas(self, batch: _Batch, rects: list[tuple[int, float, int, int]],
+                        levels: list[tuple[int, int, int, int]], pairs: list[tuple[int, int]], n: int, tile_h: int,
+                        tile_w: int) -> torch.Tensor:
+        """P-Net's canvas (n, 3, H, W) on the device, each level (rect, tile, y, x) area-resized there from its image."""
         taps = area_taps_on(pairs, self.device)
         canvas = torch.empty((n, 3, tile_h, tile_w), device=self.device, memory_format=self.memory_format).zero_()
         images = {i: batch.image(i) for i in {rects[r][0] for r, *_ in levels}}  # a view per photo, not per level
         for (r, t, y, x), taps_y, taps_x in zip(levels, taps[::2], taps[1::2]):
             i, _, hs, ws = rects[r]
             canvas[t, :, y:y + hs, x:x + ws] = area_resize(images[i], taps_y, taps_x)
-        return canvas, torch.from_numpy(valid).to(self.device), torch.from_numpy(owner).to(self.device)
+        return canvas
 
     def _per_pass(self, pixels: int, most: int, on_cpu: int) -> int:
         """Items of `pixels` pixels one net pass takes: up to `most` pixels, on a CPU up to the fewer `on_cpu`
@@ -964,18 +1013,23 @@ class CropSearch:
     image: np.ndarray  # the photo area-shrunk so that its smallest face sought is about _ONET_SIDE px (or itself)
     k: np.ndarray  # (kx, ky): photo pixels per searched pixel
     min_face: int  # the smallest face sought, in the searched image's pixels
+    pyramid: list[np.ndarray]  # host_pyramid of image from min_face: P-Net's levels, made ahead
 
 
 def prepare_crop(detector: FaceDetector, image: np.ndarray, fraction: float) -> CropSearch:
-    """The photo shrunk (_shrunk) for faces of crop_min_face px and up: detect_in_crops' host work before detection.
+    """The photo shrunk (_shrunk) for faces of crop_min_face px and up, and its pyramid: detect_in_crops' host work
+    before detection.
 
-    A function of its own so that a caller can run it in threads ahead of detection (cv2 releases the
-    GIL): an IMDB-sized photo takes ~1.6 ms of a core, time a GPU's feeding thread cannot spare.
+    A function of its own so that a caller can run it in threads ahead of detection (cv2 and torch
+    release the GIL): an IMDB-sized photo takes ~1.6 ms of a core, time a GPU's feeding thread
+    cannot spare.
     """
+    image = FaceDetector._as_rgb(image)  # as detect() takes it: a grey photo's pyramid has 3 channels too
     min_face = crop_min_face(detector, image.shape, fraction)
     small, k = _shrunk(image, min_face)
     # the min face in the shrunk photo: _ONET_SIDE, or the photo's own where it was not shrunk
-    return CropSearch(small, k, int(min_face / k.min()))
+    small_face = int(min_face / k.min())
+    return CropSearch(small, k, small_face, host_pyramid(small, small_face, detector.scale_factor))
 
 
 def detect_in_crops(detector: FaceDetector, images: list[np.ndarray], searches: list[CropSearch]
@@ -989,7 +1043,7 @@ def detect_in_crops(detector: FaceDetector, images: list[np.ndarray], searches: 
     """
     if not images:
         return [], []
-    found = detector.detect([s.image for s in searches], [s.min_face for s in searches])
+    found = detector.detect([s.image for s in searches], [s.min_face for s in searches], [s.pyramid for s in searches])
     found = [_unshrunk(f, s.k) for f, s in zip(found, searches)]
     retried = [len(faces) == 0 for faces in found]
     retry = [i for i, again in enumerate(retried) if again]

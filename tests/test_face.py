@@ -530,6 +530,38 @@ def test_crops_are_searched_shrunk_and_find_the_full_pyramids_face(detector, por
         assert np.abs(b.boxes[j] - a.boxes[i]).max() < 0.1 * side
 
 
+def test_crops_pyramids_made_ahead_give_the_same_faces_for_few_ops(detector, portraits):
+    """prepare_crop makes each crop's P-Net pyramid on the host (host_pyramid), so detect_in_crops only draws it on
+    the canvas: on the CPU the same faces, bit for bit, as resizing the levels in detect(); and per photo at most 10
+    ops (on a GPU each one host work, most a launch; measured: none), where resizing them took 82 here."""
+    from synth_imdb import imdb_sized
+
+    rng = np.random.default_rng(0)
+    crops = [imdb_sized(rng, portraits[i % 3]) for i in range(16)]
+    searches = [face.prepare_crop(detector, c, 0.25) for c in crops]
+    assert all(len(s.pyramid) >= 4 for s in searches)  # an IMDB crop searched from a quarter of it: 5-6 levels
+    resized = detector.detect([s.image for s in searches], [s.min_face for s in searches])
+    drawn = detector.detect([s.image for s in searches], [s.min_face for s in searches], [s.pyramid for s in searches])
+    assert sum(map(len, resized)) >= 12
+    for a, b in zip(resized, drawn):
+        assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.landmarks, b.landmarks)
+        assert np.array_equal(a.scores, b.scores)
+
+    def per_photo(pyramids: bool) -> float:  # detect_in_crops' first pass (a photo with no face is retried in full)
+        def ops(n: int) -> int:
+            with OpCount() as count:
+                detector.detect([s.image for s in searches[:n]], [s.min_face for s in searches[:n]],
+                                [s.pyramid for s in searches[:n]] if pyramids else None)
+            return count.count
+
+        return (ops(16) - ops(8)) / 8
+
+    resizing, drawing = per_photo(False), per_photo(True)
+    assert drawing <= 10 and resizing >= 40, (drawing, resizing)
+    with pytest.raises(ValueError, match="pyramids"):  # made for other min face sizes
+        detector.detect([s.image for s in searches[:2]], [20, 20], [s.pyramid for s in searches[:2]])
+
+
 def test_a_face_below_the_derived_minimum_is_found_by_the_retry(detector, images, alone):
     """The astronaut's ~100 px face in its 512 px photo: at 0.5 of the short side (256 px) the first pass finds
     nothing, and the retry with the full pyramid finds the plain detect()'s face."""
