@@ -21,7 +21,7 @@ JPEG_QUALITY = 95  # aligned faces are stored as JPEG at this quality
 WORKERS = 2  # decoding / writing processes (these machines have 2 cores; raise on a big box)
 WORKERS_CUDA = 8  # pre_process.py's on a GPU, at most: the H200 figures ran with 8 on 16 cores; within each local process's share of the cores, less the one feeding the GPU, but never below WORKERS
 DETECT_BATCH = 16  # photos per batched MTCNN call (pre_process.py on the CPU; demo.py and serve.py: per batch of photos)
-DETECT_BATCH_CUDA = 64  # pre_process.py's on a GPU, where each op is a launch or a dispatch: a call runs ~660 ops of its own besides ~87 per photo (counted on the CPU)
+DETECT_BATCH_CUDA = 64  # pre_process.py's on a GPU, where each op is a launch or a dispatch: a call runs ~2,080 ops of its own besides ~28 per photo (counted on the CPU)
 MIN_FACE_FRACTION = 0.25  # pre_process.py looks for faces from this share of a crop's short side up (the labelled one spans ~0.56); none found: retried from 20 px
 SORT_BATCHES = 4  # pre_process.py sorts decoded photos by size this many --batch's at a time (similar sizes share P-Net's tiles)
 

@@ -571,7 +571,7 @@ def host_pyramid(image: np.ndarray, min_face_size: int, scale_factor: float) -> 
     detect(..., pyramids=) draws these on P-Net's canvas on the host and sends it in one copy a
     pass: on a GPU the levels resized there cost the feeding thread ~19 dispatches each (5 or 6
     levels an IMDB crop), and this runs beforehand, on other threads (prepare_crop). The same
-    area_resize as on the device, so on a CPU the values are the same, bit for bit.
+    area_resize as detect()'s, so on a CPU the values are the same, bit for bit.
     """
     rects = pyramid_rects(*image.shape[:2], min_face_size, scale_factor)
     if not rects:
@@ -1013,23 +1013,25 @@ class CropSearch:
     image: np.ndarray  # the photo area-shrunk so that its smallest face sought is about _ONET_SIDE px (or itself)
     k: np.ndarray  # (kx, ky): photo pixels per searched pixel
     min_face: int  # the smallest face sought, in the searched image's pixels
-    pyramid: list[np.ndarray]  # host_pyramid of image from min_face: P-Net's levels, made ahead
+    pyramid: list[np.ndarray] | None  # for a GPU, host_pyramid of image from min_face: P-Net's levels, made ahead
 
 
 def prepare_crop(detector: FaceDetector, image: np.ndarray, fraction: float) -> CropSearch:
-    """The photo shrunk (_shrunk) for faces of crop_min_face px and up, and its pyramid: detect_in_crops' host work
-    before detection.
+    """The photo shrunk (_shrunk) for faces of crop_min_face px and up, and for a GPU its pyramid: detect_in_crops'
+    host work before detection.
 
     A function of its own so that a caller can run it in threads ahead of detection (cv2 and torch
-    release the GIL): an IMDB-sized photo takes ~1.6 ms of a core, time a GPU's feeding thread
-    cannot spare.
+    release the GIL): an IMDB-sized photo takes ~2 ms of a core, time a GPU's feeding thread cannot
+    spare. On a CPU, detect() resizes the levels itself: the same work, but a pass's levels
+    together, which took 6.9 ms a photo against 7.9 made here (2 cores, batches of 16, 2026-12-07).
     """
     image = FaceDetector._as_rgb(image)  # as detect() takes it: a grey photo's pyramid has 3 channels too
     min_face = crop_min_face(detector, image.shape, fraction)
     small, k = _shrunk(image, min_face)
     # the min face in the shrunk photo: _ONET_SIDE, or the photo's own where it was not shrunk
     small_face = int(min_face / k.min())
-    return CropSearch(small, k, small_face, host_pyramid(small, small_face, detector.scale_factor))
+    ahead = detector.device.type != "cpu"
+    return CropSearch(small, k, small_face, host_pyramid(small, small_face, detector.scale_factor) if ahead else None)
 
 
 def detect_in_crops(detector: FaceDetector, images: list[np.ndarray], searches: list[CropSearch]
@@ -1043,7 +1045,8 @@ def detect_in_crops(detector: FaceDetector, images: list[np.ndarray], searches: 
     """
     if not images:
         return [], []
-    found = detector.detect([s.image for s in searches], [s.min_face for s in searches], [s.pyramid for s in searches])
+    pyramids = None if any(s.pyramid is None for s in searches) else [s.pyramid for s in searches]
+    found = detector.detect([s.image for s in searches], [s.min_face for s in searches], pyramids)
     found = [_unshrunk(f, s.k) for f, s in zip(found, searches)]
     retried = [len(faces) == 0 for faces in found]
     retry = [i for i, again in enumerate(retried) if again]

@@ -107,3 +107,29 @@ def test_an_epoch_syncs_only_when_it_logs(tmp_path, graphed):
     assert 0 < few == many, (few, many)
     steps, every = syncs(96, 1)
     assert every > many and (every - many) % (steps - 1) == 0, (every, many)
+
+
+def test_imdb_crops_on_the_gpu_find_the_cpu_s_faces(samples):
+    """pre_process.py on a GPU: prepare_crop makes each crop's P-Net pyramid on the host, detect_in_crops draws it on
+    the canvas and sends that in one copy; the central faces are the CPU's (which resizes the levels in detect()), to
+    a pixel."""
+    import numpy as np
+
+    import face
+    from synth_imdb import imdb_sized
+    from utils import read_image
+
+    rng = np.random.default_rng(0)
+    portraits = [read_image(samples / n) for n in ("astronaut.jpg", "camera.jpg", "grace_hopper.jpg")]
+    crops = [imdb_sized(rng, portraits[i % 3]) for i in range(12)]
+    found = {}
+    for device in ("cpu", "cuda"):
+        detector = face.FaceDetector(device=device)
+        searches = [face.prepare_crop(detector, c, 0.25) for c in crops]
+        assert all((s.pyramid is None) == (device == "cpu") for s in searches)
+        found[device] = face.detect_in_crops(detector, crops, searches)[0]
+    for crop, cpu, gpu in zip(crops, found["cpu"], found["cuda"]):
+        i, j = face.central_face(cpu, crop.shape), face.central_face(gpu, crop.shape)
+        assert (i is None) == (j is None)
+        if i is not None:
+            assert np.abs(cpu.landmarks[i] - gpu.landmarks[j]).max() < 1.0

@@ -530,15 +530,19 @@ def test_crops_are_searched_shrunk_and_find_the_full_pyramids_face(detector, por
         assert np.abs(b.boxes[j] - a.boxes[i]).max() < 0.1 * side
 
 
-def test_crops_pyramids_made_ahead_give_the_same_faces_for_few_ops(detector, portraits):
-    """prepare_crop makes each crop's P-Net pyramid on the host (host_pyramid), so detect_in_crops only draws it on
-    the canvas: on the CPU the same faces, bit for bit, as resizing the levels in detect(); and per photo at most 10
-    ops (on a GPU each one host work, most a launch; measured: none), where resizing them took 82 here."""
+def test_crops_pyramids_made_ahead_give_the_same_faces_for_few_ops(detector, portraits, monkeypatch):
+    """For a GPU, prepare_crop makes each crop's P-Net pyramid on the host (host_pyramid), so detect_in_crops only
+    draws it on the canvas: the same faces, bit for bit on the CPU, as resizing the levels in detect(); and per photo
+    at most 10 ops (on a GPU each one host work, most a launch; measured: none), where resizing them took 82 here.
+    For a CPU it makes none: there detect() resizes them faster."""
     from synth_imdb import imdb_sized
 
     rng = np.random.default_rng(0)
     crops = [imdb_sized(rng, portraits[i % 3]) for i in range(16)]
+    assert face.prepare_crop(detector, crops[0], 0.25).pyramid is None
+    monkeypatch.setattr(detector, "device", torch.device("cuda"))  # the nets stay put: prepare_crop runs none
     searches = [face.prepare_crop(detector, c, 0.25) for c in crops]
+    monkeypatch.undo()
     assert all(len(s.pyramid) >= 4 for s in searches)  # an IMDB crop searched from a quarter of it: 5-6 levels
     resized = detector.detect([s.image for s in searches], [s.min_face for s in searches])
     drawn = detector.detect([s.image for s in searches], [s.min_face for s in searches], [s.pyramid for s in searches])
