@@ -33,6 +33,7 @@ import face, pre_process
 
 s = json.loads(sys.argv[1])
 detector = face.FaceDetector(device="cpu")  # prepare_crop reads its settings
+detector.device = face.torch.device("cuda")  # so it does a GPU run's host work (a pyramid); its nets never run
 
 
 def detect_in_crops(detector, images, searches):  # as a GPU: the cores are left to the feeding
