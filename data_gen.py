@@ -49,7 +49,8 @@ MAX_ROTATE_DEG = 10.0
 MAX_SCALE = 0.10  # zoom factor in [0.9, 1.1]
 MAX_SHIFT = 0.05  # translation, as a fraction of the side
 JITTER = 0.2  # brightness, contrast and saturation factors in [0.8, 1.2]
-AUGMENT_PARAMS = 8  # random numbers per face: flip, angle, zoom, shift x and y, brightness, contrast, saturation
+AUGMENT_DRAWS = 8  # random numbers per face: flip, angle, zoom, shift x and y, brightness, contrast, saturation
+AUGMENT_PARAMS = 9  # what augment() takes per face, derived from those: the affine map (2 x 3), the 3 jitter factors
 
 
 # --- the input transform ---------------------------------------------------------------------
@@ -95,29 +96,32 @@ def normalize_affine(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def augment_params(n: int, generator: torch.Generator | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(n, AUGMENT_PARAMS) uniform in [-1, 1), drawn on the CPU from `generator` (into `out` if given): what augment()
-    turns into each face's flip, rotation, zoom, shift and jitter, so a seeded generator augments alike on any device."""
-    return torch.rand(n, AUGMENT_PARAMS, generator=generator, out=out).mul_(2).sub_(1)
-
-
-def augment(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Random flip, rotation, zoom, shift and colour jitter per face of a batch of pixel values (N, 3, S, S) in
-    [0, 255], on x's device; the result is in [0, 255] too, and NCHW, as grid_sample writes it.
-
-    u: (N, AUGMENT_PARAMS) from augment_params, on x's device. The packed loader copies it there
-    from a pinned buffer: a copy from pageable memory would wait for everything queued on its stream.
-    """
-    flip = torch.where(u[:, 0] < 0, -1.0, 1.0)  # (N,)
+    """(n, AUGMENT_PARAMS) per face: its affine map (flip, rotation, zoom, shift; flattened 2 x 3) and its brightness,
+    contrast and saturation factors, from AUGMENT_DRAWS uniform numbers drawn on the CPU from `generator` (into `out`
+    if given), so a seeded generator augments alike on any device. Made on the host: there a face's few numbers cost
+    nothing, where on a GPU each of these ~20 ops was a launch per batch from the loader's thread."""
+    u = torch.rand(n, AUGMENT_DRAWS, generator=generator).mul_(2).sub_(1)  # (n, 8) in [-1, 1)
+    flip = torch.where(u[:, 0] < 0, -1.0, 1.0)  # (n,)
     angle = u[:, 1] * math.radians(MAX_ROTATE_DEG)
     scale = 1 + u[:, 2] * MAX_SCALE
     cos, sin = angle.cos() / scale, angle.sin() / scale
     shift = u[:, 3:5] * 2 * MAX_SHIFT  # affine_grid's coordinates span 2 per side
     # theta maps output to input coordinates: rotation/zoom times a horizontal flip, plus the shift
-    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], dim=1),
-                         torch.stack([sin * flip, cos, shift[:, 1]], dim=1)], dim=1)  # (N, 2, 3)
+    theta = torch.stack([cos * flip, -sin, shift[:, 0], sin * flip, cos, shift[:, 1]], dim=1)  # (n, 6)
+    return torch.cat([theta, 1 + JITTER * u[:, 5:8]], dim=1, out=out)  # (n, 9)
+
+
+def augment(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Random flip, rotation, zoom, shift and colour jitter per face of a batch of pixel values (N, 3, S, S) in
+    [0, 255], on x's device; the result is in [0, 255] too, and NCHW, as grid_sample writes it.
+
+    params: (N, AUGMENT_PARAMS) from augment_params, on x's device. The packed loader copies it there
+    from a pinned buffer: a copy from pageable memory would wait for everything queued on its stream.
+    """
+    theta = params[:, :6].view(-1, 2, 3)  # (N, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (N, S, S, 2)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)  # (N, 3, S, S)
-    brightness, contrast, saturation = (1 + JITTER * u[:, 5:8]).T[..., None, None, None]  # 3 x (N, 1, 1, 1)
+    brightness, contrast, saturation = params[:, 6:].T[..., None, None, None]  # 3 x (N, 1, 1, 1)
     # each line one pass over the batch or two, where the plain formulas took twice as many: on a GPU these passes
     # are the loader's share of the card's memory traffic, which the training step shares; NCHW, as grid_sample
     # writes it: on a CPU these per-image and per-channel broadcasts ran up to 6x slower over channels_last

@@ -169,15 +169,31 @@ def test_prefetching_stops_when_the_consumer_does(data, monkeypatch):
 
 def test_augment_keeps_shapes_and_ranges():
     x = torch.rand(16, 3, 32, 32) * 255  # pixel values
-    u = augment_params(16, torch.Generator().manual_seed(0))
-    assert u.shape == (16, 8) and u.min() >= -1 and u.max() < 1
-    y = augment(x, u)
+    p = augment_params(16, torch.Generator().manual_seed(0))
+    assert p.shape == (16, 9)
+    linear = p[:, [0, 1, 3, 4]].view(16, 2, 2)  # rotation and zoom, times a flip
+    zoom = 1 / linear[:, 1].norm(dim=1)  # the second row is (sin, cos) / zoom
+    assert zoom.min() >= 0.9 and zoom.max() <= 1.1 and (linear.det() < 0).any() and (linear.det() > 0).any()
+    assert p[:, [2, 5]].abs().max() <= 0.1 and p[:, 6:].min() >= 0.8 and p[:, 6:].max() <= 1.2
+    y = augment(x, p)
     assert y.shape == x.shape and y.dtype == torch.float32
     assert y.min() >= 0 and y.max() <= 255
     assert not torch.allclose(y, x, atol=0.05 * 255)  # it does something
     assert abs(y.mean() - x.mean()) < 0.1 * 255  # but mildly
-    assert torch.equal(u, augment_params(16, torch.Generator().manual_seed(0)))  # seeded
-    assert torch.equal(augment(x.to(memory_format=torch.channels_last), u), y)
+    assert torch.equal(p, augment_params(16, torch.Generator().manual_seed(0)))  # seeded
+    assert torch.equal(augment(x.to(memory_format=torch.channels_last), p), y)
+
+
+def test_augmenting_a_batch_launches_few_ops():
+    """The augmentation's parameters (affine maps, jitter factors) are made on the host with the random numbers, so
+    the loader's thread runs at most 50 ops per batch on the device (on a GPU each one host work, most a launch),
+    where deriving them there took 63."""
+    faces = loader_faces(8)
+    params = augment_params(8, torch.Generator().manual_seed(0))
+    data_gen.network_input(faces, params)  # the cached constants made
+    with OpCount() as count:
+        data_gen.network_input(faces, params)
+    assert count.count <= 50
 
 
 class TensorBytes(OpCount):
