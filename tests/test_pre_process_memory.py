@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 
 import face
 import pre_process
@@ -39,21 +40,30 @@ def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, worke
     monkeypatch.setattr(face, "FaceDetector", lambda device: None)
     monkeypatch.setattr(face, "detect_in_crops", slow_detect)
     shrunk_on = set()  # the threads the photos were shrunk on: off the detecting thread on a GPU with workers
+    torch_threads = set()  # and the torch threads each had for its ops (the pyramid's)
+
     def prepare_crop(detector, img, fraction):
         shrunk_on.add(threading.current_thread())
+        torch_threads.add(torch.get_num_threads())
         return "a search"  # a stand-in: None would mean the full pyramid
 
     monkeypatch.setattr(face, "prepare_crop", prepare_crop)
     monkeypatch.setattr(face, "align_central", lambda img, found, size, center: dict(face=np.ascontiguousarray(img[:size, :size])))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # threads started from here on get 2 too, unless set otherwise
     tracemalloc.start()
     try:
         dropped, retried, seconds = pre_process.align_all(todo, 32, "drop", device, workers, batch, 95,
                                                           sort_batches=sort_batches)
+        assert torch.get_num_threads() == 2  # as it was: set back
     finally:
         tracemalloc.stop()
+        torch.set_num_threads(before)
     assert dropped == {} and retried == 0 and len(held) == n // batch
     assert seconds["detect"] >= 0.1 * n // batch  # the clock puts slow_detect's sleeps where they were
     assert (threading.main_thread() not in shrunk_on) == (workers > 0 and device.startswith("cuda")) and shrunk_on
+    # on a GPU, one each: else each thread's torch ops start an OpenMP team as large as the machine
+    assert torch_threads == ({1} if workers > 0 and device.startswith("cuda") else {2})
     # the sorting window's batches and the next one decoded ahead of them (+ half a photo of bookkeeping); on a
     # GPU, also the next window and the photo the thread taking them in holds; the unbounded imap over every photo
     # held 32 of the 40 here
