@@ -326,7 +326,9 @@ class PackedLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         cuda = self.device.type == "cuda"
-        batches = self.prepared() if self.prefetch == 0 else in_background(self.prepared(), self.prefetch)
+        batches = self.prepared()
+        if self.prefetch > 0:
+            batches = in_background(batches, self.prefetch, "packed-loader")
         for x, age, gender, ready in batches:
             if cuda:  # made on the side stream: wait for it, and tell the allocator it is used on this one
                 stream = torch.cuda.current_stream(self.device)

@@ -267,7 +267,7 @@ def process_video(source: Path | int, predictor: Predictor, outputs: Outputs, sh
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / VIDEO_TMP.format(stem=out.stem, pid=os.getpid())  # no half video under the real name
     writer, frames, renamed = None, [], False
-    decoding = in_background(read_frames(cap, max_frames), depth=predictor.photo_batch)
+    decoding = in_background(read_frames(cap, max_frames), predictor.photo_batch, "video-frames")
     analysed = predictor.analyse_stream(decoding, photo_batch=1 if webcam else 0)
     try:
         try:

@@ -815,25 +815,26 @@ class FaceDetector:
         valid = np.zeros((n, 1, tile_h - 2, tile_w - 2), dtype=bool)
         owner = np.full((n, _pnet_out(tile_h), _pnet_out(tile_w)), -1, dtype=np.int64)
         levels = [(r, t - first, y, x) for r, (t, y, x) in enumerate(where) if first <= t < first + n]
-        pairs = []  # (in, out) sizes of each level's rows, then of its columns
         for r, t, y, x in levels:
-            i, _, hs, ws = rects[r]
+            _, _, hs, ws = rects[r]
             valid[t, 0, y:y + hs - 2, x:x + ws - 2] = True
             owner[t, y // 2:y // 2 + _pnet_out(hs), x // 2:x // 2 + _pnet_out(ws)] = r
-            pairs += [(batch.shapes[i][0], hs), (batch.shapes[i][1], ws)]
         if planes is None:
-            canvas = self._resized_canvas(batch, rects, levels, pairs, n, tile_h, tile_w)
+            canvas = self._resized_canvas(batch, rects, levels, n, tile_h, tile_w)
         else:
             drawn = np.zeros((n, tile_h, tile_w, 3), np.float32)  # NHWC: the canvas channels_last
             for r, t, y, x in levels:
                 drawn[t, y:y + rects[r][2], x:x + rects[r][3]] = planes[r]
-            canvas = torch.from_numpy(drawn).permute(0, 3, 1, 2).to(self.device).contiguous(memory_format=self.memory_format)
+            canvas = torch.from_numpy(drawn).permute(0, 3, 1, 2).to(self.device)
+            canvas = canvas.contiguous(memory_format=self.memory_format)
         return canvas, torch.from_numpy(valid).to(self.device), torch.from_numpy(owner).to(self.device)
 
     def _resized_canvas(self, batch: _Batch, rects: list[tuple[int, float, int, int]],
-                        levels: list[tuple[int, int, int, int]], pairs: list[tuple[int, int]], n: int, tile_h: int,
-                        tile_w: int) -> torch.Tensor:
+                        levels: list[tuple[int, int, int, int]], n: int, tile_h: int, tile_w: int) -> torch.Tensor:
         """P-Net's canvas (n, 3, H, W) on the device, each level (rect, tile, y, x) area-resized there from its image."""
+        # (in, out) sizes of each level's rows, then of its columns
+        pairs = [pair for r, *_ in levels for pair in ((batch.shapes[rects[r][0]][0], rects[r][2]),
+                                                      (batch.shapes[rects[r][0]][1], rects[r][3]))]
         taps = area_taps_on(pairs, self.device)
         canvas = torch.empty((n, 3, tile_h, tile_w), device=self.device, memory_format=self.memory_format).zero_()
         images = {i: batch.image(i) for i in {rects[r][0] for r, *_ in levels}}  # a view per photo, not per level

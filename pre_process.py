@@ -224,7 +224,8 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
     Faces are looked for from min_face_fraction of each photo's short side up (0: from
     MTCNN's 20 px); a photo with none that large is retried with the full pyramid.
     """
-    import face  # here, not at the top: the spawned decode workers import this module, and face loads torch
+    # here, not at the top: the spawned decode workers import this module, and need neither
+    import face
     import torch
 
     clock = PhaseClock()
@@ -251,7 +252,7 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
             photos = zip((dst for _, dst in todo), decode_ahead(pool, [src for src, _ in todo], ahead))
             searched = with_searches(shrinker, photos, detector, min_face_fraction)
             if threaded:  # a thread takes them in, so the next window is decoded and shrunk while this one is detected
-                searched = feed = in_background(searched, batch * max(sort_batches, 1))
+                searched = feed = in_background(searched, batch * max(sort_batches, 1), "photo-feed")
             batches = size_sorted_batches(searched, batch, sort_batches, dropped)
             while True:
                 with clock("photos"):  # decoded by the workers, shrunk by the threads

@@ -387,8 +387,9 @@ def git_commit() -> str | None:
         return None
 
 
-def in_background(items: Iterator, depth: int) -> Generator:
-    """items, produced by a background thread up to `depth` ahead; its exceptions are raised here, in order.
+def in_background(items: Iterator, depth: int, name: str) -> Generator:
+    """items, produced by a background thread (named `name`) up to `depth` ahead; its exceptions are raised here, in
+    order.
 
     Leaving early (break, an exception in the consumer) stops the thread after its current item.
     """
@@ -405,7 +406,7 @@ def in_background(items: Iterator, depth: int) -> Generator:
         except BaseException as e:  # handed to the consumer, which raises it
             q.put(e)
 
-    thread = threading.Thread(target=produce, name="packed-loader", daemon=True)
+    thread = threading.Thread(target=produce, name=name, daemon=True)
     thread.start()
     try:
         while (item := q.get()) is not done:
