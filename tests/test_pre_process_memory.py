@@ -104,6 +104,31 @@ def test_on_a_gpu_the_next_window_is_decoded_while_one_is_detected(tmp_path, mon
         assert abs(read_image(dst).mean() - 6 * i) < 2
 
 
+def test_a_failed_detection_on_a_gpu_stops_the_thread_taking_photos_in(tmp_path, monkeypatch):
+    """The error reaches the caller, and neither the thread taking the photos in nor its pools outlive align_all."""
+    todo = grey_photos(tmp_path, 24, 64)
+    monkeypatch.setattr(face, "FaceDetector", lambda device: None)
+    monkeypatch.setattr(face, "prepare_crop", lambda detector, img, fraction: "a search")
+    calls = []
+
+    def detect(detector, images, searches):
+        calls.append(len(images))
+        if len(calls) == 2:
+            time.sleep(0.3)  # the thread fills its queue meanwhile, and waits for room
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return images, [False] * len(images)
+
+    monkeypatch.setattr(face, "detect_in_crops", detect)
+    monkeypatch.setattr(face, "align_central", lambda img, found, size, center: dict(face=img[:size, :size].copy()))
+    before = set(threading.enumerate())
+    try:
+        pre_process.align_all(todo, 32, "drop", "cuda:0", 2, 4, 95, sort_batches=1)
+    except RuntimeError as e:
+        caught = e  # held, as a caller's handler would: its traceback keeps align_all's generators alive
+    assert "illegal memory access" in str(caught) and calls == [4, 4]; print("T", threading.enumerate(), caught.__traceback__)
+    assert not [t.name for t in set(threading.enumerate()) - before if t.name != "tqdm_monitor"]  # tqdm's own
+
+
 def test_feed_speed_runs_a_tree_s_align_phase_with_the_stand_in_detector(tmp_path, monkeypatch):
     """scripts/feed_speed.py's run of a tree (here this one): every photo of every repeat goes through, the stand-in's
     sleeps are in the time, and the phase split comes back."""
