@@ -83,7 +83,7 @@ from data_gen import (LABEL_COLUMNS, Labels, PackedLoader, augment_params, load_
 from face import FaceDetector, prepare_crop
 from inference import Predictor, ensure_samples
 from models import ARCHS, build_model
-from pre_process import align_batch, detect_batch
+from pre_process import align_batch, align_full, detect_batch
 from synth_imdb import generate, imdb_sized
 from utils import (REPO, CtrlCBetweenSteps, UserError, argument_parser, git_commit, pick_device, read_image, read_jsonl,
                    run_main, seed_everything, write_csv, write_json)
@@ -691,10 +691,15 @@ def bench_loop(args: argparse.Namespace, data: Path, tmp: Path, device: torch.de
 # --- pre-processing ------------------------------------------------------------------------------
 
 def align_photos(detector: FaceDetector, photos: list[np.ndarray], batch: int, size: int) -> int:
-    """pre_process.align_all's work (pre_process.align_batch) on decoded photos, batch photos a call: faces aligned."""
+    """pre_process.align_all's work (pre_process.align_batch, then align_full on the photos it missed) on decoded
+    photos, batch photos a call: faces aligned."""
     fraction = config.MIN_FACE_FRACTION
-    return sum(len(align_batch(detector, [(None, p, prepare_crop(detector, p, fraction)) for p in photos[start:start + batch]],
-                               size, False)[0]) for start in range(0, len(photos), batch))
+    aligned, missed = 0, []
+    for start in range(0, len(photos), batch):
+        faces, missing = align_batch(detector, [(None, p, prepare_crop(detector, p, fraction))
+                                                for p in photos[start:start + batch]], size, False)
+        aligned, missed = aligned + len(faces), missed + missing
+    return aligned + len(align_full(detector, missed, size, False)) if missed else aligned
 
 
 def bench_preprocess(args: argparse.Namespace, data: Path, photos_dir: Path, device: torch.device, size: int) -> dict:

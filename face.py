@@ -1036,6 +1036,16 @@ def prepare_crop(detector: FaceDetector, image: np.ndarray, fraction: float) -> 
     return CropSearch(small, k, small_face, host_pyramid(small, small_face, detector.scale_factor) if ahead else None)
 
 
+def search_crops(detector: FaceDetector, searches: list[CropSearch]) -> list[Faces]:
+    """detect_in_crops' first pass: the faces of each crop from its smallest face sought up, in the photo's own
+    pixels; none where it has none that large (detect_in_crops retries those with the full pyramid)."""
+    if not searches:
+        return []
+    pyramids = None if any(s.pyramid is None for s in searches) else [s.pyramid for s in searches]
+    found = detector.detect([s.image for s in searches], [s.min_face for s in searches], pyramids)
+    return [_unshrunk(f, s.k) for f, s in zip(found, searches)]
+
+
 def detect_in_crops(detector: FaceDetector, images: list[np.ndarray], searches: list[CropSearch]
                     ) -> tuple[list[Faces], list[bool]]:
     """Faces of IMDB-WIKI crops, looked for from crop_min_face up; (faces, retried) per photo.
@@ -1047,9 +1057,7 @@ def detect_in_crops(detector: FaceDetector, images: list[np.ndarray], searches: 
     """
     if not images:
         return [], []
-    pyramids = None if any(s.pyramid is None for s in searches) else [s.pyramid for s in searches]
-    found = detector.detect([s.image for s in searches], [s.min_face for s in searches], pyramids)
-    found = [_unshrunk(f, s.k) for f, s in zip(found, searches)]
+    found = search_crops(detector, searches)
     retried = [len(faces) == 0 for faces in found]
     retry = [i for i, again in enumerate(retried) if again]
     for i, faces in zip(retry, detector.detect([images[i] for i in retry]) if retry else []):

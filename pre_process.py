@@ -222,7 +222,8 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
     photos there are: the decode-ahead window, and `sort_batches` batches sorted by size (on a GPU,
     twice that: the next window is taken in while one is detected).
     Faces are looked for from min_face_fraction of each photo's short side up (0: from
-    MTCNN's 20 px); a photo with none that large is retried with the full pyramid.
+    MTCNN's 20 px); a photo with none that large is retried with the full pyramid, with others
+    like it, a batch of them at a time (held until then: at most a batch).
     """
     # here, not at the top: the spawned decode workers import this module, and need neither
     import face
@@ -254,26 +255,33 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
             if threaded:  # a thread takes them in, so the next window is decoded and shrunk while this one is detected
                 searched = feed = in_background(searched, batch * max(sort_batches, 1), "photo-feed")
             batches = size_sorted_batches(searched, batch, sort_batches, dropped)
+            missed: list[tuple[Path, np.ndarray]] = []  # photos the crop search found no face in, to retry
             while True:
                 with clock("photos"):  # decoded by the workers, shrunk by the threads
                     chunk = next(batches, None)
                     if chunk is not None:
                         chunk = [(dst, img, None if s is None else s.result()) for dst, img, s in chunk]
-                if chunk is None:
-                    break
                 with clock("detect"):
-                    faces, again = align_batch(detector, chunk, size, fallback == "center")
-                retried += again
-                if len(faces) < len(chunk):
-                    dropped["no_face"] = dropped.get("no_face", 0) + len(chunk) - len(faces)
+                    faces, missing = align_batch(detector, chunk, size, fallback == "center") if chunk else ([], [])
+                    settled = len(chunk or ()) - len(missing)  # photos now with their face, or with none at all
+                    missed += missing
+                    retried += len(missing)
+                    # the full pyramid, a batch at a time: one more MTCNN call per batch of them, not per batch
+                    if missed and (chunk is None or len(missed) >= batch):
+                        faces += align_full(detector, missed, size, fallback == "center")
+                        settled, missed = settled + len(missed), []
+                if len(faces) < settled:
+                    dropped["no_face"] = dropped.get("no_face", 0) + settled - len(faces)
                 for dst, pixels in faces:
                     writes.append(pool.submit(write_jpeg, dst, pixels, quality))
                 with clock("writes"):  # bounded; a failed write raises here
                     while len(writes) > ahead or (writes and writes[0].done()):
                         writes.popleft().result()
                 unread = sum(n for reason, n in dropped.items() if reason != "no_face") - undecoded
-                bar.update(len(chunk) + unread)
+                bar.update(len(chunk or ()) + unread)
                 undecoded += unread
+                if chunk is None:
+                    break
             with clock("writes"):
                 while writes:
                     writes.popleft().result()
@@ -334,21 +342,37 @@ def with_searches(pool: Executor, photos: Iterable[tuple[Path, np.ndarray | str]
 
 
 def align_batch(detector: "face.FaceDetector", chunk: list[tuple[Path, np.ndarray, "face.CropSearch | None"]], size: int,
-                center_fallback: bool) -> tuple[list[tuple[Path, np.ndarray]], int]:
-    """([(target, aligned face (size, size, 3))] of the photos with a face, photos retried) for one batch.
+                center_fallback: bool) -> tuple[list[tuple[Path, np.ndarray]], list[tuple[Path, np.ndarray]]]:
+    """([(target, aligned face (size, size, 3))] of the photos with a face, [(target, photo)] of those the crop
+    search found none in, for align_full) for one batch.
 
-    chunk: (target, photo, its face.prepare_crop, or None with min_face_fraction 0: then MTCNN's full pyramid).
-    A function of its own so that no decoded photo outlives its batch (the caller's locals would).
+    chunk: (target, photo, its face.prepare_crop, or None with min_face_fraction 0: then MTCNN's full pyramid, and
+    nothing is missed). A function of its own so that no other decoded photo outlives its batch (the caller's
+    locals would).
     """
     import face  # see align_all
 
-    images, searches = [img for _, img, _ in chunk], [search for _, _, search in chunk]
-    if None in searches:
-        found, again = detector.detect(images), []
-    else:
-        found, again = face.detect_in_crops(detector, images, searches)
-    aligned = [(dst, face.align_central(img, faces, size, center_fallback)) for (dst, img, _), faces in zip(chunk, found)]
-    return [(dst, a["face"]) for dst, a in aligned if a is not None], sum(again)
+    photos, searches = [(dst, img) for dst, img, _ in chunk], [search for _, _, search in chunk]
+    if any(search is None for search in searches):
+        return align_full(detector, photos, size, center_fallback), []
+    found = face.search_crops(detector, searches)
+    hits = [(photo, faces) for photo, faces in zip(photos, found) if len(faces)]
+    return align_found(hits, size, center_fallback), [photo for photo, faces in zip(photos, found) if not len(faces)]
+
+
+def align_full(detector: "face.FaceDetector", photos: list[tuple[Path, np.ndarray]], size: int,
+               center_fallback: bool) -> list[tuple[Path, np.ndarray]]:
+    """[(target, aligned face)] of the (target, photo) pairs with a face, looked for with MTCNN's full pyramid."""
+    return align_found(list(zip(photos, detector.detect([img for _, img in photos]))), size, center_fallback)
+
+
+def align_found(found: list[tuple[tuple[Path, np.ndarray], "face.Faces"]], size: int,
+                center_fallback: bool) -> list[tuple[Path, np.ndarray]]:
+    """[(target, aligned face)] of ((target, photo), its faces) pairs: the central face of each, if any."""
+    import face  # see align_all
+
+    aligned = [(dst, face.align_central(img, faces, size, center_fallback)) for (dst, img), faces in found]
+    return [(dst, a["face"]) for dst, a in aligned if a is not None]
 
 
 def size_sorted_batches(photos: Iterable[tuple[Path, np.ndarray | str, Future | None]], batch: int, sort_batches: int,
