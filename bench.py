@@ -31,8 +31,9 @@ Measures, on the same machine, data and model, each pair timed back to back and 
                       decoded ahead, demo.py's default photos per MTCNN call and forward pass) against one
                       photo at a time, with the same model as above (the .pt, or the --checkpoint given)
 With --device cuda (or --grid) it adds training images/s of ResNet-18 and ResNet-50 at 112 and
-224 on random uint8 faces held in memory (the tuned path, --grid-batch; --grid-cells adds or picks cells,
-each ARCH:SIZE[:MODE] in a step mode of the loop's below, e.g. resnet50:224:compile).
+224 on random uint8 faces held in memory (the tuned path, --grid-batch; --grid-cells picks the cells,
+--grid-add adds cells to them, each ARCH:SIZE[:MODE] in a step mode of the loop's below, e.g.
+resnet50:224:compile).
 With --device cuda (or --loop) it adds the loop phase: --data's packed faces tiled into a set of
 --loop-faces (100,000) training faces in a temp dir, then per --loop-modes (eager: the step as train.py
 runs it by default; cuda-graph: train.py --cuda-graph, the step captured and replayed; compile: --compile
@@ -184,6 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid-cells", nargs="+", type=grid_cell, default=None,
                    help=f"the grid's cells, each ARCH:SIZE[:MODE] with MODE one of {', '.join(STEP_MODES)} (default: "
                         f"{' '.join(GRID_CELLS)}, all eager)")
+    p.add_argument("--grid-add", nargs="+", type=grid_cell, default=[],
+                   help="cells timed after --grid-cells' (or its defaults), e.g. resnet50:224:compile (default: none)")
     p.add_argument("--loop", action=argparse.BooleanOptionalAction, default=None,
                    help="also time train.py itself (one run per --loop-batches, a subprocess) over a packed set of "
                         "--loop-faces faces tiled from --data's, the bare step and the loader alone at the same "
@@ -219,6 +222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    args.grid_cells += args.grid_add
     for name in ("steps", "repeats", "batch_size", "naive_batch", "detect_batch", "preprocess_photos",
                  "infer_repeat", "grid_batch"):
         if getattr(args, name) < 1:

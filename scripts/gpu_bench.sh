@@ -87,7 +87,7 @@ export PYTHONUNBUFFERED=1
 set +e
 timeout --kill-after=10 "${BENCH_SECONDS:-420}" "$PYTHON" bench.py --device cuda --steps 50 --repeats 2 \
     --loop-batches 256 1024 --loop-modes eager cuda-graph --no-folder --no-infer \
-    --grid-cells resnet18:112 resnet50:112 resnet18:224 resnet50:224 resnet50:224:compile \
+    --grid-add resnet50:224:compile \
     "$@" --out "$out/bench_cuda.json" 2>&1 | tee "$out/bench_cuda.log"
 rc=${PIPESTATUS[0]}
 if [[ -f scripts/imdb_scale.py && "${SCALE_SECONDS:-150}" -gt 0 ]]; then

@@ -32,7 +32,7 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "bench.json"
     cmd = [sys.executable, "bench.py", "--quick", "--grid", "--loop", "--loop-modes", "eager", "cuda-graph",
-           "--grid-cells", *bench.GRID_CELLS, "resnet50:224:cuda-graph",
+           "--grid-add", "resnet50:224:cuda-graph",
            "--device", "cpu", "--data", str(tmp / "faces_112"),
            "--photos", str(tmp / "crop"), "--peer-python", str(tmp / "no-peer" / "bin" / "python"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -155,10 +155,14 @@ def test_loop_is_train_py_s_own_numbers(run):
     assert "train.py loop eager b8" in stdout and "train.py loop cuda-graph b16" in stdout and "loader alone" in stdout
 
 
-def test_grid_cells_default_to_the_four_eager_cells_and_refuse_a_bad_one(capsys):
+def test_grid_cells_default_to_the_four_eager_cells_take_more_and_refuse_a_bad_one(capsys):
     assert bench.parse_args(["--quick"]).grid_cells == [("resnet18", 112, "eager"), ("resnet50", 112, "eager"),
                                                         ("resnet18", 224, "eager"), ("resnet50", 224, "eager")]
     assert bench.parse_args(["--grid-cells", "resnet34:160:compile"]).grid_cells == [("resnet34", 160, "compile")]
+    added = bench.parse_args(["--quick", "--grid-add", "resnet50:224:compile"]).grid_cells  # after the defaults
+    assert added[:4] == bench.parse_args(["--quick"]).grid_cells and added[4:] == [("resnet50", 224, "compile")]
+    assert bench.parse_args(["--grid-cells", "resnet18:112", "--grid-add", "resnet18:112:compile"]).grid_cells == [
+        ("resnet18", 112, "eager"), ("resnet18", 112, "compile")]
     for bad in ("resnet99:112", "resnet18", "resnet18:big", "resnet18:16", "resnet18:112:fast", "resnet18:112:eager:1"):
         with pytest.raises(SystemExit):
             bench.parse_args(["--grid-cells", bad])
