@@ -4,8 +4,8 @@
 
 pre_process.align_all of each tree runs as on a GPU (device cuda:0, its threads and batch), on the
 same IMDB-sized photos (scripts/pre_process_speed.make_photos), with MTCNN replaced by a stand-in that
-sleeps --detect-ms per photo and finds nothing to align: as a GPU, it leaves the cores to decoding,
-shrinking and writing. So photos/s end to end, against the stand-in's own rate, shows what the
+sleeps --detect-ms per photo and finds a face in each (a corner of the photo is written): as a GPU,
+it leaves the cores to decoding, shrinking (and, for a GPU, making the pyramids) and writing. So photos/s end to end, against the stand-in's own rate, shows what the
 feeding costs: decoding in --workers processes, the threads that shrink, the hand-offs between them.
 Trees run alternately (old, new, new, old, ...), each in a fresh process on its own code; the line of
 each run is its phase split (pre_process.phase_report). Not a CI test: a minute or more of CPU.
