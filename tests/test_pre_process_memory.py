@@ -153,7 +153,7 @@ def test_a_failed_detection_on_a_gpu_stops_the_thread_taking_photos_in(tmp_path,
         pre_process.align_all(todo, 32, "drop", "cuda:0", 2, 4, 95, sort_batches=1)
     except RuntimeError as e:
         caught = e  # held, as a caller's handler would: its traceback keeps align_all's generators alive
-    assert "illegal memory access" in str(caught) and calls == [4, 4]; print("T", threading.enumerate(), caught.__traceback__)
+    assert "illegal memory access" in str(caught) and calls == [4, 4]
     assert not [t.name for t in set(threading.enumerate()) - before if t.name != "tqdm_monitor"]  # tqdm's own
 
 
