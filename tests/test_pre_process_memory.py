@@ -25,6 +25,14 @@ def grey_photos(root, n: int, side: int) -> list[tuple]:
     return todo
 
 
+def stand_in_mtcnn(monkeypatch) -> None:
+    """align_all's MTCNN replaced: no detector, a stand-in search per photo, and the corner of each photo aligned as its
+    face (so each written face shows which photo it came from); each test sets its own face.search_crops."""
+    monkeypatch.setattr(face, "FaceDetector", lambda device: None)
+    monkeypatch.setattr(face, "prepare_crop", lambda detector, img, fraction: "a search")
+    monkeypatch.setattr(face, "align_central", lambda img, found, size, center: dict(face=img[:size, :size].copy()))
+
+
 @pytest.mark.parametrize("workers,sort_batches,device", [(1, 1, "cpu"), (0, 1, "cpu"), (1, 3, "cpu"), (1, 1, "cuda:0")])
 def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, workers, sort_batches, device):
     n, batch, side = 40, 4, 700
@@ -37,7 +45,7 @@ def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, worke
         held.append(tracemalloc.get_traced_memory()[0] / photo_bytes)
         return [["a face"]] * len(searches)  # one in each
 
-    monkeypatch.setattr(face, "FaceDetector", lambda device: None)
+    stand_in_mtcnn(monkeypatch)
     monkeypatch.setattr(face, "search_crops", slow_detect)
     shrunk_on = set()  # the threads the photos were shrunk on: off the detecting thread on a GPU with workers
     torch_threads = set()  # and the torch threads each had for its ops (the pyramid's)
@@ -48,7 +56,6 @@ def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, worke
         return "a search"  # a stand-in: None would mean the full pyramid
 
     monkeypatch.setattr(face, "prepare_crop", prepare_crop)
-    monkeypatch.setattr(face, "align_central", lambda img, found, size, center: dict(face=np.ascontiguousarray(img[:size, :size])))
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # threads started from here on get 2 too, unless set otherwise
     tracemalloc.start()
@@ -80,9 +87,7 @@ def test_on_a_gpu_the_next_window_is_decoded_while_one_is_detected(tmp_path, mon
     batch of them, were submitted only after the last batch of the window was detected."""
     n, batch, sort_batches, workers, decode_s = 40, 4, 2, 2, 0.04
     todo = grey_photos(tmp_path, n, 64)
-    monkeypatch.setattr(face, "FaceDetector", lambda device: None)
-    monkeypatch.setattr(face, "prepare_crop", lambda detector, img, fraction: "a search")
-    monkeypatch.setattr(face, "align_central", lambda img, found, size, center: dict(face=img[:size, :size].copy()))
+    stand_in_mtcnn(monkeypatch)
 
     def decode(path):
         time.sleep(decode_s)
@@ -135,8 +140,7 @@ def test_photos_the_crop_search_misses_are_retried_a_batch_at_a_time(tmp_path, m
 def test_a_failed_detection_on_a_gpu_stops_the_thread_taking_photos_in(tmp_path, monkeypatch):
     """The error reaches the caller, and neither the thread taking the photos in nor its pools outlive align_all."""
     todo = grey_photos(tmp_path, 24, 64)
-    monkeypatch.setattr(face, "FaceDetector", lambda device: None)
-    monkeypatch.setattr(face, "prepare_crop", lambda detector, img, fraction: "a search")
+    stand_in_mtcnn(monkeypatch)
     calls = []
 
     def detect(detector, searches):
@@ -147,7 +151,6 @@ def test_a_failed_detection_on_a_gpu_stops_the_thread_taking_photos_in(tmp_path,
         return [["a face"]] * len(searches)  # one in each
 
     monkeypatch.setattr(face, "search_crops", detect)
-    monkeypatch.setattr(face, "align_central", lambda img, found, size, center: dict(face=img[:size, :size].copy()))
     before = set(threading.enumerate())
     try:
         pre_process.align_all(todo, 32, "drop", "cuda:0", 2, 4, 95, sort_batches=1)
@@ -177,9 +180,7 @@ def test_the_align_clock_says_where_the_time_went(tmp_path, monkeypatch):
     """Slow decoding shows as waiting for photos, slow detection as detecting and aligning; on a GPU the first is
     reported with the advice to raise --workers, the second without."""
     todo = grey_photos(tmp_path, 8, 64)
-    monkeypatch.setattr(face, "FaceDetector", lambda device: None)
-    monkeypatch.setattr(face, "prepare_crop", lambda detector, img, fraction: "a search")
-    monkeypatch.setattr(face, "align_central", lambda img, found, size, center: dict(face=img[:size, :size].copy()))
+    stand_in_mtcnn(monkeypatch)
 
     def seconds(decode_s: float, detect_s: float) -> dict:
         def decode(path):
