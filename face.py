@@ -1010,7 +1010,7 @@ def _unshrunk(faces: Faces, k: np.ndarray) -> Faces:
 
 @dataclass(frozen=True, eq=False)
 class CropSearch:
-    """An IMDB-WIKI crop made ready for detect_in_crops by prepare_crop: what P-Net searches, from what face size."""
+    """An IMDB-WIKI crop made ready for search_crops by prepare_crop: what P-Net searches, from what face size."""
 
     image: np.ndarray  # the photo area-shrunk so that its smallest face sought is about _ONET_SIDE px (or itself)
     k: np.ndarray  # (kx, ky): photo pixels per searched pixel
@@ -1019,7 +1019,7 @@ class CropSearch:
 
 
 def prepare_crop(detector: FaceDetector, image: np.ndarray, fraction: float) -> CropSearch:
-    """The photo shrunk (_shrunk) for faces of crop_min_face px and up, and for a GPU its pyramid: detect_in_crops'
+    """The photo shrunk (_shrunk) for faces of crop_min_face px and up, and for a GPU its pyramid: search_crops'
     host work before detection.
 
     A function of its own so that a caller can run it in threads ahead of detection (cv2 and torch
@@ -1037,29 +1037,11 @@ def prepare_crop(detector: FaceDetector, image: np.ndarray, fraction: float) -> 
 
 
 def search_crops(detector: FaceDetector, searches: list[CropSearch]) -> list[Faces]:
-    """detect_in_crops' first pass: the faces of each crop from its smallest face sought up, in the photo's own
-    pixels; none where it has none that large (detect_in_crops retries those with the full pyramid)."""
+    """The faces of each IMDB-WIKI crop from its smallest face sought up (prepare_crop's), in the photo's own pixels;
+    none where it has none that large (pre_process.py retries those with the full pyramid, a batch at a time, so
+    that every photo a plain detect() finds a face in still has one)."""
     if not searches:
         return []
     pyramids = None if any(s.pyramid is None for s in searches) else [s.pyramid for s in searches]
     found = detector.detect([s.image for s in searches], [s.min_face for s in searches], pyramids)
     return [_unshrunk(f, s.k) for f, s in zip(found, searches)]
-
-
-def detect_in_crops(detector: FaceDetector, images: list[np.ndarray], searches: list[CropSearch]
-                    ) -> tuple[list[Faces], list[bool]]:
-    """Faces of IMDB-WIKI crops, looked for from crop_min_face up; (faces, retried) per photo.
-
-    searches: prepare_crop of each photo (the photo shrunk for faces of crop_min_face px and up);
-    boxes and landmarks come back in the photo's own pixels. A photo with no face that large is
-    detected again in full with the detector's full pyramid (retried True), so every photo a plain
-    detect() finds a face in still has one.
-    """
-    if not images:
-        return [], []
-    found = search_crops(detector, searches)
-    retried = [len(faces) == 0 for faces in found]
-    retry = [i for i, again in enumerate(retried) if again]
-    for i, faces in zip(retry, detector.detect([images[i] for i in retry]) if retry else []):
-        found[i] = faces
-    return found, retried

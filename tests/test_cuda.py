@@ -110,7 +110,7 @@ def test_an_epoch_syncs_only_when_it_logs(tmp_path, graphed):
 
 
 def test_imdb_crops_on_the_gpu_find_the_cpu_s_faces(samples):
-    """pre_process.py on a GPU: prepare_crop makes each crop's P-Net pyramid on the host, detect_in_crops draws it on
+    """pre_process.py on a GPU: prepare_crop makes each crop's P-Net pyramid on the host, search_crops draws it on
     the canvas and sends that in one copy; the central faces are the CPU's (which resizes the levels in detect()), to
     a pixel."""
     import numpy as np
@@ -127,7 +127,7 @@ def test_imdb_crops_on_the_gpu_find_the_cpu_s_faces(samples):
         detector = face.FaceDetector(device=device)
         searches = [face.prepare_crop(detector, c, 0.25) for c in crops]
         assert all((s.pyramid is None) == (device == "cpu") for s in searches)
-        found[device] = face.detect_in_crops(detector, crops, searches)[0]
+        found[device] = face.search_crops(detector, searches)
     for crop, cpu, gpu in zip(crops, found["cpu"], found["cuda"]):
         i, j = face.central_face(cpu, crop.shape), face.central_face(gpu, crop.shape)
         assert (i is None) == (j is None)

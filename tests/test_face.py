@@ -520,8 +520,8 @@ def test_crops_are_searched_shrunk_and_find_the_full_pyramids_face(detector, por
     3.3%; the full-size search itself moves its landmarks by up to 2.8% between the crop at 2x and at 3x)."""
     crops = [imdb_crop(p, a.boxes[0], 3) for p, a in zip(portraits, alone[:3])]
     plain = detector.detect(crops)
-    found, retried = face.detect_in_crops(detector, crops, [face.prepare_crop(detector, c, 0.25) for c in crops])
-    assert retried == [False] * 3
+    found = face.search_crops(detector, [face.prepare_crop(detector, c, 0.25) for c in crops])
+    assert all(len(f) for f in found)  # none to retry
     for crop, a, b in zip(crops, plain, found):
         assert face.crop_min_face(detector, crop.shape, 0.25) > 2 * 48  # so it was searched at under half size
         i, j = face.central_face(a, crop.shape), face.central_face(b, crop.shape)
@@ -531,7 +531,7 @@ def test_crops_are_searched_shrunk_and_find_the_full_pyramids_face(detector, por
 
 
 def test_crops_pyramids_made_ahead_give_the_same_faces_for_few_ops(detector, portraits, monkeypatch):
-    """For a GPU, prepare_crop makes each crop's P-Net pyramid on the host (host_pyramid), so detect_in_crops only
+    """For a GPU, prepare_crop makes each crop's P-Net pyramid on the host (host_pyramid), so search_crops only
     draws it on the canvas: the same faces, bit for bit on the CPU, as resizing the levels in detect(); and per photo
     at most 10 ops (on a GPU each one host work, most a launch; measured: none), where resizing them took 82 here.
     For a CPU it makes none: there detect() resizes them faster."""
@@ -551,7 +551,7 @@ def test_crops_pyramids_made_ahead_give_the_same_faces_for_few_ops(detector, por
         assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.landmarks, b.landmarks)
         assert np.array_equal(a.scores, b.scores)
 
-    def per_photo(pyramids: bool) -> float:  # detect_in_crops' first pass (a photo with no face is retried in full)
+    def per_photo(pyramids: bool) -> float:  # search_crops' pass (a photo with no face is retried in full)
         def ops(n: int) -> int:
             with OpCount() as count:
                 detector.detect([s.image for s in searches[:n]], [s.min_face for s in searches[:n]],
@@ -572,11 +572,15 @@ def test_a_face_below_the_derived_minimum_is_found_by_the_retry(detector, images
     assert face.crop_min_face(detector, images[0].shape, 0.5) > 2 * (alone[0].boxes[0, 3] - alone[0].boxes[0, 1])
     first = detector.detect([images[0]], [face.crop_min_face(detector, images[0].shape, 0.5)])[0]
     assert len(first) == 0  # the face is too small for the first pass
+    import pre_process  # where the retry is: align_batch hands the photos it missed to align_full
+
     crops = [images[0], imdb_crop(images[0], alone[0].boxes[0], 1)]
-    found, retried = face.detect_in_crops(detector, crops, [face.prepare_crop(detector, c, 0.5) for c in crops])
-    assert retried == [True, False]
-    np.testing.assert_allclose(found[0].boxes, alone[0].boxes, atol=1e-3)
-    np.testing.assert_allclose(found[0].landmarks, alone[0].landmarks, atol=1e-3)
+    chunk = [(i, crop, face.prepare_crop(detector, crop, 0.5)) for i, crop in enumerate(crops)]
+    faces, missed = pre_process.align_batch(detector, chunk, 112, False)
+    assert [i for i, _ in faces] == [1] and [i for i, _ in missed] == [0]
+    retried = pre_process.align_full(detector, missed, 112, False)
+    assert [i for i, _ in retried] == [0]
+    np.testing.assert_array_equal(retried[0][1], face.align_central(images[0], alone[0], 112)["face"])
 
 
 def test_per_image_min_face_sizes_equal_detectors_of_that_size(detector, images):
