@@ -27,7 +27,6 @@ import math
 import os
 import pickle
 import zipfile
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ from data_gen import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from face import FaceDetector, align_face
 from metrics import fit_temperature
 from models import load_checkpoint, mirrored, model_args_of, model_from_checkpoint, read_checkpoint
-from utils import (UserError, atomic_torch_save, atomic_write_bytes, chunks_within, jpeg_bytes, onnx_session,
+from utils import (UserError, atomic_torch_save, atomic_write_bytes, chunks_within, jpeg_bytes, map_ahead, onnx_session,
                    pick_device, read_image_or_reason)
 
 GENDERS = ("female", "male")  # index = class id: 0 female, 1 male (as in labels.csv)
@@ -303,17 +302,8 @@ def read_ahead(items: Iterable[T], read: Callable[[T], object], workers: int = c
                ahead: int = 0) -> Iterator[tuple[T, object]]:
     """(item, read(item)) in order, read in `workers` threads at most `ahead` items in advance
     (default: two per worker), so memory does not grow with the number of items."""
-    todo = iter(items)
-    ahead = max(1, ahead or 2 * workers)
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        pending: deque = deque()
-        while True:
-            while len(pending) < ahead and (item := next(todo, None)) is not None:
-                pending.append((item, pool.submit(read, item)))
-            if not pending:
-                return
-            item, future = pending.popleft()
-            yield item, future.result()
+        yield from map_ahead(pool, lambda item: (item, read(item)), items, max(1, ahead or 2 * workers))
 
 
 def decoded(paths: Iterable[Path], workers: int = config.WORKERS, ahead: int = 0) -> Iterator[tuple[Path, np.ndarray | str]]:

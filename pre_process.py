@@ -45,8 +45,8 @@ import numpy as np
 from tqdm import tqdm
 
 import config
-from utils import (UserError, argument_parser, in_background, pick_device, process_device, pyplot, read_image,
-                   read_image_or_reason, run_main, save_figure, write_csv, write_jpeg, write_json)
+from utils import (UserError, argument_parser, in_background, map_ahead, pick_device, process_device, pyplot,
+                   read_image, read_image_or_reason, run_main, save_figure, write_csv, write_jpeg, write_json)
 
 FIELDS = ("dob", "photo_taken", "full_path", "gender", "face_score", "second_face_score")
 PHOTO_WAIT_ADVICE = 20  # % of the align phase spent waiting for photos above which a GPU run advises more --workers
@@ -250,7 +250,7 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
     feed: Generator | None = None  # the thread taking decoded photos in, on a GPU
     try:
         with tqdm(total=len(todo), desc="align", unit="photo") as bar:
-            photos = zip((dst for _, dst in todo), decode_ahead(pool, [src for src, _ in todo], ahead))
+            photos = zip((dst for _, dst in todo), map_ahead(pool, read_image_or_reason, (src for src, _ in todo), ahead))
             searched = with_searches(shrinker, photos, detector, min_face_fraction)
             if threaded:  # a thread takes them in, so the next window is decoded and shrunk while this one is detected
                 searched = feed = in_background(searched, batch * max(sort_batches, 1), "photo-feed")
@@ -401,17 +401,6 @@ def _sorted_chunks(window: list[tuple[Path, np.ndarray, Future | None]], batch: 
     window.sort(key=lambda item: (item[1].shape[0] / item[1].shape[1], item[1].shape[0] * item[1].shape[1]))
     for start in range(0, len(window), batch):
         yield window[start:start + batch]
-
-
-def decode_ahead(pool: Executor, paths: list[Path], ahead: int) -> Iterator[np.ndarray | str]:
-    """read_image_or_reason of each path, in order, with at most `ahead` of them submitted and not yet taken."""
-    window: deque[Future] = deque()
-    for path in paths:
-        if len(window) == ahead:
-            yield window.popleft().result()
-        window.append(pool.submit(read_image_or_reason, path))
-    while window:
-        yield window.popleft().result()
 
 
 class _InlineExecutor(Executor):

@@ -19,6 +19,8 @@ import sys
 import tempfile
 import threading
 import tomllib
+from collections import deque
+from concurrent.futures import Executor, Future
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Generator, Iterable, Iterator, Sequence, TypeVar
@@ -385,6 +387,18 @@ def git_commit() -> str | None:
         return sha.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def map_ahead(pool: Executor, fn: Callable[[T], Any], items: Iterable[T], ahead: int) -> Iterator[Any]:
+    """fn(item) for each item, in order, computed in `pool` with at most `ahead` (>= 1) submitted and not yet
+    taken, so memory does not grow with the number of items."""
+    window: deque[Future] = deque()
+    for item in items:
+        if len(window) == ahead:
+            yield window.popleft().result()
+        window.append(pool.submit(fn, item))
+    while window:
+        yield window.popleft().result()
 
 
 def in_background(items: Iterator, depth: int, name: str) -> Generator:

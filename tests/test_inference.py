@@ -117,6 +117,11 @@ def test_read_ahead_is_bounded_and_ordered():
     assert got == [(i, i * i) for i in range(100)]
 
 
+def test_read_ahead_reads_every_item_even_none():
+    items = [3, None, 0, 5]
+    assert list(inference.read_ahead(items, lambda i: i is None, workers=2)) == [(3, False), (None, True), (0, False), (5, False)]
+
+
 def test_decoded_gives_reasons_for_bad_files(tmp_path, samples):
     (tmp_path / "bad.jpg").write_text("not a photo")
     (tmp_path / "empty.png").write_bytes(b"")

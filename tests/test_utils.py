@@ -1,4 +1,4 @@
-"""utils: CtrlCBetweenSteps (where train.py lets a Ctrl-C land) and git_commit; every script's parser."""
+"""utils: CtrlCBetweenSteps (where train.py lets a Ctrl-C land), git_commit and map_ahead; every script's parser."""
 import argparse
 import importlib
 import os
@@ -6,10 +6,11 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from utils import REPO, CtrlCBetweenSteps, git_commit
+from utils import REPO, CtrlCBetweenSteps, git_commit, map_ahead
 
 
 def test_ctrl_c_between_steps_waits_for_the_next_step_and_a_second_one_interrupts_at_once():
@@ -67,3 +68,15 @@ def test_every_script_refuses_abbreviated_options(script, monkeypatch):
     """An unknown option fails loudly: argparse would otherwise take `--work 4` for `--workers 4`, or a typo for the
     option it happens to begin."""
     assert script_parser(script, monkeypatch).allow_abbrev is False
+
+
+def test_map_ahead_raises_a_failure_at_its_place_after_the_results_before_it():
+    def inverse(i):
+        return 1 / i
+
+    with ThreadPoolExecutor(2) as pool:
+        results = map_ahead(pool, inverse, [4, 2, 0, 1], ahead=2)
+        assert [next(results), next(results)] == [0.25, 0.5]
+        with pytest.raises(ZeroDivisionError):
+            next(results)
+
