@@ -45,6 +45,9 @@ runs it by default; cuda-graph: train.py --cuda-graph, the step captured and rep
   (loop rows) bare_augmented_images_per_s  the same, the batch made the network's input anew on the
                            device for each step (AugmentedSameBatch): what augmenting costs the device
   loader_images_per_s      train.py's PackedLoader alone (augmentation, prefetch), one epoch, synced
+  (loop rows) profile      with --loop-profile N, at the first batch: train.py --profile N's summary (ms a
+                           step; the device's busy time; per thread, the time in torch ops; the wait for
+                           a batch), from a short run of its own; its profile.txt and trace beside --out
 The top-level keys are the fastest loop row's (train_loop_mode, train_loop_batch; train_loop_over_bare:
 the lowest ratio over that mode's batches); `loop` holds every row and its loop/bare ratio.
 Issue 10's targets on one H200 (GPU_TARGETS) are recorded beside TARGETS: met is None off CUDA.
@@ -64,6 +67,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,6 +204,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the loop's step modes, each timed at every --loop-batches: eager, cuda-graph (train.py "
                         "--cuda-graph), compile (--compile --compile-mode reduce-overhead) (default: eager cuda-graph "
                         "on CUDA, eager elsewhere)")
+    p.add_argument("--loop-profile", type=int, default=0, metavar="N",
+                   help="also profile train.py at the first --loop-batches in each mode: a short run of train.py "
+                        "--profile N of its own (a profiled process stays slower), its summary in the loop row, its "
+                        "profile.txt and trace beside --out (default: 0, none)")
     p.add_argument("--folder", action=argparse.BooleanOptionalAction, default=True,
                    help="time a folder of photos, batched against one at a time (default: on)")
     p.add_argument("--infer", action=argparse.BooleanOptionalAction, default=True,
@@ -232,6 +240,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 0")
     if min(args.loop_batches) < 1:
         p.error("--loop-batches must be at least 1 each")
+    if args.loop_profile < 0:
+        p.error("--loop-profile must be at least 0")
     if args.loop_faces < max(args.loop_batches):
         p.error(f"--loop-faces {args.loop_faces}: fewer than a batch of {max(args.loop_batches)}; raise it")
     return args
@@ -486,7 +496,7 @@ def time_training(loader: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tenso
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
     # one epoch of one warm-up epoch: the lr only ramps up over the timed steps, so nothing diverges
-    train.train_one_epoch(step, timed, targs, 1, 1, None, CtrlCBetweenSteps())
+    train.train_one_epoch(step, timed, targs, 1, 1, None, CtrlCBetweenSteps(), train.StepProfiler())
     images = steps * targs.batch_size
     out = dict(images=images, seconds=timed.seconds, images_per_s=images / timed.seconds, batch=targs.batch_size,
                loader=type(loader).__name__, bf16=amp, channels_last=targs.channels_last, compile=targs.compile)
@@ -622,24 +632,45 @@ def tile_packed(data: Path, out: Path, faces: int) -> dict[str, int]:
     return {split: sum(r["split"] == split for r in rows) for split in ("train", "valid")}
 
 
-def time_train_py(data: Path, out: Path, batch: int, device: torch.device, extra: list[str]) -> dict:
-    """Training images/s of train.py's last epoch as train.py wrote it in OUT/metrics.jsonl (no clock of ours).
-
-    A run in a subprocess, as a user starts it: the README's command with --batch-size and extra, so with train.py's
-    precision defaults, as the bare step it is compared with. A failed run (a nan loss at
-    a large batch's lr, out of memory) is reported in the row, and the rest of the benchmark goes on.
-    """
-    cmd = [sys.executable, "train.py", "--data", str(data), "--out", str(out), "--epochs", str(LOOP_EPOCHS),
-           "--pretrained", "none", "--device", str(device), "--batch-size", str(batch), *extra]
+def run_train_py(data: Path, out: Path, batch: int, device: torch.device, extra: list[str]) -> str | None:
+    """train.py in a subprocess, as a user starts it: the README's command with --batch-size and extra, so with
+    train.py's precision defaults, as the bare step it is compared with. None, or why it failed (a nan loss at a
+    large batch's lr, out of memory): the row reports it, and the rest of the benchmark goes on."""
+    cmd = [sys.executable, "train.py", "--data", str(data), "--out", str(out), "--pretrained", "none",
+           "--device", str(device), "--batch-size", str(batch), *extra]
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the card's memory to train.py, not to this process's cache
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        return dict(images_per_s=None, error=f"train.py failed (exit {proc.returncode}): "
-                                             f"{' | '.join(proc.stderr.strip().splitlines()[-3:])}")
+    return None if proc.returncode == 0 else \
+        f"train.py failed (exit {proc.returncode}): {' | '.join(proc.stderr.strip().splitlines()[-3:])}"
+
+
+def time_train_py(data: Path, out: Path, batch: int, device: torch.device, extra: list[str]) -> dict:
+    """Training images/s of train.py's last epoch as train.py wrote it in OUT/metrics.jsonl (no clock of ours)."""
+    error = run_train_py(data, out, batch, device, ["--epochs", str(LOOP_EPOCHS), *extra])
+    if error:
+        return dict(images_per_s=None, error=error)
     metrics = read_jsonl(out / "metrics.jsonl")  # one record per epoch, as train.py wrote them
     last = next(m for m in metrics if m["epoch"] == LOOP_EPOCHS)
     return dict(images_per_s=last["train_images_per_s"], metrics=metrics)
+
+
+def profile_train_py(data: Path, tmp: Path, batch: int, device: torch.device, mode: str, steps: int,
+                     keep: Path) -> dict:
+    """train.py --profile's summary (profile.json) of a one-epoch run just long enough for it; its profile.txt and
+    trace copied to keep_profile_{mode}_b{batch}.txt and .json.gz. A run of its own: after profiling a GPU, a
+    process can stay slower (CUPTI stays attached), so the timed runs are never profiled."""
+    out = tmp / f"profile_{mode}_b{batch}"
+    # and the batches the loader prefetches, so that it prepares one in each recorded step, as in a long epoch
+    limit = (config.PROFILE_SKIP + train.StepProfiler.WARMUP + steps + config.PREFETCH + 1) * batch
+    error = run_train_py(data, out, batch, device,
+                         ["--epochs", "1", "--limit", str(limit), "--profile", str(steps), *STEP_MODES[mode]])
+    if error:
+        return dict(error=error)
+    stem = f"{keep.with_suffix('').name}_profile_{mode}_b{batch}"
+    shutil.copyfile(out / "profile.txt", keep.with_name(f"{stem}.txt"))
+    shutil.copyfile(out / "profile_trace.json.gz", keep.with_name(f"{stem}.json.gz"))
+    return json.loads((out / "profile.json").read_text())
 
 
 def time_loader(data: Path, batch: int, device: torch.device, warmup: int) -> dict:
@@ -671,10 +702,24 @@ def time_loop_batch(loop_data: Path, tmp: Path, batch: int, device: torch.device
     print(f"  loop {mode} batch {batch}: train.py {fmt(loop['images_per_s'])} images/s"
           f"{' (' + loop['error'] + ')' if 'error' in loop else ''}, bare step {bare_ips:.1f}, "
           f"augmented on the device {augmented_ips:.1f}, loader alone {loader['images_per_s']:.1f}", flush=True)
+    profiled = args.loop_profile and batch == args.loop_batches[0]
+    profile = profile_train_py(loop_data, tmp, batch, device, mode, args.loop_profile, Path(args.out)) \
+        if profiled else None
+    if profile:
+        print(f"  loop {mode} batch {batch} profiled: " + profile_line(profile), flush=True)
     return dict(mode=mode, batch=batch, loop_images_per_s=loop["images_per_s"], bare_images_per_s=bare_ips,
                 bare_augmented_images_per_s=augmented_ips, loop_over_bare=quotient(loop["images_per_s"], bare_ips),
                 loader_images_per_s=loader["images_per_s"], loop_error=loop.get("error"), metrics=loop.get("metrics"),
-                bare_rounds=bare, bare_augmented_rounds=augmented, loader=loader)
+                bare_rounds=bare, bare_augmented_rounds=augmented, loader=loader, profile=profile)
+
+
+def profile_line(profile: dict) -> str:
+    if "error" in profile:
+        return profile["error"]
+    threads = ", ".join(f"{t['thread']} {t['ops_ms']:.2f}" for t in profile["threads"])
+    busy = "" if profile["device_busy_ms"] is None else f", device busy {profile['device_busy_ms']:.2f}"
+    return (f"{profile['step_ms']:.2f} ms a step{busy}, waiting for a batch {profile['wait_for_batch_ms']:.2f}; "
+            f"in torch ops: {threads}")
 
 
 def bench_loop(args: argparse.Namespace, data: Path, tmp: Path, device: torch.device) -> dict:
@@ -994,7 +1039,8 @@ def main(argv: list[str] | None = None) -> dict:
         train_loop_mode=best["mode"] if best else None,
         train_loop_over_bare=None if None in ratios else min(ratios),
         loop=[{k: r[k] for k in ("mode", "batch", "loop_images_per_s", "bare_images_per_s",
-                                 "bare_augmented_images_per_s", "loop_over_bare", "loader_images_per_s", "loop_error")}
+                                 "bare_augmented_images_per_s", "loop_over_bare", "loader_images_per_s", "loop_error",
+                                 "profile")}
               for r in loop["rows"]] if loop else None,
         train_speedup=quotient(train_res.get("tuned_images_per_s"), train_res.get("naive_images_per_s")),
         train_tuned_images_per_s=train_res.get("tuned_images_per_s"),

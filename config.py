@@ -57,6 +57,8 @@ COMPILE_MODE = "default"  # torch.compile mode: default | reduce-overhead (CUDA 
 CUDA_GRAPH = False  # capture the whole step as one CUDA graph (one GPU, no --compile): launches cost nothing; off until measured on a GPU
 PREFETCH = 2  # packed loader: batches gathered, copied and augmented in a background thread ahead of the step
 CHANNELS_LAST = True  # NHWC memory format for the model and its inputs (faster convolutions on GPUs and recent CPUs)
+PROFILE = 0  # train.py --profile N: torch.profiler records N training steps of the first epoch into OUT/profile.*; 0: off
+PROFILE_SKIP = 10  # steps run before --profile records: cuDNN's autotuning, --cuda-graph's 3 warm-up steps and capture
 LOG_EVERY = 20  # steps between progress-bar updates and non-finite-loss checks (each costs one host sync)
 BEST_GENDER_WEIGHT = 10.0  # best.pt minimises age_mae + this * (1 - gender_acc): 1 point of accuracy = 0.1 year
 

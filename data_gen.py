@@ -33,6 +33,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
@@ -298,6 +299,22 @@ class JpegLoader:
                    gender.to(self.device, non_blocking=True))
 
 
+# what train.py --profile shows of the loader: each batch's preparation (in the prefetching thread, if any) and the
+# consumer's wait for it
+PREPARE_LABEL, WAIT_LABEL = "loader: prepare a batch", "loader: wait for a batch"
+
+
+def labelled(items: Iterator, label: str) -> Iterator:
+    """items, each wait for the next one recorded as `label` by torch.profiler (when one records)."""
+    items, end = iter(items), object()
+    while True:
+        with record_function(label):
+            item = next(items, end)
+        if item is end:
+            return
+        yield item
+
+
 class PackedLoader:
     """Batches gathered out of a memory-mapped faces_{split}.npy, moved to the device as uint8 and augmented there.
 
@@ -329,7 +346,7 @@ class PackedLoader:
         batches = self.prepared()
         if self.prefetch > 0:
             batches = in_background(batches, self.prefetch, "packed-loader")
-        for x, age, gender, ready in batches:
+        for x, age, gender, ready in labelled(batches, WAIT_LABEL):
             if cuda:  # made on the side stream: wait for it, and tell the allocator it is used on this one
                 stream = torch.cuda.current_stream(self.device)
                 stream.wait_event(ready)
@@ -345,18 +362,20 @@ class PackedLoader:
         stream = torch.cuda.Stream(self.device) if cuda else None
         with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
             for b, idx in enumerate(self.batches):
-                slot = self.slots[b % len(self.slots)]
-                seed = hash((self.seed, self.epoch, self.rank, b)) if self.train else None
-                # (B, S, S, 3) uint8, (B, 2) int64, (B, AUGMENT_PARAMS) float32 (training) or None
-                faces, labels, params = slot.fill(self.faces, self.labels, idx, seed)
-                faces = faces.to(self.device, non_blocking=True)
-                # copies on the CPU too: the slot is reused
-                labels = labels.to(self.device, non_blocking=True, copy=True)
-                params = params if params is None else params.to(self.device, non_blocking=True, copy=True)
-                slot.copied = stream.record_event() if cuda else None
-                # (B, 3, S, S), channels_last in memory: the step converts nothing
-                x = network_input(faces.permute(0, 3, 1, 2), params)
-                yield x, labels[:, 0], labels[:, 1], stream.record_event() if cuda else None
+                with record_function(PREPARE_LABEL):
+                    slot = self.slots[b % len(self.slots)]
+                    seed = hash((self.seed, self.epoch, self.rank, b)) if self.train else None
+                    # (B, S, S, 3) uint8, (B, 2) int64, (B, AUGMENT_PARAMS) float32 (training) or None
+                    faces, labels, params = slot.fill(self.faces, self.labels, idx, seed)
+                    faces = faces.to(self.device, non_blocking=True)
+                    # copies on the CPU too: the slot is reused
+                    labels = labels.to(self.device, non_blocking=True, copy=True)
+                    params = params if params is None else params.to(self.device, non_blocking=True, copy=True)
+                    slot.copied = stream.record_event() if cuda else None
+                    # (B, 3, S, S), channels_last in memory: the step converts nothing
+                    x = network_input(faces.permute(0, 3, 1, 2), params)
+                    ready = stream.record_event() if cuda else None
+                yield x, labels[:, 0], labels[:, 1], ready
 
 
 class Slot:

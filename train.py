@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gzip
 import io
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -38,11 +40,13 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 from tensorboardX import SummaryWriter
+from torch.autograd import DeviceType
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import ProfilerActivity, _ExperimentalConfig, profile, schedule
 from tqdm import tqdm
 
 import config
-from data_gen import make_loader
+from data_gen import PREPARE_LABEL, WAIT_LABEL, make_loader
 from inference import calibrate_checkpoint
 from metrics import MetricSums
 from models import AGE_LOSSES, ARCHS, AgeGenderNet, build_model, model_args_of
@@ -111,6 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None,
                    help="use only the first N faces of each split (default: all; for smoke tests)")
     p.add_argument("--resume", default=None, help="continue from this last.pt (default: none, a fresh run)")
+    p.add_argument("--profile", type=int, default=config.PROFILE, metavar="N",
+                   help=f"record N training steps of the first epoch with torch.profiler, after {config.PROFILE_SKIP} "
+                        "unrecorded ones, into OUT/profile.txt (where a step's time goes), profile.json and "
+                        "profile_trace.json.gz (Perfetto, chrome://tracing); 0: off (default: %(default)s)")
     p.add_argument("--log-every", type=int, default=config.LOG_EVERY,
                    help="steps between progress updates and non-finite-loss checks (default: %(default)s)")
     p.add_argument("--best-gender-weight", type=float, default=config.BEST_GENDER_WEIGHT,
@@ -119,8 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "epochs", "log_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.prefetch < 0:
-        p.error("--prefetch must be 0 or more")
+    if args.prefetch < 0 or args.profile < 0:
+        p.error("--prefetch and --profile must be 0 or more")
     if args.dummy is not None:
         if args.dummy < 32 or args.jpeg:
             p.error("--dummy SIZE: a face side of at least 32 px, and no --jpeg (the dummy faces are in memory)")
@@ -306,16 +314,104 @@ def make_step(model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], opti
     return (GraphedStep if graphed else Step)(model, loss_fn, optimizer, autocast, args.age_weight, device)
 
 
+# --- profiling ----------------------------------------------------------------------------------
+
+class StepProfiler:
+    """torch.profiler over `steps` training steps (0: off), after config.PROFILE_SKIP unrecorded ones and WARMUP
+    (the profiler's own start-up), in every thread: the loader's prefetching one and, on a GPU, autograd's run beside
+    the one launching the step. Then it writes OUT/profile.txt (a summary and the busiest ops), profile.json (the
+    summary) and profile_trace.json.gz, and records nothing more. step() ends a training step."""
+
+    WARMUP = 1
+
+    def __init__(self, steps: int = 0, out: Path = Path("."), cuda: bool = False) -> None:
+        self.out, self.cuda = out, cuda
+        activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * self.cuda
+        self.prof = profile(activities=activities, on_trace_ready=self.report,
+                            schedule=schedule(wait=config.PROFILE_SKIP, warmup=self.WARMUP, active=steps, repeat=1),
+                            experimental_config=_ExperimentalConfig(profile_all_threads=True)) if steps else None
+
+    def __enter__(self) -> StepProfiler:
+        if self.prof is not None:
+            self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.prof is not None:
+            self.prof.__exit__(*exc)
+
+    def step(self) -> None:
+        if self.prof is not None:
+            self.prof.step()
+
+    def report(self, prof: profile) -> None:
+        events = prof.events()
+        summary = profile_summary(events, self.cuda)
+        write_json(self.out / "profile.json", summary)
+        sort_by = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        atomic_write_text(self.out / "profile.txt", profile_text(summary) + "\n\n"
+                          + events.key_averages().table(sort_by=sort_by, row_limit=30) + "\n")
+        trace = self.out / "profile_trace.json.gz"
+        with tempfile.TemporaryDirectory(dir=self.out) as tmp:
+            prof.export_chrome_trace(f"{tmp}/trace.json")
+            atomic_write_bytes(trace, gzip.compress(Path(f"{tmp}/trace.json").read_bytes(), compresslevel=6))
+        tqdm.write(f"profile of {summary['steps']} steps: {self.out / 'profile.txt'}, {trace.name} (Perfetto)")
+
+
+def profile_summary(events: list, cuda: bool) -> dict:
+    """Per recorded step, in ms: its wall time; the device's busy time (its kernels' and copies' sum, None on the
+    CPU); per thread, the time in torch ops (main: the one that launches the step; loader: the one preparing batches,
+    if another); the loader's preparation and the step's wait for it.
+
+    events: torch.profiler's; on a GPU the steps and the labels are also drawn on the device's timeline (user
+    annotations), and each op's device time is also its kernels': only the host's events and the device's own
+    activities are counted."""
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    steps = [e for e in host if e.name.startswith("ProfilerStep")]
+    labels = (PREPARE_LABEL, WAIT_LABEL)
+
+    def per_step(us: float) -> float:
+        return us / len(steps) / 1000
+
+    def span(label: str) -> float:
+        return per_step(sum(e.cpu_time_total for e in host if e.name == label))
+
+    main = steps[0].thread
+    loader = next((e.thread for e in host if e.name == PREPARE_LABEL and e.thread != main), None)
+    ops: dict[int, float] = {}
+    for e in host:
+        if e.name not in labels and not e.name.startswith("ProfilerStep"):
+            ops[e.thread] = ops.get(e.thread, 0.0) + e.self_cpu_time_total
+    step_ms = per_step(sum(e.cpu_time_total for e in steps))
+    device_ms = per_step(sum(e.self_device_time_total for e in events
+                             if e.device_type != DeviceType.CPU and not e.is_user_annotation)) if cuda else None
+    threads = [dict(thread={main: "main", loader: "loader"}.get(t, f"other {t}"), ops_ms=per_step(us))
+               for t, us in sorted(ops.items(), key=lambda kv: -kv[1])]
+    return dict(steps=len(steps), skipped=config.PROFILE_SKIP, step_ms=step_ms, device_busy_ms=device_ms,
+                device_busy_share=None if device_ms is None else device_ms / step_ms,
+                prepare_batch_ms=span(PREPARE_LABEL), wait_for_batch_ms=span(WAIT_LABEL), threads=threads)
+
+
+def profile_text(s: dict) -> str:
+    device = ("the CPU itself" if s["device_busy_ms"] is None
+              else f"busy {s['device_busy_ms']:.2f} ms ({100 * s['device_busy_share']:.0f}%: its kernels' and copies' sum)")
+    lines = [f"{s['steps']} steps recorded after {s['skipped']}: {s['step_ms']:.2f} ms a step; the device {device}",
+             f"the loader: {s['prepare_batch_ms']:.2f} ms a step preparing a batch, the step's wait for it "
+             f"{s['wait_for_batch_ms']:.2f} ms",
+             "time in torch ops a step, per thread (main launches the step; other: autograd's backward, on a GPU):"]
+    return "\n".join(lines + [f"  {t['thread']}: {t['ops_ms']:.2f} ms" for t in s["threads"]])
+
+
 # --- one epoch --------------------------------------------------------------------------------
 
 def train_one_epoch(step: Step, loader: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                     args: argparse.Namespace, epoch: int, world: int, writer: SummaryWriter | None,
-                    ctrl_c: CtrlCBetweenSteps) -> tuple[float, float]:
+                    ctrl_c: CtrlCBetweenSteps, profiler: StepProfiler) -> tuple[float, float]:
     """(mean training loss over all processes, images/s over all processes).
 
     Each step's lr is the schedule at the middle of that step (lr_at with args' peak_lr).
     writer: rank 0's TensorBoard writer; None on the other ranks, which show no bar either.
-    ctrl_c: where a Ctrl-C stops the epoch (between two steps).
+    ctrl_c: where a Ctrl-C stops the epoch (between two steps); profiler: told of each step's end.
     """
     step.model.train()
     step.reset()
@@ -326,6 +422,7 @@ def train_one_epoch(step: Step, loader: Iterable[tuple[torch.Tensor, torch.Tenso
     for i, (x, age, gender) in enumerate(ctrl_c.steps(loader), 1):
         step.set_lr(lr_at(epoch - 1 + (i - 0.5) / len(loader), args.peak_lr, args.warmup_epochs, args.epochs))
         step(x.contiguous(memory_format=memory_format), age, gender)  # x (B, 3, S, S)
+        profiler.step()
         seen += x.shape[0]
         if i % args.log_every == 0 or i == len(loader):
             stop_if_nonfinite(step.nonfinite, epoch, i, args.out)
@@ -493,6 +590,10 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     if len(train_loader) == 0:
         raise UserError(f"--batch-size {args.batch_size}: larger than this process's share of the training faces; "
                         "lower it (or --nproc_per_node)")
+    if args.profile and len(train_loader) < config.PROFILE_SKIP + StepProfiler.WARMUP + args.profile:
+        raise UserError(f"--profile {args.profile}: an epoch has {len(train_loader)} steps, fewer than the "
+                        f"{config.PROFILE_SKIP + StepProfiler.WARMUP} run first and the {args.profile} recorded; lower "
+                        "--profile or --batch-size")
     amp, autocast = make_autocast(args, device)
     cfg = resolved_config(args, train_loader.size, world, device, amp)
     if ckpt is not None:
@@ -540,11 +641,12 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             print(changes)
     epoch, began = start_epoch, time.time()
     try:
-        with CtrlCBetweenSteps() as ctrl_c:
+        with CtrlCBetweenSteps() as ctrl_c, StepProfiler(args.profile if master else 0, out, device.type == "cuda") as profiler:
             for epoch in range(start_epoch, args.epochs + 1):
                 started = time.perf_counter()
                 train_loader.set_epoch(epoch)
-                train_loss, images_per_s = train_one_epoch(step, train_loader, args, epoch, world, writer, ctrl_c)
+                train_loss, images_per_s = train_one_epoch(step, train_loader, args, epoch, world, writer, ctrl_c,
+                                                            profiler)
                 sync_buffers(raw)
                 m = validate(raw, valid_loader, args, device, show_bar=master, ctrl_c=ctrl_c)
                 record = dict(epoch=epoch, gender_acc=m["gender_acc"], age_mae=m["age_mae"], cs5=m["cs5"],

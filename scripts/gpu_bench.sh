@@ -74,19 +74,22 @@ fi
 # Time: bench.py took 294 s on an H200 at 7a9f17a with three loop rows (eager at 256, 1024, 2048), of
 # which the folder (41 s) and inference (71 s) phases, measured there, are left out now: the issues'
 # table does not hold them. The four loop rows here (eager and cuda-graph at 256 and 1024) should take
-# ~130 s, and the grid's fifth cell, ResNet-50 at 224 compiled (issue 10's 5,000 images/s is judged on
-# its faster mode), ~90 s of compiling: ~5 minutes, then the IMDB scale test (scripts/imdb_scale.py,
-# 150 s), after the tests (~1 min): near 9 minutes in all, so SCALE_SECONDS=0 where the lease is short,
-# and --scale as the second call.
+# ~130 s, their two profiled runs ~40 s, and the grid's fifth cell, ResNet-50 at 224 compiled (issue 10's
+# 5,000 images/s is judged on its faster mode), ~90 s of compiling: ~6 minutes, then the IMDB scale test
+# (scripts/imdb_scale.py, 150 s), after the tests (~1 min): near 10 minutes in all, so SCALE_SECONDS=0
+# where the lease is short (then under the 600 s a call may take), and --scale as the second call.
 # Each is cut by `timeout`; bench.py stops its phase in flight on SIGTERM and still writes its JSON,
 # so a run cut short keeps every phase it finished. --steps 50 (not 20): a ResNet-18 step at batch
 # 256 takes ~15 ms, so 20 steps are 0.3 s, too short to time against launch jitter; 50 steps of the
 # slowest grid cell (ResNet-50 at 224, ~60 ms a step) still take only 3 s. --repeats 2: each pair of
 # modes runs in both orders, as on the CPU. Loop batches 256 (the default) and 1024, each eager and captured.
+# --loop-profile 10: at batch 256, where the loop lost most against the bare step (0.73), one short train.py
+# --profile run per mode (21 steps, ~20 s each, estimated): where a step's time goes, per thread, and the GPU's
+# busy share; bench_cuda_profile_{eager,cuda-graph}_b256.txt and .json.gz (a Perfetto trace) come back beside the JSON.
 export PYTHONUNBUFFERED=1
 set +e
-timeout --kill-after=10 "${BENCH_SECONDS:-420}" "$PYTHON" bench.py --device cuda --steps 50 --repeats 2 \
-    --loop-batches 256 1024 --loop-modes eager cuda-graph --no-folder --no-infer \
+timeout --kill-after=10 "${BENCH_SECONDS:-450}" "$PYTHON" bench.py --device cuda --steps 50 --repeats 2 \
+    --loop-batches 256 1024 --loop-modes eager cuda-graph --loop-profile 10 --no-folder --no-infer \
     --grid-add resnet50:224:compile \
     "$@" --out "$out/bench_cuda.json" 2>&1 | tee "$out/bench_cuda.log"
 rc=${PIPESTATUS[0]}

@@ -1,4 +1,5 @@
 """train.py end to end on a tiny learnable data dir (32x32 faces), on the CPU."""
+import gzip
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import config
+import data_gen
 import train
 import utils
 from data_gen import make_loader, preprocess
@@ -285,7 +287,7 @@ def epoch_under(watch, data, device: str, faces: int, log_every: int, age_loss: 
     step = train.make_step(model, model.loss, train.make_optimizer(model, 0.01, 0.9, 5e-4),
                            train.make_autocast(opts, dev)[1], opts, dev)
     with utils.CtrlCBetweenSteps() as ctrl_c, watch:
-        train.train_one_epoch(step, loader, opts, 1, 1, None, ctrl_c)
+        train.train_one_epoch(step, loader, opts, 1, 1, None, ctrl_c, train.StepProfiler())
     return len(loader)
 
 
@@ -370,6 +372,52 @@ def test_dummy_trains_on_random_faces_without_a_data_dir(tmp_path, monkeypatch):
     for bad in (["--dummy", "16"], ["--dummy", "--jpeg"]):
         with pytest.raises(SystemExit):
             train.parse_args(bad)
+
+
+def test_profile_records_its_steps_in_every_thread(data, tmp_path, monkeypatch):
+    """--profile N: N steps after PROFILE_SKIP, the loader's prefetching thread apart from the one running the step."""
+    monkeypatch.setattr(config, "PROFILE_SKIP", 1)  # the data's 16 steps an epoch: 1 skipped, 1 warming up, 8 recorded
+    out = tmp_path / "run"
+    train.main(args(data, out, "--epochs", 1, "--batch-size", 4, "--profile", 8))
+    summary = json.loads((out / "profile.json").read_text())
+    assert (summary["steps"], summary["skipped"], summary["device_busy_ms"]) == (8, 1, None)  # None: the CPU
+    threads = {t["thread"]: t["ops_ms"] for t in summary["threads"]}
+    assert threads["main"] > threads["loader"] > 0 and summary["prepare_batch_ms"] > 0
+    assert summary["step_ms"] > threads["main"]
+    text = (out / "profile.txt").read_text()
+    assert text.startswith("8 steps recorded after 1: ") and "aten::convolution" in text
+    with gzip.open(out / "profile_trace.json.gz", "rt") as f:
+        events = json.load(f)["traceEvents"]
+    tids = {name: {e["tid"] for e in events if e.get("name", "").startswith(name)}
+            for name in ("ProfilerStep", data_gen.PREPARE_LABEL, data_gen.WAIT_LABEL)}
+    assert len(tids["ProfilerStep"]) == 1 and tids[data_gen.WAIT_LABEL] == tids["ProfilerStep"]
+    assert tids[data_gen.PREPARE_LABEL] and tids[data_gen.PREPARE_LABEL].isdisjoint(tids["ProfilerStep"])
+    assert [r["epoch"] for r in read_jsonl(out / "metrics.jsonl")] == [1]
+    with pytest.raises(UserError, match="--profile 15: an epoch has 16 steps, fewer than the 2 run first"):
+        train.main(args(data, tmp_path / "short", "--batch-size", 4, "--profile", 15))
+
+
+def test_profile_summary_counts_a_gpu_s_kernels_once_and_its_annotations_not_at_all():
+    """On a GPU the profiler also draws the steps and labels on the device's timeline, and an op's device time is
+    its kernels': a step of 1 ms whose one kernel ran 0.4 ms is 40% busy (not 80%, nor 140%)."""
+    from torch.autograd.profiler_util import FunctionEvent, Kernel
+
+    def event(i, name, thread, start, end, **kw):
+        return FunctionEvent(i, name, thread, start, end, use_device="cuda", **kw)
+
+    step, mm = event(1, "ProfilerStep#12", 1, 0, 1000), event(2, "aten::mm", 1, 100, 300)
+    mm.kernels.append(Kernel("gemm", 0, 400))
+    wait, prepare, copy = (event(3, data_gen.WAIT_LABEL, 1, 400, 500), event(4, data_gen.PREPARE_LABEL, 2, 0, 600),
+                           event(5, "aten::copy_", 2, 100, 350))
+    step.cpu_children, prepare.cpu_children = [mm, wait], [copy]
+    on_device = [event(6, "ProfilerStep#12", 9, 0, 1000, device_type=torch.autograd.DeviceType.CUDA,
+                       is_user_annotation=True),
+                 event(7, "gemm", 9, 150, 550, device_type=torch.autograd.DeviceType.CUDA)]
+    s = train.profile_summary([step, mm, wait, prepare, copy, *on_device], cuda=True)
+    assert (s["steps"], s["step_ms"], s["device_busy_ms"], s["device_busy_share"]) == (1, 1.0, 0.4, 0.4)
+    assert (s["prepare_batch_ms"], s["wait_for_batch_ms"]) == (0.6, 0.1)
+    assert s["threads"] == [dict(thread="loader", ops_ms=0.25), dict(thread="main", ops_ms=0.2)]
+    assert "busy 0.40 ms (40%" in train.profile_text(s)
 
 
 def test_checkpoints_hold_the_lr_as_a_number(tmp_path):
