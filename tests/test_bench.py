@@ -4,6 +4,7 @@ Timings are never asserted: only that every measure runs, lands in bench.json an
 """
 import json
 import math
+import shlex
 import signal
 import stat
 import subprocess
@@ -28,12 +29,12 @@ PEER_KEYS = ("peer_infer_ms_per_image", "infer_speedup_vs_peer", "peer_skipped",
 def run(tmp_path_factory):
     """(bench.json, stdout) of one `bench.py --quick --grid --loop --loop-modes eager cuda-graph` whose --data is
     missing, so it generates one (on the CPU train.py ignores --cuda-graph: the plumbing is what runs); the grid
-    has a fifth cell, ResNet-50 at 224 in the cuda-graph mode; the loop, 128 faces (16 steps at batch 8: enough for
-    --loop-profile 2 after train.py's 11 unrecorded, and the 3 the loader prepares ahead)."""
+    has a fifth cell, ResNet-50 at 224 in the cuda-graph mode; the loop at batches 2 and 16 (its 32 faces make 16 steps at
+    batch 2: enough for --loop-profile 2 after train.py's 11 unrecorded, and the 3 the loader prepares ahead)."""
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "bench.json"
     cmd = [sys.executable, "bench.py", "--quick", "--grid", "--loop", "--loop-modes", "eager", "cuda-graph",
-           "--grid-add", "resnet50:224:cuda-graph", "--loop-faces", "128", "--loop-profile", "2",
+           "--grid-add", "resnet50:224:cuda-graph", "--loop-batches", "2", "16", "--loop-profile", "2",
            "--device", "cpu", "--data", str(tmp / "faces_112"),
            "--photos", str(tmp / "crop"), "--peer-python", str(tmp / "no-peer" / "bin" / "python"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -128,9 +129,9 @@ def test_loop_is_train_py_s_own_numbers(run):
     for key in ("train_loop_images_per_s", "train_bare_images_per_s", "loader_images_per_s", "train_loop_over_bare"):
         assert positive(res[key]), (key, res[key])
     rows = res["details"]["loop"]["rows"]
-    assert res["settings"]["loop_batches"] == [8, 16] and res["settings"]["loop_modes"] == ["eager", "cuda-graph"]
-    assert [(r["mode"], r["batch"]) for r in rows] == [("eager", 8), ("eager", 16), ("cuda-graph", 8), ("cuda-graph", 16)]
-    assert res["details"]["loop"]["faces"]["train"] == res["settings"]["loop_faces"]["train"] == 128
+    assert res["settings"]["loop_batches"] == [2, 16] and res["settings"]["loop_modes"] == ["eager", "cuda-graph"]
+    assert [(r["mode"], r["batch"]) for r in rows] == [("eager", 2), ("eager", 16), ("cuda-graph", 2), ("cuda-graph", 16)]
+    assert res["details"]["loop"]["faces"]["train"] == res["settings"]["loop_faces"]["train"] == 32
     for r in rows:
         epochs = r["metrics"]  # train.py's own records: validation numbers and lr beside the speed
         assert [m["epoch"] for m in epochs] == [1, 2]
@@ -153,22 +154,33 @@ def test_loop_is_train_py_s_own_numbers(run):
     for key, target in bench.GPU_TARGETS.items():  # the H200's targets: not judged on the CPU
         assert res["targets"][key]["target"] == target and res["targets"][key]["met"] is None
     assert res["targets"]["loader_images_per_s"]["value"] == res["loader_images_per_s"]
-    assert "train.py loop eager b8" in stdout and "train.py loop cuda-graph b16" in stdout and "loader alone" in stdout
+    assert "train.py loop eager b2" in stdout and "train.py loop cuda-graph b16" in stdout and "loader alone" in stdout
 
 
 def test_loop_profile_is_a_short_profiled_train_py_run_at_the_first_batch(run):
     """--loop-profile 2: each mode's first batch gets train.py --profile 2's summary, and its files beside --out."""
     res, stdout, tmp = run
     for r in res["loop"]:
-        if r["batch"] == 8:
+        if r["batch"] == 2:
             p = r["profile"]
             assert p["steps"] == 2 and positive(p["step_ms"]) and p["device_busy_ms"] is None, p
             assert {"main", "loader"} <= {t["thread"] for t in p["threads"]}
-            assert (tmp / f"bench_profile_{r['mode']}_b8.txt").read_text().startswith("2 steps recorded after ")
-            assert (tmp / f"bench_profile_{r['mode']}_b8.json.gz").stat().st_size > 0
+            assert (tmp / f"bench_profile_{r['mode']}_b2.txt").read_text().startswith("2 steps recorded after ")
+            assert (tmp / f"bench_profile_{r['mode']}_b2.json.gz").stat().st_size > 0
         else:
             assert r["profile"] is None
-    assert "loop eager batch 8 profiled: " in stdout
+    assert "loop eager batch 2 profiled: " in stdout
+
+
+def test_gpu_bench_sh_is_valid_bash_and_its_bench_options_exist():
+    """scripts/gpu_bench.sh's bench.py command parses: a GPU lease is too short to lose to a renamed option."""
+    script = REPO / "scripts" / "gpu_bench.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    line = next(l for l in script.read_text().replace("\\\n", " ").splitlines() if '"$PYTHON" bench.py' in l)
+    words = shlex.split(line.split("bench.py", 1)[1].split("2>&1")[0])
+    args = bench.parse_args(["x" if "$" in w else w for w in words if w != "$@"])  # the caller's "$@" and paths
+    assert (args.device, args.loop_batches, args.loop_profile) == ("cuda", [256, 1024], 10)
+    assert args.loop_modes == ["eager", "cuda-graph"] and ("resnet50", 224, "compile") in args.grid_cells
 
 
 def test_grid_cells_default_to_the_four_eager_cells_take_more_and_refuse_a_bad_one(capsys):
