@@ -45,6 +45,39 @@ def test_loadmat_layout_and_dtypes(tmp_path):
     assert meta.photo_taken.dtype == np.int64 and meta.full_path[0].startswith("00/nm0000002")
 
 
+def test_write_mat_writes_what_scipy_savemat_writes(tmp_path):
+    """synth_imdb.write_mat, our level-5 writer, gives savemat's bytes (after the header's date) for the layout:
+    strings short enough to pack into a tag and longer ones, non-ASCII, empty; NaN, -inf and every dtype."""
+    import scipy.io
+    rows = 5
+    fields = dict(dob=[718000 + i for i in range(rows)], photo_taken=[2000 + i for i in range(rows)],
+                  full_path=["01/a.jpg", "b", "02/nm0000003_rm1_1970-1-1_2000.jpg", "abcd", "abcde"],
+                  gender=[1.0, 0.0, np.nan, 1.0, 0.0], name=["Zoë Saldaña", "", "n", "Björk", "A B"],
+                  face_location=[np.array([[i, 2 * i, 3 * i, 65535]], dtype=np.uint16) for i in range(rows)],
+                  face_score=[3.5, -np.inf, 1.0, 2.0, 4.0], second_face_score=[np.nan, 1.5, np.nan, np.nan, 2.0],
+                  celeb_id=[1, 2, 3, 4, 65535])
+    celebs = ["A", "Éva", "", "long name here"]
+    write_mat(tmp_path / "ours.mat", fields, celebs)
+
+    def cell(values):
+        arr = np.empty((1, len(values)), dtype=object)
+        for i, v in enumerate(values):
+            arr[0, i] = v
+        return arr
+
+    dtypes = dict(dob=np.int32, photo_taken=np.uint16, gender=np.float64, face_score=np.float64,
+                  second_face_score=np.float64, celeb_id=np.uint16)
+    struct = {k: cell(v) if k not in dtypes else np.array([v], dtype=dtypes[k]) for k, v in fields.items()}
+    order = ("dob", "photo_taken", "full_path", "gender", "name", "face_location", "face_score", "second_face_score",
+             "celeb_names", "celeb_id")
+    struct = {k: cell(celebs) if k == "celeb_names" else struct[k] for k in order}
+    scipy.io.savemat(tmp_path / "scipy.mat", {"imdb": struct})
+    ours, theirs = (tmp_path / "ours.mat").read_bytes(), (tmp_path / "scipy.mat").read_bytes()
+    assert ours[:19] == theirs[:19] == b"MATLAB 5.0 MAT-file" and ours[116:] == theirs[116:]
+    got = scipy.io.loadmat(tmp_path / "ours.mat")["imdb"][0, 0]
+    assert [str(v[0]) if v.size else "" for v in got["name"][0]] == fields["name"]
+
+
 @pytest.mark.parametrize("month, expected", [(1, 30), (6, 30), (7, 29), (12, 29)])
 def test_mid_year_rule(month, expected):
     assert pp.age_at_photo(matlab_datenum(dt.date(1970, month, 15)), np.uint16(2000)) == expected
