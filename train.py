@@ -399,7 +399,8 @@ def profile_text(s: dict) -> str:
              f"the loader: {s['prepare_batch_ms']:.2f} ms a step preparing a batch, the step's wait for it "
              f"{s['wait_for_batch_ms']:.2f} ms",
              "time in torch ops a step, per thread (main launches the step; other: autograd's backward, on a GPU):"]
-    return "\n".join(lines + [f"  {t['thread']}: {t['ops_ms']:.2f} ms" for t in s["threads"]])
+    # threads under 0.005 ms a step (DDP's, say) stay in profile.json only
+    return "\n".join(lines + [f"  {t['thread']}: {t['ops_ms']:.2f} ms" for t in s["threads"] if t["ops_ms"] >= 0.005])
 
 
 # --- one epoch --------------------------------------------------------------------------------
