@@ -127,8 +127,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "epochs", "log_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.prefetch < 0 or args.profile < 0:
-        p.error("--prefetch and --profile must be 0 or more")
+    for name in ("prefetch", "profile"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be 0 or more")
     if args.dummy is not None:
         if args.dummy < 32 or args.jpeg:
             p.error("--dummy SIZE: a face side of at least 32 px, and no --jpeg (the dummy faces are in memory)")

@@ -168,6 +168,13 @@ def test_unknown_options_fail(data, tmp_path):
         assert e.value.code == 2
 
 
+@pytest.mark.parametrize("name", ["prefetch", "profile"])
+def test_a_negative_count_names_its_option(name, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args([f"--{name}", "-1"])
+    assert f"error: --{name} must be 0 or more" in capsys.readouterr().err
+
+
 # --- resuming under other settings, precision, scale, placement ----------------------------------
 
 def test_resume_with_another_batch_size_and_more_epochs_follows_the_new_schedule(data, tmp_path, capsys):
