@@ -395,6 +395,7 @@ def profile_summary(events: list, cuda: bool) -> dict:
 
 def profile_text(s: dict) -> str:
     device = ("the CPU itself" if s["device_busy_ms"] is None
+              else "not seen: no kernel recorded (torch.profiler without CUPTI?)" if s["device_busy_ms"] == 0
               else f"busy {s['device_busy_ms']:.2f} ms ({100 * s['device_busy_share']:.0f}%: its kernels' and copies' sum)")
     lines = [f"{s['steps']} steps recorded after {s['skipped']}: {s['step_ms']:.2f} ms a step; the device {device}",
              f"the loader: {s['prepare_batch_ms']:.2f} ms a step preparing a batch, the step's wait for it "

@@ -425,6 +425,7 @@ def test_profile_summary_counts_a_gpu_s_kernels_once_and_its_annotations_not_at_
     assert (s["prepare_batch_ms"], s["wait_for_batch_ms"]) == (0.6, 0.1)
     assert s["threads"] == [dict(thread="loader", ops_ms=0.25), dict(thread="main", ops_ms=0.2)]
     assert "busy 0.40 ms (40%" in train.profile_text(s)
+    assert "no kernel recorded" in train.profile_text(train.profile_summary([step, mm, wait, prepare, copy], cuda=True))
 
 
 def test_checkpoints_hold_the_lr_as_a_number(tmp_path):
