@@ -1,5 +1,5 @@
-"""The GPU-only paths: train.py's captured step (--cuda-graph), and an epoch's syncs. Skipped without CUDA (CI has
-none); scripts/gpu_bench.sh runs this file on the device machine before timing anything."""
+"""The GPU-only paths: train.py's captured step (--cuda-graph), an epoch's syncs, --profile's kernels. Skipped
+without CUDA (CI has none); scripts/gpu_bench.sh runs this file on the device machine before timing anything."""
 import json
 import warnings
 
@@ -71,6 +71,22 @@ def test_train_py_with_cuda_graph_trains_resumes_and_saves_plain_checkpoints(tmp
     assert json.loads((tmp_path / "run" / "config.json").read_text())["cuda_graph"] is True
     ckpt = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=True)
     assert all(isinstance(g["lr"], float) for g in ckpt["optimizer"]["param_groups"])
+
+
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "cuda-graph"])
+def test_profile_sees_the_gpu_s_kernels(tmp_path, monkeypatch, graphed):
+    """train.py --profile on a GPU: kernels recorded (inside graph replays too), on the steps of every thread."""
+    import config
+
+    monkeypatch.setattr(config, "PROFILE_SKIP", 5)  # past the captured step's 3 warm-up steps and its capture
+    data = make_fake_data(tmp_path / "data", n_train=128, n_valid=8, pack=True)
+    out = tmp_path / "run"
+    train.main(["--data", str(data), "--out", str(out), "--pretrained", "none", "--device", "cuda", "--batch-size",
+                "8", "--epochs", "1", "--profile", "6", *(["--cuda-graph"] if graphed else [])])
+    s = json.loads((out / "profile.json").read_text())
+    assert s["steps"] == 6 and s["device_busy_ms"] > 0 and 0 < s["device_busy_share"], s
+    assert {"main", "loader"} <= {t["thread"] for t in s["threads"]}
+    assert "ms (" in (out / "profile.txt").read_text().splitlines()[0]
 
 
 class SyncWarnings:
