@@ -23,6 +23,7 @@ WORKERS_CUDA = 8  # pre_process.py's on a GPU, at most: the H200 figures ran wit
 DETECT_BATCH = 16  # photos per batched MTCNN call (pre_process.py on the CPU; demo.py and serve.py: per batch of photos)
 DETECT_BATCH_CUDA = 64  # pre_process.py's on a GPU, where each op is a launch or a dispatch: a call runs ~2,080 ops of its own besides ~28 per photo (counted on the CPU)
 MIN_FACE_FRACTION = 0.25  # pre_process.py looks for faces from this share of a crop's short side up (the labelled one spans ~0.56); none found: retried from 20 px
+HOST_PYRAMIDS = True  # pre_process.py on a GPU: the --workers threads make P-Net's pyramids, 1 copy a pass, not ~82 ops a photo; they also contend for the GIL (scripts/gil_cost.py): untimed on a GPU
 SORT_BATCHES = 4  # pre_process.py sorts decoded photos by size this many --batch's at a time (similar sizes share P-Net's tiles)
 
 # --- models.py ---------------------------------------------------------------------------

@@ -1018,9 +1018,9 @@ class CropSearch:
     pyramid: list[np.ndarray] | None  # for a GPU, host_pyramid of image from min_face: P-Net's levels, made ahead
 
 
-def prepare_crop(detector: FaceDetector, image: np.ndarray, fraction: float) -> CropSearch:
-    """The photo shrunk (_shrunk) for faces of crop_min_face px and up, and for a GPU its pyramid: search_crops'
-    host work before detection.
+def prepare_crop(detector: FaceDetector, image: np.ndarray, fraction: float, pyramid: bool = True) -> CropSearch:
+    """The photo shrunk (_shrunk) for faces of crop_min_face px and up, and for a GPU (unless pyramid is False) its
+    pyramid: search_crops' host work before detection.
 
     A function of its own so that a caller can run it in threads ahead of detection (cv2 and torch
     release the GIL): an IMDB-sized photo takes ~2 ms of a core, time a GPU's feeding thread cannot
@@ -1032,7 +1032,7 @@ def prepare_crop(detector: FaceDetector, image: np.ndarray, fraction: float) -> 
     small, k = _shrunk(image, min_face)
     # the min face in the shrunk photo: _ONET_SIDE, or the photo's own where it was not shrunk
     small_face = int(min_face / k.min())
-    ahead = detector.device.type != "cpu"
+    ahead = pyramid and detector.device.type != "cpu"
     return CropSearch(small, k, small_face, host_pyramid(small, small_face, detector.scale_factor) if ahead else None)
 
 

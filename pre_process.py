@@ -213,7 +213,8 @@ def read_face_settings(record: Path) -> dict:
 
 def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: str, workers: int,
               batch: int, quality: int, min_face_fraction: float = config.MIN_FACE_FRACTION,
-              sort_batches: int = config.SORT_BATCHES) -> tuple[dict, int, dict[str, float]]:
+              sort_batches: int = config.SORT_BATCHES,
+              host_pyramids: bool = config.HOST_PYRAMIDS) -> tuple[dict, int, dict[str, float]]:
     """Detect, align and write every (source, target) pair: (dropped count per reason, photos retried, PhaseClock
     seconds: where the time went).
 
@@ -223,7 +224,8 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
     twice that: the next window is taken in while one is detected).
     Faces are looked for from min_face_fraction of each photo's short side up (0: from
     MTCNN's 20 px); a photo with none that large is retried with the full pyramid, with others
-    like it, a batch of them at a time (held until then: at most a batch).
+    like it, a batch of them at a time (held until then: at most a batch). host_pyramids: on a GPU, P-Net's
+    pyramids are made on the host, with the shrinking (face.prepare_crop), not on the device.
     """
     # here, not at the top: the spawned decode workers import this module, and need neither
     import face
@@ -251,7 +253,7 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
     try:
         with tqdm(total=len(todo), desc="align", unit="photo") as bar:
             photos = zip((dst for _, dst in todo), map_ahead(pool, read_image_or_reason, (src for src, _ in todo), ahead))
-            searched = with_searches(shrinker, photos, detector, min_face_fraction)
+            searched = with_searches(shrinker, photos, detector, min_face_fraction, host_pyramids)
             if threaded:  # a thread takes them in, so the next window is decoded and shrunk while this one is detected
                 searched = feed = in_background(searched, batch * max(sort_batches, 1), "photo-feed")
             batches = size_sorted_batches(searched, batch, sort_batches, dropped)
@@ -328,7 +330,7 @@ def phase_report(seconds: dict[str, float], device: str, workers: int) -> str:
 
 
 def with_searches(pool: Executor, photos: Iterable[tuple[Path, np.ndarray | str]], detector: "face.FaceDetector",
-                  fraction: float) -> Iterator[tuple[Path, np.ndarray | str, Future | None]]:
+                  fraction: float, pyramids: bool) -> Iterator[tuple[Path, np.ndarray | str, Future | None]]:
     """(target, photo or the reason it is unusable, the future of its face.prepare_crop), submitted as it comes.
 
     No future for a reason, nor with fraction 0 (the full pyramid searches the photo itself). Submitted
@@ -338,7 +340,7 @@ def with_searches(pool: Executor, photos: Iterable[tuple[Path, np.ndarray | str]
 
     for dst, img in photos:
         usable = fraction > 0 and not isinstance(img, str)
-        yield dst, img, pool.submit(face.prepare_crop, detector, img, fraction) if usable else None
+        yield dst, img, pool.submit(face.prepare_crop, detector, img, fraction, pyramids) if usable else None
 
 
 def align_batch(detector: "face.FaceDetector", chunk: list[tuple[Path, np.ndarray, "face.CropSearch | None"]], size: int,
@@ -464,6 +466,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-face-fraction", type=float, default=config.MIN_FACE_FRACTION,
                    help="look for faces from this fraction of each photo's short side up, retrying a photo without "
                         "one with MTCNN's full pyramid (0: the full pyramid only) (default: %(default)s)")
+    p.add_argument("--host-pyramids", action=argparse.BooleanOptionalAction, default=config.HOST_PYRAMIDS,
+                   help="on a GPU, the --workers threads make P-Net's pyramids on the host (the GPU's feeding thread "
+                        "then runs fewer ops, but shares the GIL with them); off: the feeding thread resizes them on "
+                        "the device; ignored on the CPU (default: %(default)s)")
     p.add_argument("--sort-batches", type=int, default=config.SORT_BATCHES,
                    help="decoded photos are sorted by size this many batches at a time (default: %(default)s)")
     p.add_argument("--device", default=config.DEVICE, help="MTCNN device: auto, cpu, cuda (default: %(default)s)")
@@ -604,7 +610,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: str) -> None:
     if len(todo) < len(share):
         print(f"{len(share) - len(todo)} faces already written, skipped" + (f" (rank {rank})" if world > 1 else ""))
     aligned, retried, seconds = align_all(todo, args.size, args.fallback, device, args.workers, args.batch,
-                                          args.quality, args.min_face_fraction, args.sort_batches)
+                                          args.quality, args.min_face_fraction, args.sort_batches, args.host_pyramids)
     if todo:
         print(phase_report(seconds, device, args.workers) + (f" (rank {rank})" if world > 1 else ""))
     ranks = gather(world, dict(dropped=aligned, retried=retried, photos=len(todo) - sum(aligned.values()),

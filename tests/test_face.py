@@ -542,6 +542,7 @@ def test_crops_pyramids_made_ahead_give_the_same_faces_for_few_ops(detector, por
     assert face.prepare_crop(detector, crops[0], 0.25).pyramid is None
     monkeypatch.setattr(detector, "device", torch.device("cuda"))  # the nets stay put: prepare_crop runs none
     searches = [face.prepare_crop(detector, c, 0.25) for c in crops]
+    assert face.prepare_crop(detector, crops[0], 0.25, pyramid=False).pyramid is None  # pre_process --no-host-pyramids
     monkeypatch.undo()
     assert all(len(s.pyramid) >= 4 for s in searches)  # an IMDB crop searched from a quarter of it: 5-6 levels
     resized = detector.detect([s.image for s in searches], [s.min_face for s in searches])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import face
 import pre_process
 from utils import REPO, read_image, write_jpeg
@@ -29,7 +30,7 @@ def stand_in_mtcnn(monkeypatch) -> None:
     """align_all's MTCNN replaced: no detector, a stand-in search per photo, and the corner of each photo aligned as its
     face (so each written face shows which photo it came from); each test sets its own face.search_crops."""
     monkeypatch.setattr(face, "FaceDetector", lambda device: None)
-    monkeypatch.setattr(face, "prepare_crop", lambda detector, img, fraction: "a search")
+    monkeypatch.setattr(face, "prepare_crop", lambda detector, img, fraction, pyramid: "a search")
     monkeypatch.setattr(face, "align_central", lambda img, found, size, center: dict(face=img[:size, :size].copy()))
 
 
@@ -50,7 +51,7 @@ def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, worke
     shrunk_on = set()  # the threads the photos were shrunk on: off the detecting thread on a GPU with workers
     torch_threads = set()  # and the torch threads each had for its ops (the pyramid's)
 
-    def prepare_crop(detector, img, fraction):
+    def prepare_crop(detector, img, fraction, pyramid):
         shrunk_on.add(threading.current_thread())
         torch_threads.add(torch.get_num_threads())
         return "a search"  # a stand-in: None would mean the full pyramid
@@ -125,7 +126,7 @@ def test_photos_the_crop_search_misses_are_retried_a_batch_at_a_time(tmp_path, m
             return [[] if number(img) == 21 else ["a face"] for img in images]  # photo 21 has none at all
 
     monkeypatch.setattr(face, "FaceDetector", lambda device: Detector())
-    monkeypatch.setattr(face, "prepare_crop", lambda detector, img, fraction: img)  # the search: the photo itself
+    monkeypatch.setattr(face, "prepare_crop", lambda detector, img, fraction, pyramid: img)  # the search: the photo itself
     monkeypatch.setattr(face, "search_crops", lambda detector, searches: [[] if number(s) % 3 == 0 else ["a face"]
                                                                           for s in searches])  # misses 0, 3, 6, ...
     monkeypatch.setattr(face, "align_central",
@@ -135,6 +136,21 @@ def test_photos_the_crop_search_misses_are_retried_a_batch_at_a_time(tmp_path, m
     assert full_calls == [4, 4]  # per batch of 4 it was [2, 1, 1, 2, 1, 1]
     for i, (_, dst) in enumerate(todo):
         assert not dst.exists() if i == 21 else abs(read_image(dst).mean() - 6 * i) < 2
+
+
+def test_no_host_pyramids_leaves_the_pyramids_to_the_device(tmp_path, monkeypatch):
+    """--no-host-pyramids (a GPU's feeding thread resizes P-Net's levels itself) reaches each photo's prepare_crop."""
+    todo = grey_photos(tmp_path, 6, 64)
+    stand_in_mtcnn(monkeypatch)
+    asked = []
+    monkeypatch.setattr(face, "prepare_crop", lambda detector, img, fraction, pyramid: asked.append(pyramid) or "a search")
+    monkeypatch.setattr(face, "search_crops", lambda detector, searches: [["a face"]] * len(searches))
+    for host in (True, False):
+        asked.clear()
+        pre_process.align_all(todo, 32, "drop", "cuda:0", 0, 4, 95, sort_batches=1, host_pyramids=host)
+        assert asked == [host] * len(todo)
+    assert pre_process.parse_args([]).host_pyramids is config.HOST_PYRAMIDS is True
+    assert pre_process.parse_args(["--no-host-pyramids"]).host_pyramids is False
 
 
 def test_a_failed_detection_on_a_gpu_stops_the_thread_taking_photos_in(tmp_path, monkeypatch):
