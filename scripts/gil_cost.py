@@ -11,12 +11,15 @@ beside one thread of each kind, on the other core, alternately (both orders):
   - shrink: face.prepare_crop as on the CPU (one cv2 resize a photo: few GIL hand-offs);
   - shrink+pyramid: face.prepare_crop as on a GPU, which also makes P-Net's pyramid (host_pyramid:
     ~10 torch ops a level, 5-6 levels an IMDB-sized crop), as pre_process.py's --workers threads do;
-  - small ops: torch ops on a 64 x 64 x 3 tensor, back to back.
+  - small ops: torch ops on a 64 x 64 x 3 tensor, back to back;
+  - shrink+pyramid in a process: the same work as pre_process.py's decode processes could do it, in an
+    interpreter of its own (what is left is what two busy cores cost, as with hashing).
 Prints the glue's time beside each, over its time alone. Not a CI test: about a minute of 2 cores.
 """
 from __future__ import annotations
 
 import hashlib
+import multiprocessing as mp
 import sys
 import threading
 import time
@@ -46,6 +49,13 @@ def glue(ops: int) -> float:
     return time.perf_counter() - start
 
 
+def imdb_photos() -> list[np.ndarray]:
+    """48 photos at IMDB's sizes, made from the sample portraits (seeded)."""
+    rng = np.random.default_rng(0)
+    portraits = [read_image(path) for path in ensure_samples()]
+    return [imdb_sized(rng, portraits[i % 3]) for i in range(48)]
+
+
 def neighbours(photos: list[np.ndarray]) -> dict[str, Callable[[], object]]:
     """One unit of each neighbour's work, run in a loop on its thread."""
     on_cpu, on_gpu = face.FaceDetector(device="cpu"), face.FaceDetector(device="cpu")
@@ -58,25 +68,48 @@ def neighbours(photos: list[np.ndarray]) -> dict[str, Callable[[], object]]:
             "small ops": lambda: (small * 2 + 1).mean()}
 
 
-def beside(work: Callable[[], object] | None, ops: int, calls: int) -> float:
-    """The glue's seconds over `calls` calls, with `work` looping on a thread meanwhile (None: alone)."""
-    stop = threading.Event()
+PROCESS = "shrink+pyramid in a process"  # beside()'s work for the neighbour in a process of its own
 
-    def loop() -> None:
-        torch.set_num_threads(1)
-        while not stop.is_set():
-            work()
 
-    thread = threading.Thread(target=loop, daemon=True) if work else None
-    if thread:
-        thread.start()
-        time.sleep(0.05)
+def in_a_process(stop: mp.synchronize.Event, ready: mp.synchronize.Event) -> None:
+    """shrink+pyramid's loop in a spawned process: ready once its photos and detector are made."""
+    torch.set_num_threads(1)
+    photos = imdb_photos()
+    work = neighbours(photos)["shrink+pyramid"]
+    ready.set()
+    while not stop.is_set():
+        work()
+
+
+def beside(work: Callable[[], object] | str | None, ops: int, calls: int) -> float:
+    """The glue's seconds over `calls` calls, with `work` looping meanwhile on a thread (a callable) or in a process
+    (PROCESS), or alone (None)."""
+    if work == PROCESS:
+        ctx = mp.get_context("spawn")
+        stop, ready = ctx.Event(), ctx.Event()
+        neighbour: threading.Thread | mp.process.BaseProcess | None = ctx.Process(target=in_a_process,
+                                                                                 args=(stop, ready))
+        neighbour.start()
+        ready.wait()
+    else:
+        stop = threading.Event()
+
+        def loop() -> None:
+            torch.set_num_threads(1)
+            while not stop.is_set():
+                work()
+
+        neighbour = threading.Thread(target=loop, daemon=True) if work else None
+        if neighbour:
+            neighbour.start()
+    time.sleep(0.05)
     try:
         return sum(glue(ops) for _ in range(calls))
     finally:
         stop.set()
-        if thread:
-            thread.join()
+        if neighbour:
+            neighbour.join()
+
 
 
 def main() -> None:
@@ -87,9 +120,7 @@ def main() -> None:
                    "every other round (default: %(default)s)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    rng = np.random.default_rng(0)
-    portraits = [read_image(path) for path in ensure_samples()]
-    work = neighbours([imdb_sized(rng, portraits[i % 3]) for i in range(48)])
+    work: dict[str, Callable[[], object] | str] = {**neighbours(imdb_photos()), PROCESS: PROCESS}
     beside(None, args.ops, 3)  # warm-up
     kinds = ["alone", *work]
     seconds: dict[str, list[float]] = {k: [] for k in kinds}
@@ -100,7 +131,7 @@ def main() -> None:
     per_op = alone / (args.rounds * args.calls * args.ops) * 1e6
     print(f"the glue alone: {per_op:.2f} us an op ({args.rounds} rounds of {args.calls} x {args.ops} ops)")
     for kind in work:
-        print(f"  beside {kind:15s} {sum(seconds[kind]) / alone:.2f}x as long")
+        print(f"  beside {kind:28s} {sum(seconds[kind]) / alone:.2f}x as long")
 
 
 if __name__ == "__main__":
