@@ -39,7 +39,7 @@ def test_git_commit_is_the_checkout_s_or_the_one_a_copy_is_told(monkeypatch):
 
 
 SCRIPTS = ("bench", "bench_inference", "demo", "evaluate", "export", "pre_process", "reproduce", "serve", "synth_imdb",
-           "train", "scripts/feed_speed", "scripts/imdb_scale", "scripts/pre_process_speed")
+           "train", "scripts/feed_speed", "scripts/gil_cost", "scripts/imdb_scale", "scripts/pre_process_speed")
 
 
 def script_parser(script: str, monkeypatch) -> argparse.ArgumentParser:
