@@ -662,7 +662,7 @@ def profile_train_py(data: Path, tmp: Path, batch: int, device: torch.device, mo
     process can stay slower (CUPTI stays attached), so the timed runs are never profiled."""
     out = tmp / f"profile_{mode}_b{batch}"
     # and the batches the loader prefetches, so that it prepares one in each recorded step, as in a long epoch
-    limit = (config.PROFILE_SKIP + train.StepProfiler.WARMUP + steps + config.PREFETCH + 1) * batch
+    limit = (train.StepProfiler.unrecorded() + steps + config.PREFETCH + 1) * batch
     error = run_train_py(data, out, batch, device,
                          ["--epochs", "1", "--limit", str(limit), "--profile", str(steps), *STEP_MODES[mode]])
     if error:

@@ -325,6 +325,11 @@ class StepProfiler:
 
     WARMUP = 1
 
+    @staticmethod
+    def unrecorded() -> int:
+        """Steps of the epoch run before the first one recorded."""
+        return config.PROFILE_SKIP + StepProfiler.WARMUP
+
     def __init__(self, steps: int = 0, out: Path = Path("."), cuda: bool = False) -> None:
         self.out, self.cuda = out, cuda
         activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * self.cuda
@@ -593,9 +598,9 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     if len(train_loader) == 0:
         raise UserError(f"--batch-size {args.batch_size}: larger than this process's share of the training faces; "
                         "lower it (or --nproc_per_node)")
-    if args.profile and len(train_loader) < config.PROFILE_SKIP + StepProfiler.WARMUP + args.profile:
+    if args.profile and len(train_loader) < StepProfiler.unrecorded() + args.profile:
         raise UserError(f"--profile {args.profile}: an epoch has {len(train_loader)} steps, fewer than the "
-                        f"{config.PROFILE_SKIP + StepProfiler.WARMUP} run first and the {args.profile} recorded; lower "
+                        f"{StepProfiler.unrecorded()} run first and the {args.profile} recorded; lower "
                         "--profile or --batch-size")
     amp, autocast = make_autocast(args, device)
     cfg = resolved_config(args, train_loader.size, world, device, amp)
