@@ -745,7 +745,7 @@ def align_photos(detector: FaceDetector, photos: list[np.ndarray], batch: int, s
     fraction = config.MIN_FACE_FRACTION
     aligned, missed = 0, []
     for start in range(0, len(photos), batch):
-        faces, missing = align_batch(detector, [(None, p, prepare_crop(detector, p, fraction))
+        faces, missing = align_batch(detector, [(None, p, prepare_crop(detector.crop_plan(), p, fraction))
                                                 for p in photos[start:start + batch]], size, False)
         aligned, missed = aligned + len(faces), missed + missing
     return aligned + len(align_full(detector, missed, size, False)) if missed else aligned

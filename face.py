@@ -35,6 +35,7 @@ import importlib.util
 import inspect
 import math
 import os
+import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import config
-from utils import atomic_write_bytes, onnx_session
+from utils import atomic_write_bytes, onnx_session, read_image_or_reason
 
 # --- alignment template -------------------------------------------------------------------
 
@@ -570,7 +571,7 @@ def host_pyramid(image: np.ndarray, min_face_size: int, scale_factor: float) -> 
 
     detect(..., pyramids=) draws these on P-Net's canvas on the host and sends it in one copy a
     pass: on a GPU the levels resized there cost the feeding thread ~19 dispatches each (5 or 6
-    levels an IMDB crop), and this runs beforehand, on other threads (prepare_crop). The same
+    levels an IMDB crop), and this runs beforehand, on other threads or processes (prepare_crop). The same
     area_resize as detect()'s, so on a CPU the values are the same, bit for bit.
     """
     rects = pyramid_rects(*image.shape[:2], min_face_size, scale_factor)
@@ -718,6 +719,13 @@ class FaceDetector:
             self.pnet, self.rnet, self.onet = (m.to(self.device, memory_format=self.memory_format) for m in load_mtcnn())
         else:
             raise ValueError(f"backend {backend!r}: torch or onnx")
+
+    def crop_plan(self, host_pyramid: bool = True) -> CropPlan:
+        """prepare_crop's plan for this detector: with P-Net's pyramids made on the host for a GPU (unless host_pyramid
+        is False), where resizing the levels in detect() costs the feeding thread ~82 ops a photo. Never for a CPU:
+        there detect() resizes a pass's levels together, 6.9 ms a photo against 7.9 made ahead (2 cores, batches of
+        16, 2026-12-07)."""
+        return CropPlan(self.min_face_size, self.scale_factor, host_pyramid and self.device.type != "cpu")
 
     @torch.inference_mode()
     def detect(self, images: Sequence[np.ndarray], min_face_sizes: Sequence[int] | None = None,
@@ -977,13 +985,13 @@ def align_central(image: np.ndarray, faces: Faces, size: int, center_fallback: b
     return dict(face=align_face(image, marks, size), box=box, landmarks=marks, score=score)
 
 
-def crop_min_face(detector: FaceDetector, shape: Sequence[int], fraction: float) -> int:
+def crop_min_face(min_face_size: int, shape: Sequence[int], fraction: float) -> int:
     """The smallest face worth looking for in an IMDB-WIKI crop of this shape: fraction of its short side.
 
     The labelled face spans 1 / (1 + 2 * IMDB_MARGIN) ~ 0.56 of the crop, so at a fraction well
-    below that P-Net skips only scales where that face cannot be. Never below the detector's own.
+    below that P-Net skips only scales where that face cannot be. Never below the detector's own, min_face_size.
     """
-    return max(detector.min_face_size, int(fraction * min(shape[:2])))
+    return max(min_face_size, int(fraction * min(shape[:2])))
 
 
 def _shrunk(image: np.ndarray, min_face: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1018,22 +1026,54 @@ class CropSearch:
     pyramid: list[np.ndarray] | None  # for a GPU, host_pyramid of image from min_face: P-Net's levels, made ahead
 
 
-def prepare_crop(detector: FaceDetector, image: np.ndarray, fraction: float, pyramid: bool = True) -> CropSearch:
-    """The photo shrunk (_shrunk) for faces of crop_min_face px and up, and for a GPU (unless pyramid is False) its
-    pyramid: search_crops' host work before detection.
+@dataclass(frozen=True)
+class CropPlan:
+    """What prepare_crop takes of a detector (FaceDetector.crop_plan): plain values, so that a process without one,
+    such as pre_process.py's decoding workers, can prepare the crops."""
 
-    A function of its own so that a caller can run it in threads ahead of detection (cv2 and torch
-    release the GIL): an IMDB-sized photo takes ~2 ms of a core, time a GPU's feeding thread cannot
-    spare. On a CPU, detect() resizes the levels itself: the same work, but a pass's levels
-    together, which took 6.9 ms a photo against 7.9 made here (2 cores, batches of 16, 2026-12-07).
+    min_face_size: int  # the detector's smallest face, in pixels
+    scale_factor: float  # its pyramid's
+    pyramid: bool  # make P-Net's pyramid too (CropSearch.pyramid), for a GPU detector
+
+
+def prepare_crop(plan: CropPlan, image: np.ndarray, fraction: float) -> CropSearch:
+    """The photo shrunk (_shrunk) for faces of crop_min_face px and up, and its pyramid if the plan says so:
+    search_crops' host work before detection.
+
+    A function of its own so that a caller can run it ahead of detection, in threads (cv2 and torch
+    release the GIL) or in other processes: an IMDB-sized photo takes ~2 ms of a core, time a GPU's
+    feeding thread cannot spare.
     """
     image = _as_rgb(image)  # as detect() takes it: a grey photo's pyramid has 3 channels too
-    min_face = crop_min_face(detector, image.shape, fraction)
+    min_face = crop_min_face(plan.min_face_size, image.shape, fraction)
     small, k = _shrunk(image, min_face)
     # the min face in the shrunk photo: _ONET_SIDE, or the photo's own where it was not shrunk
     small_face = int(min_face / k.min())
-    ahead = pyramid and detector.device.type != "cpu"
-    return CropSearch(small, k, small_face, host_pyramid(small, small_face, detector.scale_factor) if ahead else None)
+    pyramid = host_pyramid(small, small_face, plan.scale_factor) if plan.pyramid else None
+    return CropSearch(small, k, small_face, pyramid)
+
+
+def searchable(image: np.ndarray | str, fraction: float) -> bool:
+    """Whether a photo gets a prepare_crop: it is one (not the reason it is unusable, utils.read_image_or_reason's),
+    and fraction is not 0 (then the full pyramid searches the photo itself)."""
+    return fraction > 0 and not isinstance(image, str)
+
+
+def read_for_search(path: str | os.PathLike, plan: CropPlan, fraction: float
+                    ) -> tuple[np.ndarray | str, CropSearch | None]:
+    """(the photo, or the reason it is unusable; its prepare_crop where searchable): a decoding process's whole share
+    of a photo where it also prepares the search (pre_process.py --prepare-in processes; its pool starts each such
+    process with start_crop_worker)."""
+    image = read_image_or_reason(path)
+    return image, prepare_crop(plan, image, fraction) if searchable(image, fraction) else None
+
+
+def start_crop_worker() -> None:
+    """A process pool's initializer for read_for_search's workers: Ctrl-C is the parent's to handle, and each worker's
+    cv2 and torch ops run on one thread (else every worker starts thread pools as large as the machine)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
 
 
 def search_crops(detector: FaceDetector, searches: list[CropSearch]) -> list[Faces]:

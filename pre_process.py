@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -214,7 +215,8 @@ def read_face_settings(record: Path) -> dict:
 def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: str, workers: int,
               batch: int, quality: int, min_face_fraction: float = config.MIN_FACE_FRACTION,
               sort_batches: int = config.SORT_BATCHES,
-              host_pyramids: bool = config.HOST_PYRAMIDS) -> tuple[dict, int, dict[str, float]]:
+              host_pyramids: bool = config.HOST_PYRAMIDS,
+              prepare_in: str = config.PREPARE_IN) -> tuple[dict, int, dict[str, float]]:
     """Detect, align and write every (source, target) pair: (dropped count per reason, photos retried, PhaseClock
     seconds: where the time went).
 
@@ -225,7 +227,9 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
     Faces are looked for from min_face_fraction of each photo's short side up (0: from
     MTCNN's 20 px); a photo with none that large is retried with the full pyramid, with others
     like it, a batch of them at a time (held until then: at most a batch). host_pyramids: on a GPU, P-Net's
-    pyramids are made on the host, with the shrinking (face.prepare_crop), not on the device.
+    pyramids are made on the host, with the shrinking (face.prepare_crop), not on the device. prepare_in: where
+    prepare_crop runs: "threads" (on a GPU, `workers` threads of this process; on the CPU, inline) or "processes"
+    (the decoding workers, as they decode).
     """
     # here, not at the top: the spawned decode workers import this module, and need neither
     import face
@@ -233,15 +237,22 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
 
     clock = PhaseClock()
     detector = face.FaceDetector(device=device)
+    plan = detector.crop_plan(host_pyramids)
+    in_decoders = prepare_in == "processes" and workers > 0
     dropped: dict[str, int] = {}
     retried = 0
     ahead = max(batch, 2 * workers)  # the next batch, and enough queued to keep every worker busy
-    # spawn: fork after torch threads start can deadlock; Ctrl-C is the parent's to handle
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=signal.signal,
-                               initargs=(signal.SIGINT, signal.SIG_IGN)) if workers > 0 else _InlineExecutor()
+    # spawn: fork after torch threads start can deadlock; Ctrl-C is the parent's to handle. The workers' functions are
+    # other modules': this one may be __main__, which a worker cannot import under `python -m cProfile`
+    initializer, initargs = (face.start_crop_worker, ()) if in_decoders else (signal.signal, (signal.SIGINT,
+                                                                                              signal.SIG_IGN))
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=initializer,
+                               initargs=initargs) if workers > 0 else _InlineExecutor()
+    # on a GPU a thread takes the photos in, so that the next window is decoded (and prepared) while one is detected
+    fed = workers > 0 and device.startswith("cuda")
     # on a GPU, threads shrink the photos for the search while this one feeds the device; on the CPU the cores
     # are torch's, and shrinking in threads beside it ran 16-19% slower (2 cores)
-    threaded = workers > 0 and device.startswith("cuda")
+    threaded = fed and not in_decoders
     # their torch ops (the pyramids) each on its own thread: else each thread starts an OpenMP team as large as the
     # machine (8 x 16 on a GPU box); with 16 torch threads on 2 cores, 8 threads took 1.5x as long with 114 threads
     torch_threads = torch.get_num_threads()  # set back after: torch.set_num_threads is also every new thread's
@@ -252,17 +263,24 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
     feed: Generator | None = None  # the thread taking decoded photos in, on a GPU
     try:
         with tqdm(total=len(todo), desc="align", unit="photo") as bar:
-            photos = zip((dst for _, dst in todo), map_ahead(pool, read_image_or_reason, (src for src, _ in todo), ahead))
-            searched = with_searches(shrinker, photos, detector, min_face_fraction, host_pyramids)
-            if threaded:  # a thread takes them in, so the next window is decoded and shrunk while this one is detected
+            targets, sources = (dst for _, dst in todo), (src for src, _ in todo)
+            if in_decoders:
+                read = functools.partial(face.read_for_search, plan=plan, fraction=min_face_fraction)
+                prepared = map_ahead(pool, read, sources, ahead)
+                searched = ((dst, img, _done(search)) for dst, (img, search) in zip(targets, prepared))
+            else:
+                photos = zip(targets, map_ahead(pool, read_image_or_reason, sources, ahead))
+                searched = with_searches(shrinker, photos, plan, min_face_fraction)
+            if fed:
                 searched = feed = in_background(searched, batch * max(sort_batches, 1), "photo-feed")
             batches = size_sorted_batches(searched, batch, sort_batches, dropped)
             missed: list[tuple[Path, np.ndarray]] = []  # photos the crop search found no face in, to retry
             while True:
-                with clock("photos"):  # decoded by the workers, shrunk by the threads
+                with clock("photos"):  # decoded by the workers, shrunk by the threads or by the workers
                     chunk = next(batches, None)
                     if chunk is not None:
                         chunk = [(dst, img, None if s is None else s.result()) for dst, img, s in chunk]
+                        clock.first_batch()
                 with clock("detect"):
                     faces, missing = align_batch(detector, chunk, size, fallback == "center") if chunk else ([], [])
                     settled = len(chunk or ()) - len(missing)  # photos now with their face, or with none at all
@@ -299,11 +317,17 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
 
 class PhaseClock:
     """Wall seconds of align_all in each phase: waiting for photos (decoded, shrunk), detecting and aligning a batch
-    (align_batch), waiting for writes; the rest (Python between them, the bar) is total less their sum."""
+    (align_batch), waiting for writes; the rest (Python between them, the bar) is total less their sum. Also "first",
+    the seconds until the first batch was in hand (part of "photos": the workers' start-up and the first window's
+    decoding), which a long run pays once: a short timed run can leave it out."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.seconds = dict.fromkeys(("photos", "detect", "writes"), 0.0)
+
+    def first_batch(self) -> None:
+        """Called when a batch is in hand: the first call sets "first"."""
+        self.seconds.setdefault("first", time.perf_counter() - self.start)
 
     @contextlib.contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
@@ -320,27 +344,33 @@ class PhaseClock:
 def phase_report(seconds: dict[str, float], device: str, workers: int) -> str:
     """One line of where the align phase's time went, and what to change when photos kept the device waiting."""
     total = seconds["total"] or 1.0
-    share = {k: 100 * v / total for k, v in seconds.items() if k != "total"}
-    line = (f"align: {seconds['total']:.1f} s, waiting for photos {share['photos']:.0f}%, detecting and aligning "
-            f"{share['detect']:.0f}%, waiting for writes {share['writes']:.0f}%")
+    share = {k: 100 * seconds[k] / total for k in ("photos", "detect", "writes")}
+    first = f" (the first batch after {seconds['first']:.1f} s)" if "first" in seconds else ""
+    line = (f"align: {seconds['total']:.1f} s{first}, waiting for photos {share['photos']:.0f}%, detecting and "
+            f"aligning {share['detect']:.0f}%, waiting for writes {share['writes']:.0f}%")
     if device.startswith("cuda") and share["photos"] > PHOTO_WAIT_ADVICE:
         line += (f"; the GPU waited for photos: decoding is the bottleneck, raise --workers ({workers}) if there "
                  "are idle cores")
     return line
 
 
-def with_searches(pool: Executor, photos: Iterable[tuple[Path, np.ndarray | str]], detector: "face.FaceDetector",
-                  fraction: float, pyramids: bool) -> Iterator[tuple[Path, np.ndarray | str, Future | None]]:
+def with_searches(pool: Executor, photos: Iterable[tuple[Path, np.ndarray | str]], plan: "face.CropPlan",
+                  fraction: float) -> Iterator[tuple[Path, np.ndarray | str, Future | None]]:
     """(target, photo or the reason it is unusable, the future of its face.prepare_crop), submitted as it comes.
 
-    No future for a reason, nor with fraction 0 (the full pyramid searches the photo itself). Submitted
-    when size_sorted_batches takes the photo into its window, a batch or more before its detection.
+    None where it is not searchable. Submitted when size_sorted_batches takes the photo into its window, a batch or
+    more before its detection.
     """
     import face  # see align_all
 
     for dst, img in photos:
-        usable = fraction > 0 and not isinstance(img, str)
-        yield dst, img, pool.submit(face.prepare_crop, detector, img, fraction, pyramids) if usable else None
+        usable = face.searchable(img, fraction)
+        yield dst, img, pool.submit(face.prepare_crop, plan, img, fraction) if usable else None
+
+
+def _done(value: object) -> Future | None:
+    """A finished Future of value (None for None): a search made in a decoding worker, as with_searches' are."""
+    return None if value is None else _InlineExecutor().submit(lambda: value)
 
 
 def align_batch(detector: "face.FaceDetector", chunk: list[tuple[Path, np.ndarray, "face.CropSearch | None"]], size: int,
@@ -470,6 +500,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="on a GPU, the --workers threads make P-Net's pyramids on the host (the GPU's feeding thread "
                         "then runs fewer ops, but shares the GIL with them); off: the feeding thread resizes them on "
                         "the device; ignored on the CPU (default: %(default)s)")
+    p.add_argument("--prepare-in", choices=("threads", "processes"), default=config.PREPARE_IN,
+                   help="where each photo is shrunk for the search (and, with --host-pyramids on a GPU, its P-Net "
+                        "pyramid made): threads, --workers threads beside the one feeding a GPU (inline on the CPU), "
+                        "which share its GIL; processes, the --workers decoding processes, each then loading torch "
+                        "(default: %(default)s)")
     p.add_argument("--sort-batches", type=int, default=config.SORT_BATCHES,
                    help="decoded photos are sorted by size this many batches at a time (default: %(default)s)")
     p.add_argument("--device", default=config.DEVICE, help="MTCNN device: auto, cpu, cuda (default: %(default)s)")
@@ -610,7 +645,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: str) -> None:
     if len(todo) < len(share):
         print(f"{len(share) - len(todo)} faces already written, skipped" + (f" (rank {rank})" if world > 1 else ""))
     aligned, retried, seconds = align_all(todo, args.size, args.fallback, device, args.workers, args.batch,
-                                          args.quality, args.min_face_fraction, args.sort_batches, args.host_pyramids)
+                                          args.quality, args.min_face_fraction, args.sort_batches, args.host_pyramids,
+                                          args.prepare_in)
     if todo:
         print(phase_report(seconds, device, args.workers) + (f" (rank {rank})" if world > 1 else ""))
     ranks = gather(world, dict(dropped=aligned, retried=retried, photos=len(todo) - sum(aligned.values()),

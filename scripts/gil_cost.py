@@ -18,6 +18,7 @@ Prints the glue's time beside each, over its time alone. Not a CI test: about a 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import multiprocessing as mp
 import sys
@@ -58,8 +59,8 @@ def imdb_photos() -> list[np.ndarray]:
 
 def neighbours(photos: list[np.ndarray]) -> dict[str, Callable[[], object]]:
     """One unit of each neighbour's work, run in a loop on its thread."""
-    on_cpu, on_gpu = face.FaceDetector(device="cpu"), face.FaceDetector(device="cpu")
-    on_gpu.device = torch.device("cuda")  # prepare_crop then makes the pyramid too; no net runs
+    on_cpu = face.FaceDetector(device="cpu").crop_plan()
+    on_gpu = dataclasses.replace(on_cpu, pyramid=True)  # a GPU detector's: prepare_crop makes the pyramid too
     big, small = bytes(20_000_000), torch.rand(64, 64, 3)
     turn = iter(range(10**12))
     return {"hashing": lambda: hashlib.sha256(big).digest(),

@@ -9,8 +9,9 @@
 #   scripts/gpu_bench.sh --scale          on the same machine, a second call (after a first with SCALE_SECONDS=0):
 #                                         issue 11 on the GPU, scripts/imdb_scale.py (460,723 rows, 3,000
 #                                         photos): one process, then profiled under cProfile, then with
-#                                         --no-host-pyramids, then 4 processes sharing the GPU under
-#                                         torchrun (~4 min); a dry run here:
+#                                         --no-host-pyramids, then with --prepare-in processes, then 4
+#                                         processes sharing the GPU under torchrun (~5 min; one log for
+#                                         all); a dry run here:
 #                                         DEVICE=cpu OUT=/tmp/s PYTHON=.venv/bin/python scripts/gpu_bench.sh --scale --rows 3000 --photos 40
 #   scripts/gpu_bench.sh --shards         on the same machine, a second call: pre_process.py sharded
 #                                         (issue 11): 1 CPU process against torchrun's 2, 4 threads
@@ -52,14 +53,17 @@ if [[ "${1:-}" == "--scale" ]]; then  # 16 cores: 8 decode workers for one proce
     timeout --kill-after=10 "${SCALE_SECONDS:-300}" "$PYTHON" scripts/imdb_scale.py --device "${DEVICE:-cuda}" \
         --work /tmp/imdb_scale "${@:2}" --out-json "$out/imdb_scale_cuda.json" --profile "$out/imdb_scale_cuda_profile.txt" -- --workers 8 \
         2>&1 | tee "$out/imdb_scale_cuda.log"
-    # the pyramids made on the device by the feeding thread instead of on the shrinking threads (scripts/gil_cost.py:
-    # those threads slow its ops through the GIL): which pays on a GPU
+    # scripts/gil_cost.py: the shrinking threads slow the feeding thread's ops through the GIL. Which pays on a GPU:
+    # the pyramids made on the device by the feeding thread, or shrinking and pyramids in the decoding processes
     timeout --kill-after=10 "${SCALE_SECONDS:-300}" "$PYTHON" scripts/imdb_scale.py --device "${DEVICE:-cuda}" \
         --work /tmp/imdb_scale "${@:2}" --out-json "$out/imdb_scale_cuda_nohp.json" -- --workers 8 --no-host-pyramids \
-        2>&1 | tee "$out/imdb_scale_cuda_nohp.log"
+        2>&1 | tee -a "$out/imdb_scale_cuda.log"
+    timeout --kill-after=10 "${SCALE_SECONDS:-300}" "$PYTHON" scripts/imdb_scale.py --device "${DEVICE:-cuda}" \
+        --work /tmp/imdb_scale "${@:2}" --out-json "$out/imdb_scale_cuda_procs.json" -- --workers 8 --prepare-in processes \
+        2>&1 | tee -a "$out/imdb_scale_cuda.log"
     OMP_NUM_THREADS=2 timeout --kill-after=10 "${SCALE_SECONDS:-300}" "$PYTHON" scripts/imdb_scale.py --device "${DEVICE:-cuda}" \
         --nproc 4 --work /tmp/imdb_scale "${@:2}" --out-json "$out/imdb_scale_cuda_4.json" -- --workers 3 \
-        2>&1 | tee "$out/imdb_scale_cuda_4.log"
+        2>&1 | tee -a "$out/imdb_scale_cuda.log"
     exit 0
 fi
 if [[ "${1:-}" == "--shards" ]]; then  # the device machine's 16 cores: room for two processes of 4 threads

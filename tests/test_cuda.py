@@ -141,7 +141,7 @@ def test_imdb_crops_on_the_gpu_find_the_cpu_s_faces(samples):
     found = {}
     for device in ("cpu", "cuda"):
         detector = face.FaceDetector(device=device)
-        searches = [face.prepare_crop(detector, c, 0.25) for c in crops]
+        searches = [face.prepare_crop(detector.crop_plan(), c, 0.25) for c in crops]
         assert all((s.pyramid is None) == (device == "cpu") for s in searches)
         found[device] = face.search_crops(detector, searches)
     for crop, cpu, gpu in zip(crops, found["cpu"], found["cuda"]):

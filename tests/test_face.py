@@ -520,10 +520,11 @@ def test_crops_are_searched_shrunk_and_find_the_full_pyramids_face(detector, por
     3.3%; the full-size search itself moves its landmarks by up to 2.8% between the crop at 2x and at 3x)."""
     crops = [imdb_crop(p, a.boxes[0], 3) for p, a in zip(portraits, alone[:3])]
     plain = detector.detect(crops)
-    found = face.search_crops(detector, [face.prepare_crop(detector, c, 0.25) for c in crops])
+    found = face.search_crops(detector, [face.prepare_crop(detector.crop_plan(), c, 0.25) for c in crops])
     assert all(len(f) for f in found)  # none to retry
     for crop, a, b in zip(crops, plain, found):
-        assert face.crop_min_face(detector, crop.shape, 0.25) > 2 * 48  # so it was searched at under half size
+        # so it was searched at under half size
+        assert face.crop_min_face(detector.min_face_size, crop.shape, 0.25) > 2 * 48
         i, j = face.central_face(a, crop.shape), face.central_face(b, crop.shape)
         side = a.boxes[i, 2] - a.boxes[i, 0]
         assert np.abs(b.landmarks[j] - a.landmarks[i]).max() < 0.05 * side
@@ -539,11 +540,12 @@ def test_crops_pyramids_made_ahead_give_the_same_faces_for_few_ops(detector, por
 
     rng = np.random.default_rng(0)
     crops = [imdb_sized(rng, portraits[i % 3]) for i in range(16)]
-    assert face.prepare_crop(detector, crops[0], 0.25).pyramid is None
+    assert face.prepare_crop(detector.crop_plan(), crops[0], 0.25).pyramid is None
     monkeypatch.setattr(detector, "device", torch.device("cuda"))  # the nets stay put: prepare_crop runs none
-    searches = [face.prepare_crop(detector, c, 0.25) for c in crops]
-    assert face.prepare_crop(detector, crops[0], 0.25, pyramid=False).pyramid is None  # pre_process --no-host-pyramids
+    plan = detector.crop_plan()
+    assert face.prepare_crop(detector.crop_plan(False), crops[0], 0.25).pyramid is None  # --no-host-pyramids
     monkeypatch.undo()
+    searches = [face.prepare_crop(plan, c, 0.25) for c in crops]
     assert all(len(s.pyramid) >= 4 for s in searches)  # an IMDB crop searched from a quarter of it: 5-6 levels
     resized = detector.detect([s.image for s in searches], [s.min_face for s in searches])
     drawn = detector.detect([s.image for s in searches], [s.min_face for s in searches], [s.pyramid for s in searches])
@@ -570,13 +572,14 @@ def test_crops_pyramids_made_ahead_give_the_same_faces_for_few_ops(detector, por
 def test_a_face_below_the_derived_minimum_is_found_by_the_retry(detector, images, alone):
     """The astronaut's ~100 px face in its 512 px photo: at 0.5 of the short side (256 px) the first pass finds
     nothing, and the retry with the full pyramid finds the plain detect()'s face."""
-    assert face.crop_min_face(detector, images[0].shape, 0.5) > 2 * (alone[0].boxes[0, 3] - alone[0].boxes[0, 1])
-    first = detector.detect([images[0]], [face.crop_min_face(detector, images[0].shape, 0.5)])[0]
+    least = face.crop_min_face(detector.min_face_size, images[0].shape, 0.5)
+    assert least > 2 * (alone[0].boxes[0, 3] - alone[0].boxes[0, 1])
+    first = detector.detect([images[0]], [least])[0]
     assert len(first) == 0  # the face is too small for the first pass
     import pre_process  # where the retry is: align_batch hands the photos it missed to align_full
 
     crops = [images[0], imdb_crop(images[0], alone[0].boxes[0], 1)]
-    chunk = [(i, crop, face.prepare_crop(detector, crop, 0.5)) for i, crop in enumerate(crops)]
+    chunk = [(i, crop, face.prepare_crop(detector.crop_plan(), crop, 0.5)) for i, crop in enumerate(crops)]
     faces, missed = pre_process.align_batch(detector, chunk, 112, False)
     assert [i for i, _ in faces] == [1] and [i for i, _ in missed] == [0]
     retried = pre_process.align_full(detector, missed, 112, False)

@@ -26,20 +26,38 @@ def grey_photos(root, n: int, side: int) -> list[tuple]:
     return todo
 
 
+class NoNets:
+    """align_all's detector without MTCNN's nets: its settings and its crop plan."""
+
+    min_face_size, scale_factor = 20, 0.709
+    crop_plan = face.FaceDetector.crop_plan
+
+    def __init__(self, device: str) -> None:
+        self.device = torch.device(device)
+
+
 def stand_in_mtcnn(monkeypatch) -> None:
-    """align_all's MTCNN replaced: no detector, a stand-in search per photo, and the corner of each photo aligned as its
+    """align_all's MTCNN replaced: no nets, a stand-in search per photo, and the corner of each photo aligned as its
     face (so each written face shows which photo it came from); each test sets its own face.search_crops."""
-    monkeypatch.setattr(face, "FaceDetector", lambda device: None)
-    monkeypatch.setattr(face, "prepare_crop", lambda detector, img, fraction, pyramid: "a search")
+    monkeypatch.setattr(face, "FaceDetector", NoNets)
+    monkeypatch.setattr(face, "prepare_crop", lambda plan, img, fraction: "a search")
     monkeypatch.setattr(face, "align_central", lambda img, found, size, center: dict(face=img[:size, :size].copy()))
 
 
-@pytest.mark.parametrize("workers,sort_batches,device", [(1, 1, "cpu"), (0, 1, "cpu"), (1, 3, "cpu"), (1, 1, "cuda:0")])
-def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, workers, sort_batches, device):
+@pytest.mark.parametrize("workers,sort_batches,device,prepare_in", [
+    (1, 1, "cpu", "threads"), (0, 1, "cpu", "threads"), (1, 3, "cpu", "threads"), (1, 1, "cuda:0", "threads"),
+    (1, 1, "cuda:0", "processes")])  # a worker process prepares the searches: real ones, shrunk photos and pyramids
+def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, workers, sort_batches, device, prepare_in):
     n, batch, side = 40, 4, 700
     photo_bytes = side * side * 3  # one decoded photo in the parent
     todo = grey_photos(tmp_path, n, side)
     held = []  # decoded photos alive in the parent at each detection, from the bytes traced
+    # what a photo comes with from a worker that prepares its search: its shrunk copy and P-Net's pyramid (measured:
+    # 0.11 of the photo); the stand-in searches of the threads weigh nothing
+    search = face.prepare_crop(NoNets("cuda:0").crop_plan(), np.zeros((side, side, 3), np.uint8),
+                               config.MIN_FACE_FRACTION)
+    per_photo = 1 + (search.image.nbytes + sum(p.nbytes for p in search.pyramid)) / photo_bytes \
+        if prepare_in == "processes" else 1
 
     def slow_detect(detector, searches):
         time.sleep(0.1)  # detection is the slow step, so decoding has time to race ahead
@@ -51,7 +69,7 @@ def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, worke
     shrunk_on = set()  # the threads the photos were shrunk on: off the detecting thread on a GPU with workers
     torch_threads = set()  # and the torch threads each had for its ops (the pyramid's)
 
-    def prepare_crop(detector, img, fraction, pyramid):
+    def prepare_crop(plan, img, fraction):
         shrunk_on.add(threading.current_thread())
         torch_threads.add(torch.get_num_threads())
         return "a search"  # a stand-in: None would mean the full pyramid
@@ -62,21 +80,24 @@ def test_decoding_stays_a_window_ahead_of_detection(tmp_path, monkeypatch, worke
     tracemalloc.start()
     try:
         dropped, retried, seconds = pre_process.align_all(todo, 32, "drop", device, workers, batch, 95,
-                                                          sort_batches=sort_batches)
+                                                          sort_batches=sort_batches, prepare_in=prepare_in)
         assert torch.get_num_threads() == 2  # as it was: set back
     finally:
         tracemalloc.stop()
         torch.set_num_threads(before)
     assert dropped == {} and retried == 0 and len(held) == n // batch
     assert seconds["detect"] >= 0.1 * n // batch  # the clock puts slow_detect's sleeps where they were
-    assert (threading.main_thread() not in shrunk_on) == (workers > 0 and device.startswith("cuda")) and shrunk_on
-    # on a GPU, one each: else each thread's torch ops start an OpenMP team as large as the machine
-    assert torch_threads == ({1} if workers > 0 and device.startswith("cuda") else {2})
+    if prepare_in == "processes":
+        assert not shrunk_on  # all in the worker
+    else:
+        assert (threading.main_thread() not in shrunk_on) == (workers > 0 and device.startswith("cuda")) and shrunk_on
+        # on a GPU, one each: else each thread's torch ops start an OpenMP team as large as the machine
+        assert torch_threads == ({1} if workers > 0 and device.startswith("cuda") else {2})
     # the sorting window's batches and the next one decoded ahead of them (+ half a photo of bookkeeping); on a
     # GPU, also the next window and the photo the thread taking them in holds; the unbounded imap over every photo
     # held 32 of the 40 here
     next_window = sort_batches * batch + 1 if workers > 0 and device.startswith("cuda") else 0
-    assert max(held) <= (sort_batches + 1) * batch + next_window + 0.5, [round(h, 1) for h in held]
+    assert max(held) <= ((sort_batches + 1) * batch + next_window) * per_photo + 0.5, [round(h, 1) for h in held]
     for i, (_, dst) in enumerate(todo):
         assert abs(read_image(dst).mean() - 6 * i) < 2  # every face written from its own photo, in order
 
@@ -120,13 +141,13 @@ def test_photos_the_crop_search_misses_are_retried_a_batch_at_a_time(tmp_path, m
     def number(img: np.ndarray) -> int:  # photo i is all grey 6 * i
         return round(float(img.mean()) / 6)
 
-    class Detector:
+    class Detector(NoNets):
         def detect(self, images):
             full_calls.append(len(images))
             return [[] if number(img) == 21 else ["a face"] for img in images]  # photo 21 has none at all
 
-    monkeypatch.setattr(face, "FaceDetector", lambda device: Detector())
-    monkeypatch.setattr(face, "prepare_crop", lambda detector, img, fraction, pyramid: img)  # the search: the photo itself
+    monkeypatch.setattr(face, "FaceDetector", Detector)
+    monkeypatch.setattr(face, "prepare_crop", lambda plan, img, fraction: img)  # the search: the photo itself
     monkeypatch.setattr(face, "search_crops", lambda detector, searches: [[] if number(s) % 3 == 0 else ["a face"]
                                                                           for s in searches])  # misses 0, 3, 6, ...
     monkeypatch.setattr(face, "align_central",
@@ -143,7 +164,7 @@ def test_no_host_pyramids_leaves_the_pyramids_to_the_device(tmp_path, monkeypatc
     todo = grey_photos(tmp_path, 6, 64)
     stand_in_mtcnn(monkeypatch)
     asked = []
-    monkeypatch.setattr(face, "prepare_crop", lambda detector, img, fraction, pyramid: asked.append(pyramid) or "a search")
+    monkeypatch.setattr(face, "prepare_crop", lambda plan, img, fraction: asked.append(plan.pyramid) or "a search")
     monkeypatch.setattr(face, "search_crops", lambda detector, searches: [["a face"]] * len(searches))
     for host in (True, False):
         asked.clear()
@@ -194,7 +215,7 @@ def test_feed_speed_runs_a_tree_s_align_phase_with_the_stand_in_detector(tmp_pat
 
 def test_the_align_clock_says_where_the_time_went(tmp_path, monkeypatch):
     """Slow decoding shows as waiting for photos, slow detection as detecting and aligning; on a GPU the first is
-    reported with the advice to raise --workers, the second without."""
+    reported with the advice to raise --workers, the second without. The wait for the first batch is told apart."""
     todo = grey_photos(tmp_path, 8, 64)
     stand_in_mtcnn(monkeypatch)
 
@@ -210,11 +231,15 @@ def test_the_align_clock_says_where_the_time_went(tmp_path, monkeypatch):
         monkeypatch.setattr(pre_process, "read_image_or_reason", decode)  # --workers 0 decodes in this process
         monkeypatch.setattr(face, "search_crops", detect)
         spent = pre_process.align_all(todo, 32, "drop", "cuda:0", 0, 4, 95, sort_batches=1)[2]
-        assert sum(v for k, v in spent.items() if k != "total") <= spent["total"]
+        assert sum(v for k, v in spent.items() if k not in ("total", "first")) <= spent["total"]
+        assert spent["first"] <= spent["photos"]  # the wait for the first batch is part of the wait for photos
         return spent
 
     decoding = seconds(0.05, 0)  # 8 photos
     assert decoding["photos"] >= 0.4 and decoding["photos"] > 5 * decoding["detect"]
+    # after its 4 photos (and the 3 that --workers 0 decodes ahead when asked for them), before all 8
+    assert 0.2 <= decoding["first"] < 0.4
+    assert f"(the first batch after {decoding['first']:.1f} s)" in pre_process.phase_report(decoding, "cuda:0", 0)
     assert int(re.search(r"waiting for photos (\d+)%", pre_process.phase_report(decoding, "cuda:0", 0))[1]) >= 50
     assert "raise --workers (0)" in pre_process.phase_report(decoding, "cuda:0", 0)
     assert "raise --workers" not in pre_process.phase_report(decoding, "cpu", 0)  # there the cores are MTCNN's

@@ -167,3 +167,47 @@ def test_faces_sought_from_a_fraction_keep_the_full_pyramids_photos(tmp_path):
     assert summary["retried"] == 0 and len(rows) >= 14  # the full pyramid misses the odd profile view of camera()
     assert runs["0.5"][0] == rows  # the same rows, in the same order
     assert 4 <= runs["0.5"][1]["retried"] <= 4 + 16 - len(rows)  # the astronauts, and any photo with no face at all
+
+
+def test_crops_prepared_in_the_decoding_processes_give_the_same_faces(tmp_path, monkeypatch):
+    """--prepare-in processes: each photo is shrunk, and here its P-Net pyramid made as for a GPU, in the decoding
+    worker, never in this process; detect() draws those pyramids and finds the faces, bit for bit, that --prepare-in
+    threads finds with the CPU's inline shrinking and its own resizing."""
+    import face
+    from synth_imdb import imdb_sized
+
+    root = tmp_path / "crop"
+    generate(root, 8, seed=22, dirty_fraction=0.0)
+    rng = np.random.default_rng(1)
+    for path in sorted(root.glob("*/*.jpg")):
+        write_jpeg(path, imdb_sized(rng, read_image(path)), quality=90)
+    prepared_here, searches_seen = [], []
+    prepare_crop, search_crops = face.prepare_crop, face.search_crops
+
+    def counted_prepare(plan, img, fraction):
+        prepared_here.append(plan.pyramid)
+        return prepare_crop(plan, img, fraction)
+
+    def seen_search(detector, searches):
+        searches_seen.extend(s.pyramid is not None for s in searches)
+        return search_crops(detector, searches)
+
+    monkeypatch.setattr(face, "prepare_crop", counted_prepare)  # in this process only: a worker runs the real one
+    monkeypatch.setattr(face, "search_crops", seen_search)
+    plain_plan = face.FaceDetector.crop_plan
+    runs = {}
+    for where in ("threads", "processes"):
+        # a GPU's plan in the workers: the pyramids made there travel back and detect() draws them
+        monkeypatch.setattr(face.FaceDetector, "crop_plan", lambda self, host: face.CropPlan(
+            self.min_face_size, self.scale_factor, where == "processes"))
+        prepared_here.clear(), searches_seen.clear()
+        out = tmp_path / where
+        pre_process.main(["--root", str(root), "--out", str(out), "--device", "cpu", "--workers", "1", "--batch", "4",
+                          "--no-pack", "--prepare-in", where])
+        rows = read_labels(out)
+        runs[where] = rows, {r["image"]: (out / r["image"]).read_bytes() for r in rows}
+        assert len(searches_seen) == 8 and set(searches_seen) == {where == "processes"}
+        assert prepared_here == ([] if where == "processes" else [False] * 8)
+    monkeypatch.setattr(face.FaceDetector, "crop_plan", plain_plan)
+    assert len(runs["threads"][0]) >= 6 and runs["processes"] == runs["threads"]
+    assert pre_process.parse_args([]).prepare_in == config.PREPARE_IN == "threads"
