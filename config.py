@@ -24,7 +24,7 @@ DETECT_BATCH = 16  # photos per batched MTCNN call (pre_process.py on the CPU; d
 DETECT_BATCH_CUDA = 64  # pre_process.py's on a GPU, where each op is a launch or a dispatch: a call runs ~2,080 ops of its own besides ~28 per photo (counted on the CPU)
 MIN_FACE_FRACTION = 0.25  # pre_process.py looks for faces from this share of a crop's short side up (the labelled one spans ~0.56); none found: retried from 20 px
 HOST_PYRAMIDS = True  # pre_process.py on a GPU: the --workers threads make P-Net's pyramids, 1 copy a pass, not ~82 ops a photo; they also contend for the GIL (scripts/gil_cost.py): untimed on a GPU
-PREPARE_IN = "threads"  # pre_process.py: where photos are shrunk and pyramids made ahead of MTCNN: "threads" (beside a GPU's feeding thread, sharing its GIL: 1.57x its ops' time in scripts/gil_cost.py) or "processes" (the decoding workers: 0.88x there); untimed on a GPU
+PREPARE_IN = "threads"  # pre_process.py: where photos are shrunk (and on a GPU pyramids made) ahead of MTCNN: "threads" (on a GPU beside the feeding thread, sharing its GIL: 1.57x its ops' time in scripts/gil_cost.py; on the CPU inline) or "processes" (the decoding workers: 0.88x there; on 2 CPU cores 0.68-0.88x the photos/s of inline, twice the memory); untimed on a GPU
 SORT_BATCHES = 4  # pre_process.py sorts decoded photos by size this many --batch's at a time (similar sizes share P-Net's tiles)
 
 # --- models.py ---------------------------------------------------------------------------
