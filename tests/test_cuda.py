@@ -1,5 +1,6 @@
-"""The GPU-only paths: train.py's captured step (--cuda-graph), an epoch's syncs, --profile's kernels. Skipped
-without CUDA (CI has none); scripts/gpu_bench.sh runs this file on the device machine before timing anything."""
+"""The GPU-only paths: train.py's captured step (--cuda-graph), an epoch's syncs, --profile's kernels, pre_process.py's
+host work for MTCNN on threads and in processes. Skipped without CUDA (CI has none); scripts/gpu_bench.sh runs this file on
+the device machine before timing anything."""
 import json
 import warnings
 
@@ -149,3 +150,26 @@ def test_imdb_crops_on_the_gpu_find_the_cpu_s_faces(samples):
         assert (i is None) == (j is None)
         if i is not None:
             assert np.abs(cpu.landmarks[i] - gpu.landmarks[j]).max() < 1.0
+
+
+def test_crops_prepared_in_the_decoding_processes_on_the_gpu(tmp_path):
+    """pre_process.py --device cuda --prepare-in processes (the decoding worker shrinks each photo and makes its
+    P-Net pyramid) writes the faces, byte for byte, that --prepare-in threads writes (threads beside the feeding one)."""
+    import numpy as np
+
+    import pre_process
+    from synth_imdb import generate, imdb_sized
+    from utils import read_image, write_jpeg
+
+    root = tmp_path / "crop"
+    generate(root, 8, seed=22, dirty_fraction=0.0)
+    rng = np.random.default_rng(1)
+    for path in sorted(root.glob("*/*.jpg")):
+        write_jpeg(path, imdb_sized(rng, read_image(path)), quality=90)
+    faces = {}
+    for where in ("threads", "processes"):
+        out = tmp_path / where
+        pre_process.main(["--root", str(root), "--out", str(out), "--device", "cuda", "--workers", "2", "--batch", "4",
+                          "--no-pack", "--prepare-in", where])
+        faces[where] = {p.relative_to(out): p.read_bytes() for p in sorted((out / "faces").rglob("*.jpg"))}
+    assert len(faces["threads"]) >= 6 and faces["processes"] == faces["threads"]
