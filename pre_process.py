@@ -370,7 +370,11 @@ def with_searches(pool: Executor, photos: Iterable[tuple[Path, np.ndarray | str]
 
 def _done(value: object) -> Future | None:
     """A finished Future of value (None for None): a search made in a decoding worker, as with_searches' are."""
-    return None if value is None else _InlineExecutor().submit(lambda: value)
+    if value is None:
+        return None
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 def align_batch(detector: "face.FaceDetector", chunk: list[tuple[Path, np.ndarray, "face.CropSearch | None"]], size: int,
@@ -504,7 +508,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where each photo is shrunk for the search (and, with --host-pyramids on a GPU, its P-Net "
                         "pyramid made): threads, --workers threads beside the one feeding a GPU (inline on the CPU), "
                         "which share its GIL; processes, the --workers decoding processes, each then loading torch "
-                        "(default: %(default)s)")
+                        "(with --workers 0: inline) (default: %(default)s)")
     p.add_argument("--sort-batches", type=int, default=config.SORT_BATCHES,
                    help="decoded photos are sorted by size this many batches at a time (default: %(default)s)")
     p.add_argument("--device", default=config.DEVICE, help="MTCNN device: auto, cpu, cuda (default: %(default)s)")
