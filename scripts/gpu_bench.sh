@@ -3,9 +3,10 @@
 #
 #   scripts/gpu_bench.sh --fetch-wheels   here, once: the wheels the device machine lacks, into .whl/
 #   scripts/gpu_bench.sh                  on the GPU machine: install .whl/ if present, run, copy
-#   SCALE_SECONDS=0 OUT=/tmp/b PYTHON=.venv/bin/python scripts/gpu_bench.sh --device cpu --quick --grid --loop --loop-batches 8 16 --steps 2 --repeats 1
-#                                         a dry run on the CPU, every phase of the GPU run (2-3 min; arguments
-#                                         go on to bench.py; only a CUDA run is copied into results/)
+#   SCALE_SECONDS=0 OUT=/tmp/b PYTHON=.venv/bin/python scripts/gpu_bench.sh --device cpu --quick --grid --loop --loop-batches 8 16 --loop-faces 128 --loop-profile 2 --steps 2 --repeats 1
+#                                         a dry run on the CPU, every phase of the GPU run (1-2 min; arguments
+#                                         go on to bench.py; only a CUDA run is copied into results/; the
+#                                         GPU image's torch 2.11 and torchvision 0.26 ran it too, 2026-12-07)
 #   scripts/gpu_bench.sh --scale          on the same machine, a second call (after a first with SCALE_SECONDS=0):
 #                                         issue 11 on the GPU, scripts/imdb_scale.py (460,723 rows, 3,000
 #                                         photos): one process, then profiled under cProfile, then with
