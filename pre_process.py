@@ -38,6 +38,7 @@ import signal
 import time
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Generator, Iterable, Iterator
@@ -306,6 +307,10 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
                 while writes:
                     writes.popleft().result()
             bar.update(bar.total - bar.n)  # photos that failed to decode after the last batch
+    except BrokenProcessPool as e:  # most often the kernel's OOM killer: a traceback would not say the fix
+        raise UserError(f"a decoding process died (killed): the faces written so far are kept, and the same command "
+                        f"goes on from them; if the machine ran out of memory (`dmesg` names the OOM killer), give "
+                        f"it fewer --workers than {workers}") from e
     finally:
         if feed is not None:  # stopped before the pools it waits on
             feed.close()

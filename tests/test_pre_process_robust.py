@@ -128,3 +128,23 @@ def test_pack_only_removes_what_a_killed_pack_left(tmp_path):
     pre_process.main(["--out", str(data), "--pack-only"])
     assert not list(data.rglob("*.tmp"))
     assert np.load(data / "faces_valid.npy").shape == (3, 32, 32, 3)
+
+
+def die(path) -> None:
+    """A decoding worker killed mid-photo, as the kernel's OOM killer kills one."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_decoding_worker_is_a_user_error_that_says_the_fix(tmp_path, monkeypatch, capsys):
+    """One line that says what happened, that the faces written are kept and the rerun goes on, and the fix; not
+    concurrent.futures' traceback."""
+    root = tmp_path / "crop"
+    generate(root, 8, seed=17, dirty_fraction=0.0)
+    monkeypatch.setattr(pre_process, "read_image_or_reason", die)  # the spawned worker imports this module for it
+    with pytest.raises(SystemExit) as stopped:
+        pre_process.run_main(lambda: pre_process.main(["--root", str(root), "--out", str(tmp_path / "out"),
+                                                       "--device", "cpu", "--workers", "1"]))
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: a decoding process died") and "fewer --workers than 1" in err, err
+    assert "the same command goes on" in err
