@@ -51,8 +51,8 @@ from inference import calibrate_checkpoint
 from metrics import MetricSums
 from models import AGE_LOSSES, ARCHS, AgeGenderNet, build_model, model_args_of
 from utils import (CtrlCBetweenSteps, UserError, append_jsonl, argument_parser, atomic_torch_save, atomic_write_bytes,
-                   atomic_write_text, git_commit, parse_with_recipe, pick_device, process_device, read_jsonl, run_main,
-                   seed_everything, write_json)
+                   atomic_write_text, disk_full, git_commit, parse_with_recipe, pick_device, process_device, read_jsonl,
+                   run_main, seed_everything, write_json)
 
 # settings a checkpoint cannot be resumed under if they change: they change the model or its input
 RESUME_MUST_MATCH = ("arch", "age_loss", "size")
@@ -667,11 +667,11 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                     best = {k: record[k] for k in ("epoch", "score", "gender_acc", "age_mae", "cs5")}
                 if master:
                     save_epoch(out, writer, record, improved, best, cfg, raw, optimizer)
-    except KeyboardInterrupt:
-        if master:  # what a user needs after Ctrl-C: what is safe on disk and how to go on
+    except (KeyboardInterrupt, OSError) as e:
+        if master and (isinstance(e, KeyboardInterrupt) or disk_full(e)):  # what is safe on disk, how to go on
             last = out / "last.pt"  # ask the disk: Ctrl-C can land between the save and anything after it
             ours = last.is_file() and (ckpt is not None or last.stat().st_mtime >= began)
-            print(f"\ninterrupted in epoch {epoch}: " + (
+            print(f"\n{'interrupted' if isinstance(e, KeyboardInterrupt) else 'stopped'} in epoch {epoch}: " + (
                 f"{last} holds epoch {torch.load(last, weights_only=True)['epoch']}; go on with --resume {last}"
                 if ours else "no epoch finished, nothing saved"), file=sys.stderr)
         raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
@@ -37,15 +38,34 @@ class UserError(Exception):
 
 
 def run_main(main: Callable[[], Any]) -> None:
-    """Run a script's main(): user errors become one line on stderr and a non-zero exit."""
+    """Run a script's main(): user errors, and a full disk, become one line on stderr and a non-zero exit."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        # a full disk fails the clean-up's writes too (a log's flush): name the first file refused, the deepest in the
+        # chain of errors raised while handling one another that has a name
+        chain = [e]
+        while disk_full(chain[-1].__context__):
+            chain.append(chain[-1].__context__)
+        named = [x.filename for x in chain if x.filename]
+        # every file is written to a temp name and renamed: the half-written one is a temp file, which reruns remove
+        where = f" writing {named[-1]}" if named else ""
+        print(f"error: no space left on the device{where} ({e.strerror}): free some space (or write elsewhere) and "
+              "go on from the files written before it, which are complete", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C): stopped; files written so far are complete", file=sys.stderr)
         sys.exit(130)
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether e is a write refused for want of space (the device's or the user's quota)."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def argument_parser(doc: str | None) -> argparse.ArgumentParser:
@@ -149,8 +169,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file (a full disk): name it
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 

@@ -148,3 +148,37 @@ def test_a_killed_decoding_worker_is_a_user_error_that_says_the_fix(tmp_path, mo
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: a decoding process died") and "fewer --workers than 1" in err, err
     assert "the same command goes on" in err
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_rerun_completes(tmp_path, monkeypatch, capsys):
+    """ENOSPC halfway through the faces: one line that names the face being written and says to free space and go on,
+    no temp file left; the same command, run again with space, ends with the labels of a run never stopped."""
+    import errno
+
+    import utils
+
+    root = tmp_path / "crop"
+    generate(root, 16, seed=19, dirty_fraction=0.0)
+    argv = lambda out: ["--root", str(root), "--out", str(out), "--device", "cpu", "--workers", "0", "--no-pack"]
+    pre_process.main(argv(tmp_path / "whole"))
+    fsync, synced = os.fsync, []
+
+    def full_disk(fd):
+        synced.append(fd)
+        if len(synced) > 6:  # the 7th file (faces/settings.json, then faces): the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(utils.os, "fsync", full_disk)
+    with pytest.raises(SystemExit) as stopped:
+        utils.run_main(lambda: pre_process.main(argv(tmp_path / "out")))
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: no space left on the device writing {tmp_path / 'out' / 'faces'}"), err
+    assert err.endswith(".jpg (No space left on device): free some space (or write elsewhere) and go on from the "
+                        "files written before it, which are complete"), err
+    assert 0 < len(list((tmp_path / "out").rglob("*.jpg"))) < len(labels(tmp_path / "whole"))  # stopped midway
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+    monkeypatch.undo()
+    pre_process.main(argv(tmp_path / "out"))
+    assert labels(tmp_path / "out") == labels(tmp_path / "whole")

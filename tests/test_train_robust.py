@@ -72,3 +72,33 @@ def test_ctrl_c_stops_cleanly_and_says_what_was_saved(data, tmp_path):
     assert 1 <= on_disk < EPOCHS, tail
     assert f"holds epoch {on_disk}; go on with --resume {tmp_path / 'last.pt'}" in err, tail
     assert "Traceback" not in err
+
+
+def test_a_full_disk_says_what_was_saved_and_the_resume_completes(data, tmp_path, monkeypatch, capsys):
+    """ENOSPC while saving epoch 1's best.pt (just after its last.pt): what last.pt holds and how to go on, then the
+    one line naming the file; --resume, with space again, trains to the end."""
+    import errno
+    import os
+
+    import train
+    import utils
+
+    fsync = os.fsync
+
+    def full_after_last_pt(fd):
+        if (tmp_path / "last.pt").exists():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(utils.os, "fsync", full_after_last_pt)
+    with pytest.raises(SystemExit) as stopped:
+        utils.run_main(lambda: train.main(command(data, tmp_path)[2:]))
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"stopped in epoch 1: {tmp_path / 'last.pt'} holds epoch 1; go on with --resume {tmp_path / 'last.pt'}" in err
+    assert f"error: no space left on the device writing {tmp_path / 'best.pt'} (No space left on device)" in err
+    assert not list(tmp_path.glob(".*.tmp"))
+    monkeypatch.undo()
+    utils.run_main(lambda: train.main(command(data, tmp_path, "--resume", str(tmp_path / "last.pt"))[2:]))
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == list(range(1, EPOCHS + 1))
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] >= 1
