@@ -476,11 +476,11 @@ def plot_ages(path: Path, ages: np.ndarray, per_age: int) -> None:
     save_figure(fig, path)
 
 
-def pack(out: Path) -> None:
+def pack(out: Path, workers: int) -> None:
     from data_gen import pack_split  # see write_labels
 
     for split in ("train", "valid"):
-        pack_split(out, split)
+        pack_split(out, split, max(workers, 1))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -498,7 +498,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fallback", choices=("drop", "center"), default=config.FALLBACK, help="when no face is found (default: %(default)s)")
     p.add_argument("--seed", type=int, default=config.SEED, help="seeds the cap and the split (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None,
-                   help=f"decoding and writing processes, 0 = inline (default: {config.WORKERS} on the CPU; on CUDA up to "
+                   help=f"decoding and writing processes, 0 = inline; packing's threads (default: {config.WORKERS} on "
+                        f"the CPU; on CUDA up to "
                         f"{config.WORKERS_CUDA}, this process's share of the cores less one, at least {config.WORKERS})")
     p.add_argument("--batch", type=int, default=None,
                    help=f"photos per MTCNN call (default: {config.DETECT_BATCH_CUDA} on CUDA, {config.DETECT_BATCH} on the CPU)")
@@ -617,17 +618,17 @@ def main(argv: list[str] | None = None) -> None:
 def run(args: argparse.Namespace, rank: int, world: int, device: str) -> None:
     """main's work in process `rank` of `world`: its share of the photos; rank 0 also the outputs, at the end."""
     out = Path(args.out)
+    if args.workers is None:  # torchrun's processes on this machine share its cores
+        args.workers = decode_workers(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if args.pack_only:
         if rank == 0:
             remove_stale_temp(out)
             if not (out / "labels.csv").is_file():
                 raise UserError(f"--pack-only: {out / 'labels.csv'} not found; run pre_process.py without --pack-only first")
-            pack(out)
+            pack(out, args.workers)
         return
     if args.batch is None:  # resolved here, so that summary.json's settings hold the batch used
         args.batch = detect_batch(device)
-    if args.workers is None:  # torchrun's processes on this machine share its cores
-        args.workers = decode_workers(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if args.size < 32:
         raise UserError(f"--size {args.size}: too small to hold a face; use 112 or 224")
     if not 0 <= args.min_face_fraction < 1:
@@ -680,7 +681,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: str) -> None:
         ranks=[dict(rank=i, photos=r["photos"], device=r["device"], seconds=r["seconds"]) for i, r in enumerate(ranks)]))
     write_labels(out, rows)
     if args.pack:
-        pack(out)
+        pack(out, args.workers)
     print(f"wrote {len(rows)} faces to {out} ({sum(r['split'] == 'valid' for r in rows)} valid); dropped: "
           + ", ".join(f"{k} {v}" for k, v in dropped.items() if v))
 

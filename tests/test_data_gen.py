@@ -272,6 +272,24 @@ def test_pack_split_writes_the_faces(tmp_path):
                                                       "summary.json"]
 
 
+def test_packing_tasks_fill_their_rows_of_the_array(tmp_path, monkeypatch):
+    """Tasks of PACK_CHUNK faces on 2 threads: every row is its face, the last, short task's too; a face of another
+    size is a one-line error naming it, which leaves no temp file and the array packed before."""
+    import data_gen
+
+    data = make_fake_data(tmp_path, n_train=10, n_valid=2)
+    monkeypatch.setattr(data_gen, "PACK_CHUNK", 4)  # 3 tasks, the last of 2 faces
+    pack_split(data, "train", workers=2)
+    faces = np.load(data / "faces_train.npy")
+    assert faces.shape == (10, 32, 32, 3)
+    for i in range(10):
+        assert np.array_equal(faces[i], read_image(data / f"faces/00/{i}.jpg")), i
+    write_jpeg(data / "faces/00/6.jpg", np.zeros((40, 40, 3), np.uint8))
+    with pytest.raises(UserError, match=r"faces/00/6.jpg: 40x40, the first face is 32x32; rerun pre_process.py"):
+        pack_split(data, "train", workers=2)
+    assert not list(tmp_path.glob(".*.tmp")) and np.array_equal(np.load(data / "faces_train.npy"), faces)
+
+
 def test_stale_pack_is_refused(data):
     np.save(data / "faces_valid.npy", np.zeros((3, 32, 32, 3), np.uint8))  # labels.csv has 7 valid rows
     with pytest.raises(UserError, match="faces_valid.npy.*7 rows.*--pack-only"):
