@@ -191,6 +191,27 @@ def test_gpu_bench_sh_is_valid_bash_and_its_bench_options_exist():
     assert args.loop_modes == ["eager", "cuda-graph"] and ("resnet50", 224, "compile") in args.grid_cells
 
 
+def test_gpu_bench_sh_s_imdb_scale_runs_pass_options_their_scripts_have(monkeypatch):
+    """Each scripts/imdb_scale.py command of gpu_bench.sh parses, and so do the pre_process.py options after its `--`
+    (--prepare-in processes, --no-host-pyramids, ...): the scale call is the lease's last minutes."""
+    import pre_process
+    from test_utils import script_parser
+
+    parser = script_parser("scripts/imdb_scale", monkeypatch)
+    text = (REPO / "scripts" / "gpu_bench.sh").read_text().replace("\\\n", " ")
+    runs = [line.split("scripts/imdb_scale.py", 1)[1].split("2>&1")[0] for line in text.splitlines()
+            if "scripts/imdb_scale.py --" in line and not line.lstrip().startswith("#")]
+    assert len(runs) >= 5  # --scale's four, --shards' one, the first call's one
+    extras = set()
+    for run in runs:
+        words = [w for w in shlex.split(run) if w not in ('${@:2}', "$@")]
+        args = parser.parse_args(["1" if "$" in w else w for w in words])  # the shell's values: paths, counts
+        assert set(args.extra) <= {"--workers", "--no-host-pyramids", "--prepare-in", "processes", "1", "2", "3", "8"}
+        pre_process.parse_args(["--root", "x", *args.extra])  # exits on an option pre_process.py lacks
+        extras.update(args.extra)
+    assert {"--no-host-pyramids", "--prepare-in", "processes"} <= extras
+
+
 def test_grid_cells_default_to_the_four_eager_cells_take_more_and_refuse_a_bad_one(capsys):
     assert bench.parse_args(["--quick"]).grid_cells == [("resnet18", 112, "eager"), ("resnet50", 112, "eager"),
                                                         ("resnet18", 224, "eager"), ("resnet50", 224, "eager")]
