@@ -520,7 +520,7 @@ def pack_split(data_dir: str | os.PathLike, split: str, workers: int = config.WO
     try:
         faces = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *first.shape))  # (N, S, S, 3)
         fill = functools.partial(fill_rows, faces, [root / p for p in labels.images])
-        # Pillow decodes with the GIL released
+        # Pillow decodes with the GIL released; a failed task stops the map, which drops the tasks not yet started
         with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=n, desc=f"pack {split}", unit="face") as bar:
             for done in pool.map(fill, range(0, n, PACK_CHUNK)):
                 bar.update(done)

@@ -274,7 +274,8 @@ def test_pack_split_writes_the_faces(tmp_path):
 
 def test_packing_tasks_fill_their_rows_of_the_array(tmp_path, monkeypatch):
     """Tasks of PACK_CHUNK faces on 2 threads: every row is its face, the last, short task's too; a face of another
-    size is a one-line error naming it, which leaves no temp file and the array packed before."""
+    size is a one-line error naming it, which leaves no temp file and the array packed before, and the tasks not yet
+    started are dropped."""
     import data_gen
 
     data = make_fake_data(tmp_path, n_train=10, n_valid=2)
@@ -288,6 +289,12 @@ def test_packing_tasks_fill_their_rows_of_the_array(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"faces/00/6.jpg: 40x40, the first face is 32x32; rerun pre_process.py"):
         pack_split(data, "train", workers=2)
     assert not list(tmp_path.glob(".*.tmp")) and np.array_equal(np.load(data / "faces_train.npy"), faces)
+    read, reads = data_gen.read_face, []
+    monkeypatch.setattr(data_gen, "read_face", lambda path: reads.append(path) or read(path))
+    monkeypatch.setattr(data_gen, "PACK_CHUNK", 1)  # a task a face: those after the failed one are dropped
+    with pytest.raises(UserError, match="faces/00/6.jpg"):
+        pack_split(data, "train", workers=1)
+    assert len(reads) <= 1 + 7 + 1, reads  # the first face, the tasks up to the failed one, one started meanwhile
 
 
 def test_stale_pack_is_refused(data):
