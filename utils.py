@@ -38,29 +38,41 @@ class UserError(Exception):
 
 
 def run_main(main: Callable[[], Any]) -> None:
-    """Run a script's main(): user errors, and a full disk, become one line on stderr and a non-zero exit."""
+    """Run a script's main(): user errors, a full disk and a permission refused become one line on stderr and a
+    non-zero exit."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
-        if not disk_full(e):
+        line = machine_error(e)
+        if line is None:
             raise
-        # a full disk fails the clean-up's writes too (a log's flush): name the first file refused, the deepest in the
-        # chain of errors raised while handling one another that has a name
-        chain = [e]
-        while disk_full(chain[-1].__context__):
-            chain.append(chain[-1].__context__)
-        named = [x.filename for x in chain if x.filename]
-        # every file is written to a temp name and renamed: the half-written one is a temp file, which reruns remove
-        where = f" writing {named[-1]}" if named else ""
-        print(f"error: no space left on the device{where} ({e.strerror}): free some space (or write elsewhere) and "
-              "go on from the files written before it, which are complete", file=sys.stderr)
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C): stopped; files written so far are complete", file=sys.stderr)
         sys.exit(130)
+
+
+def machine_error(e: OSError) -> str | None:
+    """The line for an OSError the user fixes on the machine, not in the code: a full disk, a permission refused; None
+    for any other."""
+    if isinstance(e, PermissionError) and e.filename:
+        return f"{e.filename}: permission denied; give this user access to it, or choose another path"
+    if not disk_full(e):
+        return None
+    # a full disk fails the clean-up's writes too (a log's flush): name the first file refused, the deepest in the
+    # chain of errors raised while handling one another that has a name
+    chain = [e]
+    while disk_full(chain[-1].__context__):
+        chain.append(chain[-1].__context__)
+    named = [x.filename for x in chain if x.filename]
+    # every file is written to a temp name and renamed: the half-written one is a temp file, which reruns remove
+    where = f" writing {named[-1]}" if named else ""
+    return (f"no space left on the device{where} ({e.strerror}): free some space (or write elsewhere) and go on from "
+            "the files written before it, which are complete")
 
 
 def disk_full(e: BaseException) -> bool:

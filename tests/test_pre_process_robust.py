@@ -182,3 +182,22 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_rerun_completes(tmp_pat
     monkeypatch.undo()
     pre_process.main(argv(tmp_path / "out"))
     assert labels(tmp_path / "out") == labels(tmp_path / "whole")
+
+
+def test_an_output_folder_this_user_cannot_write_is_one_line(tmp_path, monkeypatch, capsys):
+    """A permission refused (here on the first file written into --out; root ignores chmod, so the refusal is made
+    up) is one line naming the path, not a traceback."""
+    import utils
+
+    root, out = tmp_path / "crop", tmp_path / "out"
+    generate(root, 4, seed=23, dirty_fraction=0.0)
+
+    def refused(dir, prefix, suffix):
+        raise PermissionError(13, os.strerror(13), str(dir))
+
+    monkeypatch.setattr(utils.tempfile, "mkstemp", refused)
+    with pytest.raises(SystemExit) as stopped:
+        utils.run_main(lambda: pre_process.main(["--root", str(root), "--out", str(out), "--device", "cpu"]))
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {out / 'faces'}: permission denied; give this user access to it, or choose another path"
