@@ -375,11 +375,7 @@ def with_searches(pool: Executor, photos: Iterable[tuple[Path, np.ndarray | str]
 
 def _done(value: object) -> Future | None:
     """A finished Future of value (None for None): a search made in a decoding worker, as with_searches' are."""
-    if value is None:
-        return None
-    future: Future = Future()
-    future.set_result(value)
-    return future
+    return None if value is None else _InlineExecutor().submit(lambda: value)
 
 
 def align_batch(detector: "face.FaceDetector", chunk: list[tuple[Path, np.ndarray, "face.CropSearch | None"]], size: int,
@@ -480,7 +476,7 @@ def pack(out: Path, workers: int) -> None:
     from data_gen import pack_split  # see write_labels
 
     for split in ("train", "valid"):
-        pack_split(out, split, max(workers, 1))
+        pack_split(out, split, workers)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

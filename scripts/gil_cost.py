@@ -112,7 +112,6 @@ def beside(work: Callable[[], object] | str | None, ops: int, calls: int) -> flo
             neighbour.join()
 
 
-
 def main() -> None:
     p = argument_parser(__doc__)
     p.add_argument("--ops", type=int, default=1500, help="ops per glue call (default: %(default)s)")
