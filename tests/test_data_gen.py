@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -276,8 +277,6 @@ def test_packing_tasks_fill_their_rows_of_the_array(tmp_path, monkeypatch):
     """Tasks of PACK_CHUNK faces on 2 threads: every row is its face, the last, short task's too; a face of another
     size is a one-line error naming it, which leaves no temp file and the array packed before, and the tasks not yet
     started are dropped."""
-    import data_gen
-
     data = make_fake_data(tmp_path, n_train=10, n_valid=2)
     monkeypatch.setattr(data_gen, "PACK_CHUNK", 4)  # 3 tasks, the last of 2 faces
     pack_split(data, "train", workers=2)
@@ -290,7 +289,14 @@ def test_packing_tasks_fill_their_rows_of_the_array(tmp_path, monkeypatch):
         pack_split(data, "train", workers=2)
     assert not list(tmp_path.glob(".*.tmp")) and np.array_equal(np.load(data / "faces_train.npy"), faces)
     read, reads = data_gen.read_face, []
-    monkeypatch.setattr(data_gen, "read_face", lambda path: reads.append(path) or read(path))
+
+    def slow_after_the_bad_face(path):  # the one thread cannot race through the rest before the failure is seen
+        reads.append(path)
+        if int(path.stem) > 6:
+            time.sleep(1.0)
+        return read(path)
+
+    monkeypatch.setattr(data_gen, "read_face", slow_after_the_bad_face)
     monkeypatch.setattr(data_gen, "PACK_CHUNK", 1)  # a task a face: those after the failed one are dropped
     with pytest.raises(UserError, match="faces/00/6.jpg"):
         pack_split(data, "train", workers=1)
