@@ -323,8 +323,8 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
 class PhaseClock:
     """Wall seconds of align_all in each phase: waiting for photos (decoded, shrunk), detecting and aligning a batch
     (align_batch), waiting for writes; the rest (Python between them, the bar) is total less their sum. Also "first",
-    the seconds until the first batch was in hand (part of "photos": the workers' start-up and the first window's
-    decoding), which a long run pays once: a short timed run can leave it out."""
+    the seconds from the start until the first batch was in hand (the detector's load, the workers' start-up and the
+    first window's decoding: it overlaps "photos"), which a long run pays once: a short timed run can leave it out."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
