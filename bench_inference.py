@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 import config
-from inference import Predictor, decoded, ensure_samples, list_images, records_match
+from inference import Predictor, add_checkpoint_option, decoded, ensure_samples, list_images, records_match
 from utils import REPO, UserError, argument_parser, read_image, read_image_or_reason, run_main, write_json
 
 LOOPBACK = "127.0.0.1"
@@ -202,7 +202,7 @@ def bench_serve(args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argument_parser(__doc__)
     p.add_argument("mode", choices=("folder", "serve"))
-    p.add_argument("--checkpoint", default=config.CHECKPOINT, help="a .pt or .onnx model (default: %(default)s)")
+    add_checkpoint_option(p)
     p.add_argument("--crops", type=int, default=40, help="folder: built-in crops added to the samples (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="folder: rounds of each mode (default: %(default)s)")
     p.add_argument("--photo-batch", type=int, default=config.DETECT_BATCH, help="folder: photos per batch (default: %(default)s)")

@@ -45,8 +45,8 @@ from PIL import Image
 
 import config
 # before data_gen/face (torch): inference sets torch's OpenMP spinning, read when torch loads
-from inference import (COLOURS, IMAGE_SUFFIXES, PREDICTION_KEYS, Labelled, Predictor, ensure_samples, list_images,
-                       predict, prediction_fields, read_ahead, read_csv_labels, read_utkface)
+from inference import (COLOURS, IMAGE_SUFFIXES, PREDICTION_KEYS, Labelled, Predictor, add_checkpoint_option,
+                       ensure_samples, list_images, predict, prediction_fields, read_ahead, read_csv_labels, read_utkface)
 from face import detect_and_align
 from utils import (REPO, ImageError, UserError, argument_parser, atomic_write_bytes, in_background, pid_alive, pyplot,
                    read_image, run_main, save_figure, write_json)
@@ -360,9 +360,7 @@ def make_sheet(source: Path, ann: Predictor, out: Path, rows: int) -> list[dict]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argument_parser(__doc__)
-    p.add_argument("--checkpoint", default=config.CHECKPOINT,
-                   help="best.pt written by train.py, or a .onnx written by export.py (onnxruntime on the CPU: "
-                        "faster there) (default: %(default)s)")
+    add_checkpoint_option(p)
     p.add_argument("--input", nargs="+", default=None,
                    help=f"image files, folders, a video file or a webcam index (default: the samples in {config.IMAGES}/)")
     p.add_argument("--output", default=config.DEMO_OUT, help="where the annotated photos go (default: %(default)s)")

@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 import config
 # before face (torch): inference sets torch's OpenMP spinning, read when torch loads
-from inference import (GENDERS, INTERVAL_KEYS, Labelled, Model, OnnxModel, check_flip, detector_for, load_model, predict,
-                       predicted_gender, read_ahead, read_csv_labels, read_utkface)
+from inference import (GENDERS, INTERVAL_KEYS, Labelled, Model, OnnxModel, add_checkpoint_option, check_flip,
+                       detector_for, load_model, predict, predicted_gender, read_ahead, read_csv_labels, read_utkface)
 import torch  # after inference, as face is
 from metrics import compute_metrics, interval_coverage, reliability
 from data_gen import load_split
@@ -397,9 +397,7 @@ def summarize(records: list[dict], skipped: dict, temperature: float = 1.0, min_
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argument_parser(__doc__)
-    p.add_argument("--checkpoint", default=config.CHECKPOINT,
-                   help="best.pt written by train.py, or a .onnx written by export.py (onnxruntime on the CPU: "
-                        "faster there) (default: %(default)s)")
+    add_checkpoint_option(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", default=None, help=f"pre_process.py output (default: {config.DATA})")
     src.add_argument("--utkface", default=None, help="folder of photos named age_gender_race_date.jpg")

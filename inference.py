@@ -21,6 +21,7 @@ the records are the same as analysing each photo alone (tests/test_inference.py 
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -62,6 +63,13 @@ Model: TypeAlias = "torch.nn.Module | OnnxModel"  # what load_model gives: a .pt
 
 
 # --- model ---------------------------------------------------------------------------------
+
+def add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, for every script that loads a model with load_model."""
+    parser.add_argument("--checkpoint", default=config.CHECKPOINT,
+                        help="best.pt written by train.py, or a .onnx written by export.py (onnxruntime on the CPU: "
+                             "faster there) (default: %(default)s)")
+
 
 def load_model(path: str | Path, device: str | torch.device) -> tuple[Model, dict]:
     """(model, its config) with errors a user can act on: a .pt from train.py in eval mode on device,

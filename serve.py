@@ -43,7 +43,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 import config
-from inference import COLOURS, OnnxModel, Predictor
+from inference import COLOURS, OnnxModel, Predictor, add_checkpoint_option
 from utils import ImageError, argument_parser, read_image, run_main
 
 STATUS_OF_REASON = {"empty": 400, "truncated": 400, "not_image": 415, "too_large": 413, "unreadable": 400}
@@ -284,8 +284,7 @@ drop.addEventListener("drop", (e) => {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argument_parser(__doc__)
-    p.add_argument("--checkpoint", default=config.CHECKPOINT,
-                   help="best.pt written by train.py, or a .onnx written by export.py (default: %(default)s)")
+    add_checkpoint_option(p)
     p.add_argument("--host", default=config.SERVE_HOST, help="interface to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=config.SERVE_PORT, help="TCP port (default: %(default)s)")
     p.add_argument("--device", default=config.DEVICE, help="auto, cpu, cuda, cuda:N (default: %(default)s)")

@@ -1,4 +1,6 @@
-"""scripts/imdb_scale.py's dataset: the rows pre_process.py parses, and which of them reach detection."""
+"""scripts/imdb_scale.py: its dataset (the rows pre_process.py parses, and which of them reach detection) and its memory
+sums."""
+import subprocess
 import sys
 from collections import Counter
 
@@ -29,3 +31,24 @@ def test_dataset_rows_and_filters(tmp_path):
     shorts = [min(read_image(root / p).shape[:2]) for p in meta.full_path[keep]]
     assert all(150 <= s <= 700 for s in shorts) and len(set(shorts)) > 10  # IMDB's spread of sizes
     assert len(set(ages[keep])) > 1 and len(set(meta.identity[keep])) > 1
+
+
+def test_tree_rss_tells_a_process_s_own_memory_from_the_file_pages_it_maps(tmp_path):
+    """A child holding 64 MB of its own and 96 MB of a file it reads through a memory map (as the packing maps
+    faces_*.npy): both count in its RSS, only the 64 MB in the anonymous sum."""
+    mb = 2**20
+    np.save(tmp_path / "mapped.npy", np.ones(96 * mb, np.uint8))
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import sys, numpy as np
+own = np.ones(64 * {mb}, np.uint8)  # written: resident
+mapped = np.load({str(tmp_path / "mapped.npy")!r}, mmap_mode="r")
+print(int(mapped.sum()), flush=True)  # read: every page of it resident
+sys.stdin.read()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert int(child.stdout.readline()) == 96 * mb
+        total, anon = imdb_scale.tree_rss(child.pid)
+    finally:
+        child.communicate("")
+    assert 64 * mb <= anon < 64 * mb + 60 * mb  # its own array, and the interpreter's and numpy's few MB
+    assert total - anon >= 96 * mb  # the mapped file's pages (and the libraries')
