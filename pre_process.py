@@ -243,35 +243,16 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
     dropped: dict[str, int] = {}
     retried = 0
     ahead = max(batch, 2 * workers)  # the next batch, and enough queued to keep every worker busy
-    # spawn: fork after torch threads start can deadlock; Ctrl-C is the parent's to handle. The workers' functions are
-    # other modules': this one may be __main__, which a worker cannot import under `python -m cProfile`
-    initializer, initargs = (face.start_crop_worker, ()) if in_decoders else (signal.signal, (signal.SIGINT,
-                                                                                              signal.SIG_IGN))
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=initializer,
-                               initargs=initargs) if workers > 0 else _InlineExecutor()
     # on a GPU a thread takes the photos in, so that the next window is decoded (and prepared) while one is detected
     fed = workers > 0 and device.startswith("cuda")
-    # on a GPU, threads shrink the photos for the search while this one feeds the device; on the CPU the cores
-    # are torch's, and shrinking in threads beside it ran 16-19% slower (2 cores)
-    threaded = fed and not in_decoders
-    # their torch ops (the pyramids) each on its own thread: else each thread starts an OpenMP team as large as the
-    # machine (8 x 16 on a GPU box); with 16 torch threads on 2 cores, 8 threads took 1.5x as long with 114 threads
     torch_threads = torch.get_num_threads()  # set back after: torch.set_num_threads is also every new thread's
-    shrinker = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) if threaded \
-        else _InlineExecutor()
+    pool, shrinker = start_pools(workers, in_decoders, threaded=fed and not in_decoders)
     writes: deque[Future] = deque()
     undecoded = 0  # photos that failed to decode, already on the progress bar
     feed: Generator | None = None  # the thread taking decoded photos in, on a GPU
     try:
         with tqdm(total=len(todo), desc="align", unit="photo") as bar:
-            targets, sources = (dst for _, dst in todo), (src for src, _ in todo)
-            if in_decoders:
-                read = functools.partial(face.read_for_search, plan=plan, fraction=min_face_fraction)
-                prepared = map_ahead(pool, read, sources, ahead)
-                searched = ((dst, img, _done(search)) for dst, (img, search) in zip(targets, prepared))
-            else:
-                photos = zip(targets, map_ahead(pool, read_image_or_reason, sources, ahead))
-                searched = with_searches(shrinker, photos, plan, min_face_fraction)
+            searched = searched_photos(todo, pool, shrinker, in_decoders, plan, min_face_fraction, ahead)
             if fed:
                 searched = feed = in_background(searched, batch * max(sort_batches, 1), "photo-feed")
             batches = size_sorted_batches(searched, batch, sort_batches, dropped)
@@ -318,6 +299,44 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
         shrinker.shutdown(cancel_futures=True)
         torch.set_num_threads(torch_threads)
     return dropped, retried, clock.total()
+
+
+def start_pools(workers: int, in_decoders: bool, threaded: bool) -> tuple[Executor, Executor]:
+    """align_all's executors: `workers` processes that decode the photos (and, in_decoders, prepare their searches),
+    and, if threaded, `workers` threads of this process that prepare them (else inline)."""
+    import face  # as in align_all
+    import torch
+
+    # spawn: fork after torch threads start can deadlock; Ctrl-C is the parent's to handle. The workers' functions are
+    # other modules': this one may be __main__, which a worker cannot import under `python -m cProfile`
+    initializer, initargs = (face.start_crop_worker, ()) if in_decoders else (signal.signal, (signal.SIGINT,
+                                                                                              signal.SIG_IGN))
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=initializer,
+                               initargs=initargs) if workers > 0 else _InlineExecutor()
+    # threaded on a GPU: the threads shrink the photos for the search while this one feeds the device; on the CPU the
+    # cores are torch's, and shrinking in threads beside it ran 16-19% slower (2 cores). Their torch ops (the
+    # pyramids) each on its own thread: else each thread starts an OpenMP team as large as the machine (8 x 16 on a
+    # GPU box); with 16 torch threads on 2 cores, 8 threads took 1.5x as long with 114 threads
+    shrinker = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) if threaded \
+        else _InlineExecutor()
+    return pool, shrinker
+
+
+def searched_photos(todo: list[tuple[Path, Path]], pool: Executor, shrinker: Executor, in_decoders: bool,
+                    plan: "face.CropPlan", fraction: float, ahead: int
+                    ) -> Iterator[tuple[Path, np.ndarray | str, Future | None]]:
+    """(target, photo or the reason it is unusable, the future of its face.prepare_crop) for each pair of todo, in
+    order, decoded by pool `ahead` photos ahead; the searches prepared by the decoding processes (in_decoders) or by
+    shrinker."""
+    import face  # as in align_all
+
+    targets, sources = (dst for _, dst in todo), (src for src, _ in todo)
+    if in_decoders:
+        read = functools.partial(face.read_for_search, plan=plan, fraction=fraction)
+        prepared = map_ahead(pool, read, sources, ahead)
+        return ((dst, img, _done(search)) for dst, (img, search) in zip(targets, prepared))
+    photos = zip(targets, map_ahead(pool, read_image_or_reason, sources, ahead))
+    return with_searches(shrinker, photos, plan, fraction)
 
 
 class PhaseClock:
