@@ -595,13 +595,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                        world_size=world, jpeg=args.jpeg, limit=args.limit, prefetch=args.prefetch, dummy=args.dummy)
     train_loader = make_loader(args.data, "train", True, **loader_args)
     valid_loader = make_loader(args.data, "valid", False, **loader_args)
-    if len(train_loader) == 0:
-        raise UserError(f"--batch-size {args.batch_size}: larger than this process's share of the training faces; "
-                        "lower it (or --nproc_per_node)")
-    if args.profile and len(train_loader) < StepProfiler.unrecorded() + args.profile:
-        raise UserError(f"--profile {args.profile}: an epoch has {len(train_loader)} steps, fewer than the "
-                        f"{StepProfiler.unrecorded()} run first and the {args.profile} recorded; lower "
-                        "--profile or --batch-size")
+    check_steps(args, len(train_loader))
     amp, autocast = make_autocast(args, device)
     cfg = resolved_config(args, train_loader.size, world, device, amp)
     if ckpt is not None:
@@ -611,25 +605,14 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                             "or more")
         if ckpt["epoch"] == args.epochs:  # finished, perhaps killed between its last checkpoint and its log line
             if master:
-                own = in_place(Path(args.resume), out)  # another --out gets no run of a log alone
-                if own:
-                    start_logs(out, ckpt, Path(args.resume))
-                print(f"{args.resume}: already trained {args.epochs} epochs, nothing to do (pass --epochs above that "
-                      "to train on); " + (f"{out / 'metrics.jsonl'} is complete" if own else f"nothing written to {out}"))
+                complete_log(ckpt, Path(args.resume), out, args.epochs)
             return ckpt["best"]
 
     memory_format = memory_format_of(args)
     raw = (AgeGenderNet(**model_args_of(ckpt)) if ckpt else build_model(args.arch, args.age_loss, args.pretrained))
     raw = raw.to(device, memory_format=memory_format)
     optimizer = make_optimizer(raw, cfg["peak_lr"], args.momentum, args.weight_decay)
-    start_epoch, best, changes = 1, None, None
-    if ckpt is not None:
-        raw.load_state_dict(ckpt["model"])
-        # the momentum buffers from the checkpoint, the hyper-parameters from the current options
-        optimizer.load_state_dict(dict(state=ckpt["optimizer"]["state"],
-                                       param_groups=optimizer.state_dict()["param_groups"]))
-        start_epoch, best = ckpt["epoch"] + 1, ckpt["best"]
-        changes = schedule_changes(ckpt["config"], cfg, ckpt["epoch"])
+    start_epoch, best, changes = restore(ckpt, raw, optimizer, cfg) if ckpt is not None else (1, None, None)
     model = wrap_model(raw, args, world, device)
     step = make_step(model, raw.loss, optimizer, autocast, args, device)
     torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
@@ -669,11 +652,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
                     save_epoch(out, writer, record, improved, best, cfg, raw, optimizer)
     except (KeyboardInterrupt, OSError) as e:
         if master and (isinstance(e, KeyboardInterrupt) or disk_full(e)):  # what is safe on disk, how to go on
-            last = out / "last.pt"  # ask the disk: Ctrl-C can land between the save and anything after it
-            ours = last.is_file() and (ckpt is not None or last.stat().st_mtime >= began)
-            print(f"\n{'interrupted' if isinstance(e, KeyboardInterrupt) else 'stopped'} in epoch {epoch}: " + (
-                f"{last} holds epoch {torch.load(last, weights_only=True)['epoch']}; go on with --resume {last}"
-                if ours else "no epoch finished, nothing saved"), file=sys.stderr)
+            print("\n" + stopped_line(e, out, epoch, ckpt is not None, began), file=sys.stderr)
         raise
     finally:
         if writer is not None:
@@ -685,6 +664,45 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         print(f"gender temperature {calibrate_checkpoint(out / 'best.pt', valid_loader, device):.3f} "
               "(fitted on the validation split, stored in best.pt)")
     return best
+
+
+def check_steps(args: argparse.Namespace, steps: int) -> None:
+    """An epoch of `steps` steps (this process's) has room for the run that args asks for, or a UserError says why."""
+    if steps == 0:
+        raise UserError(f"--batch-size {args.batch_size}: larger than this process's share of the training faces; "
+                        "lower it (or --nproc_per_node)")
+    if args.profile and steps < StepProfiler.unrecorded() + args.profile:
+        raise UserError(f"--profile {args.profile}: an epoch has {steps} steps, fewer than the "
+                        f"{StepProfiler.unrecorded()} run first and the {args.profile} recorded; lower "
+                        "--profile or --batch-size")
+
+
+def complete_log(ckpt: dict, resume: Path, out: Path, epochs: int) -> None:
+    """--resume of a run that trained all its epochs: its metrics.jsonl completed, if out is its own folder (another
+    --out gets no run of a log alone), and a line saying so."""
+    own = in_place(resume, out)
+    if own:
+        start_logs(out, ckpt, resume)
+    print(f"{resume}: already trained {epochs} epochs, nothing to do (pass --epochs above that to train on); "
+          + (f"{out / 'metrics.jsonl'} is complete" if own else f"nothing written to {out}"))
+
+
+def restore(ckpt: dict, raw: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: dict) -> tuple[int, dict, str | None]:
+    """The checkpoint's weights and momentum buffers into raw and optimizer, whose hyper-parameters stay the current
+    options': (the epoch to start at, the best epoch so far, the schedule's changes to print or None)."""
+    raw.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(dict(state=ckpt["optimizer"]["state"],
+                                   param_groups=optimizer.state_dict()["param_groups"]))
+    return ckpt["epoch"] + 1, ckpt["best"], schedule_changes(ckpt["config"], cfg, ckpt["epoch"])
+
+
+def stopped_line(e: BaseException, out: Path, epoch: int, resumed: bool, began: float) -> str:
+    """What a run stopped by Ctrl-C or a full disk in `epoch` leaves on disk, and how to go on."""
+    last = out / "last.pt"  # ask the disk: Ctrl-C can land between the save and anything after it
+    ours = last.is_file() and (resumed or last.stat().st_mtime >= began)
+    return (f"{'interrupted' if isinstance(e, KeyboardInterrupt) else 'stopped'} in epoch {epoch}: "
+            + (f"{last} holds epoch {torch.load(last, weights_only=True)['epoch']}; go on with --resume {last}"
+               if ours else "no epoch finished, nothing saved"))
 
 
 def save_epoch(out: Path, writer: SummaryWriter, record: dict, improved: bool, best: dict, cfg: dict,
