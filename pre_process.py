@@ -138,7 +138,8 @@ def filter_meta(meta: Meta, root: Path, min_score: float, min_age: int, max_age:
         dropped[reason] = int((keep & bad).sum())
         keep &= ~bad
     # a stat per surviving file is cheap; decoding them all is not, so decoding is checked later
-    exists = np.array([k and (root / p).is_file() for k, p in zip(keep, meta.full_path)])
+    # os.path, not pathlib: at IMDB's 163,065 files pathlib took 2.3 s, most of it building Path objects
+    exists = np.array([k and os.path.isfile(os.path.join(root, p)) for k, p in zip(keep, meta.full_path)])
     dropped["missing_file"] = int((keep & ~exists).sum())
     return ages, keep & exists, dropped
 
@@ -652,7 +653,10 @@ def run(args: argparse.Namespace, rank: int, world: int, device: str) -> None:
     # before any rank writes: a stale temp file swept later could be another rank's live one
     on_rank0(world, rank, lambda: (remove_stale_temp(out), check_face_settings(out, args.size, args.fallback)))
     root = Path(args.root)
-    name, meta = load_meta(find_mat(root, args.dataset), args.dataset)
+    mat = find_mat(root, args.dataset)
+    if rank == 0:  # IMDB's 460,723 rows take ~9 s before the next line: say what happens meanwhile
+        print(f"reading {mat} ({mat.stat().st_size / 2**20:.0f} MB) and looking for its photos under {root}", flush=True)
+    name, meta = load_meta(mat, args.dataset)
     ages, keep, dropped = filter_meta(meta, root, args.min_face_score, config.MIN_AGE, config.MAX_AGE)
     chosen = cap_per_age(ages, keep, args.per_age, args.seed)
     dropped["over_cap"] = int(keep.sum()) - len(chosen)
