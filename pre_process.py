@@ -138,7 +138,7 @@ def filter_meta(meta: Meta, root: Path, min_score: float, min_age: int, max_age:
         dropped[reason] = int((keep & bad).sum())
         keep &= ~bad
     # a stat per surviving file is cheap; decoding them all is not, so decoding is checked later
-    # os.path, not pathlib: at IMDB's 163,065 files pathlib took 2.3 s, most of it building Path objects
+    # os.path, not pathlib: over 282,127 files pathlib took 1.8-2.6 s against 1.0, most of it building Path objects
     exists = np.array([k and os.path.isfile(os.path.join(root, p)) for k, p in zip(keep, meta.full_path)])
     dropped["missing_file"] = int((keep & ~exists).sum())
     return ages, keep & exists, dropped
