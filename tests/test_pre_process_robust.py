@@ -1,5 +1,7 @@
 """pre_process.py against what a week-long IMDB job meets: odd images, bad files, SIGKILL, reruns."""
 import csv
+import errno
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +14,7 @@ import pytest
 from PIL import Image
 
 import pre_process
+import utils
 from synth_imdb import generate
 from test_data_gen import make_fake_data
 from utils import REPO, read_image
@@ -58,7 +61,6 @@ def test_broken_files_are_counted_and_the_run_goes_on(tmp_path):
     data = (root / paths[2]).read_bytes()
     (root / paths[2]).write_bytes(data[: len(data) // 3])  # truncated JPEG
     pre_process.main(["--root", str(root), "--out", str(out), "--device", "cpu", "--workers", "1", "--no-pack"])
-    import json
     dropped = json.loads((out / "summary.json").read_text())["dropped"]
     assert (dropped["empty"], dropped["not_image"], dropped["truncated"]) == (1, 1, 1)
     assert {r["source"] for r in labels(out)}.isdisjoint(paths[:3])
@@ -153,10 +155,6 @@ def test_a_killed_decoding_worker_is_a_user_error_that_says_the_fix(tmp_path, mo
 def test_a_full_disk_is_one_line_naming_the_file_and_the_rerun_completes(tmp_path, monkeypatch, capsys):
     """ENOSPC halfway through the faces: one line that names the face being written and says to free space and go on,
     no temp file left; the same command, run again with space, ends with the labels of a run never stopped."""
-    import errno
-
-    import utils
-
     root = tmp_path / "crop"
     generate(root, 16, seed=19, dirty_fraction=0.0)
     argv = lambda out: ["--root", str(root), "--out", str(out), "--device", "cpu", "--workers", "0", "--no-pack"]
@@ -187,8 +185,6 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_rerun_completes(tmp_pat
 def test_an_output_folder_this_user_cannot_write_is_one_line(tmp_path, monkeypatch, capsys):
     """A permission refused (here on the first file written into --out; root ignores chmod, so the refusal is made
     up) is one line naming the path, not a traceback."""
-    import utils
-
     root, out = tmp_path / "crop", tmp_path / "out"
     generate(root, 4, seed=23, dirty_fraction=0.0)
 

@@ -1,4 +1,6 @@
 """train.py killed mid-run: SIGKILL then --resume ends where an uninterrupted run ends; Ctrl-C says what was saved."""
+import errno
+import os
 import signal
 import subprocess
 import sys
@@ -7,6 +9,8 @@ import time
 import pytest
 import torch
 
+import train
+import utils
 from test_data_gen import make_fake_data
 from utils import REPO, read_jsonl
 
@@ -77,12 +81,6 @@ def test_ctrl_c_stops_cleanly_and_says_what_was_saved(data, tmp_path):
 def test_a_full_disk_says_what_was_saved_and_the_resume_completes(data, tmp_path, monkeypatch, capsys):
     """ENOSPC while saving epoch 1's best.pt (just after its last.pt): what last.pt holds and how to go on, then the
     one line naming the file; --resume, with space again, trains to the end."""
-    import errno
-    import os
-
-    import train
-    import utils
-
     fsync = os.fsync
 
     def full_after_last_pt(fd):
