@@ -176,15 +176,15 @@ def tree_rss(pid: int) -> tuple[int, int]:
         kids = [c for c, p in parent.items() if p in frontier]
         tree.update(kids)
         frontier = kids
-    total = anon = 0
+    resident = shared = 0  # pages; shared: file-backed
     for p in tree:
         try:
-            resident, shared = map(int, Path(f"/proc/{p}/statm").read_text().split()[1:3])  # pages; shared: file-backed
+            r, s = map(int, Path(f"/proc/{p}/statm").read_text().split()[1:3])
         except OSError:
             continue
-        total += resident * os.sysconf("SC_PAGE_SIZE")
-        anon += (resident - shared) * os.sysconf("SC_PAGE_SIZE")
-    return total, anon
+        resident, shared = resident + r, shared + s
+    page = os.sysconf("SC_PAGE_SIZE")
+    return resident * page, (resident - shared) * page
 
 
 def timed_run(cmd: list[str], log: Path) -> dict:
