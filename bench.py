@@ -742,10 +742,10 @@ def bench_loop(args: argparse.Namespace, data: Path, tmp: Path, device: torch.de
 def align_photos(detector: FaceDetector, photos: list[np.ndarray], batch: int, size: int) -> int:
     """pre_process.align_all's work (pre_process.align_batch, then align_full on the photos it missed) on decoded
     photos, batch photos a call: faces aligned."""
-    fraction = config.MIN_FACE_FRACTION
+    fraction, plan = config.MIN_FACE_FRACTION, detector.crop_plan()
     aligned, missed = 0, []
     for start in range(0, len(photos), batch):
-        faces, missing = align_batch(detector, [(None, p, prepare_crop(detector.crop_plan(), p, fraction))
+        faces, missing = align_batch(detector, [(None, p, prepare_crop(plan, p, fraction))
                                                 for p in photos[start:start + batch]], size, False)
         aligned, missed = aligned + len(faces), missed + missing
     return aligned + len(align_full(detector, missed, size, False)) if missed else aligned
