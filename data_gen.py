@@ -435,11 +435,30 @@ def write_sidecar(packed: Path, images: list[str]) -> None:
     write_json(sidecar_path(packed), dict(images=len(images), images_sha256=images_digest(images)))
 
 
-def remove_packed(data_dir: str | os.PathLike, split: str) -> None:
-    """Delete faces_{split}.npy and its sidecar, so that no array outlives the labels.csv it was packed for."""
-    packed = packed_path(data_dir, split)
-    sidecar_path(packed).unlink(missing_ok=True)
-    packed.unlink(missing_ok=True)
+def remove_packed(data_dir: str | os.PathLike, splits: tuple[str, ...] = SPLITS) -> None:
+    """Delete faces_{split}.npy and its sidecar for each of splits, so that no array outlives the labels.csv it was
+    packed for."""
+    for split in splits:
+        packed = packed_path(data_dir, split)
+        sidecar_path(packed).unlink(missing_ok=True)
+        packed.unlink(missing_ok=True)
+
+
+def pack_is_current(data_dir: str | os.PathLike, split: str, images: list[str]) -> bool:
+    """Whether faces_{split}.npy holds exactly `images` (its sidecar says so and its rows count them) and was packed
+    after every one of those faces was last written: a rerun with nothing new to align keeps it (at IMDB's full size
+    repacking took 79 s at 112 px and rewrites 5.5 GB; the check stats each face)."""
+    root = Path(data_dir)
+    packed = packed_path(root, split)
+    try:
+        packed_for = json.loads(sidecar_path(packed).read_text(encoding="utf-8"))["images_sha256"]
+        rows = np.load(packed, mmap_mode="r").shape[0]
+        packed_at = packed.stat().st_mtime_ns
+        # strictly older: on a file system with coarse times, a face of the array's own second is repacked
+        return packed_for == images_digest(images) and rows == len(images) \
+            and all(os.stat(root / p).st_mtime_ns < packed_at for p in images)
+    except (OSError, ValueError, KeyError, TypeError):  # no array or sidecar, unreadable, a face gone: not current
+        return False
 
 
 def open_packed(path: Path, images: list[str], data_dir: str | os.PathLike) -> np.ndarray:
@@ -507,13 +526,17 @@ def pack_split(data_dir: str | os.PathLike, split: str, workers: int = config.WO
     with a task (a future) per face, taken in by this thread, packing took 1.18x and 1.30x as long (2 cores, 20,580
     faces into tmpfs, 2 runs of 3 rounds alternated, 2026-12-07; 0.23 ms a face now). Processes would not hold the
     GIL in turn, but on 2 cores they ran no faster. An empty split gets no array (and loses an old one): None.
+    A current array (pack_is_current) is kept as it is.
     """
     root = Path(data_dir)
     labels = read_labels(root, split)
     if not labels.images:
-        remove_packed(root, split)
+        remove_packed(root, (split,))
         return None
     out = packed_path(root, split)
+    if pack_is_current(root, split, labels.images):
+        print(f"{out}: up to date with labels.csv and its {len(labels.images)} faces, kept (delete it to repack)")
+        return out
     first = read_face(root / labels.images[0])
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     n = len(labels.images)

@@ -17,12 +17,13 @@ ArcFace template and writes:
                             on a GPU a long wait for photos says to raise --workers)
   OUT/age_hist.png          the age distribution after the cap
   OUT/faces_{train,valid}.npy  every face of a split in one uint8 array (unless --no-pack, which deletes
-                               old ones), and faces_{train,valid}.json, the images each holds
+                               old ones that no longer match), and faces_{train,valid}.json, the images each holds
 Under torchrun each process aligns its share (RANK of WORLD_SIZE, GPU LOCAL_RANK, round robin where the
 processes outnumber the GPUs: several may share one) and rank 0 writes
 labels.csv, summary.json (with each rank's photos and seconds) and the packed arrays once all are done.
 A rerun skips faces already written; labels.csv is written last, from what is on disk, so a
-killed run loses nothing and a rerun ends with the same files. `--pack-only` packs an existing OUT.
+killed run loses nothing and a rerun ends with the same files. An array packed after its faces for the
+same labels.csv is kept, not repacked. `--pack-only` packs an existing OUT.
 """
 from __future__ import annotations
 
@@ -47,8 +48,9 @@ import numpy as np
 from tqdm import tqdm
 
 import config
-from utils import (UserError, argument_parser, in_background, map_ahead, pick_device, process_device, pyplot,
-                   read_image, read_image_or_reason, run_main, save_figure, write_csv, write_jpeg, write_json)
+from utils import (UserError, argument_parser, atomic_write_text, csv_text, in_background, map_ahead, pick_device,
+                   process_device, pyplot, read_image, read_image_or_reason, run_main, save_figure, write_jpeg,
+                   write_json)
 
 FIELDS = ("dob", "photo_taken", "full_path", "gender", "face_score", "second_face_score")
 PHOTO_WAIT_ADVICE = 20  # % of the align phase spent waiting for photos above which a GPU run advises more --workers
@@ -475,12 +477,16 @@ class _InlineExecutor(Executor):
 # --- 3. outputs ------------------------------------------------------------------------------
 
 def write_labels(out: Path, rows: list[dict]) -> None:
-    """labels.csv, after deleting the packed arrays of the one it replaces (pack() writes new ones)."""
-    from data_gen import LABEL_COLUMNS, SPLITS, remove_packed  # imported here: data_gen loads torch
+    """labels.csv, after deleting the packed arrays of the one it replaces (pack() writes new ones); one that already
+    holds these rows is left as it is, so that a rerun with nothing new to align can keep its arrays."""
+    from data_gen import LABEL_COLUMNS, remove_packed  # imported here: data_gen loads torch
 
-    for split in SPLITS:
-        remove_packed(out, split)
-    write_csv(out / "labels.csv", LABEL_COLUMNS, rows)
+    path = out / "labels.csv"
+    text = csv_text(LABEL_COLUMNS, rows)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    remove_packed(out)
+    atomic_write_text(path, text)
 
 
 def plot_ages(path: Path, ages: np.ndarray, per_age: int) -> None:
@@ -492,11 +498,16 @@ def plot_ages(path: Path, ages: np.ndarray, per_age: int) -> None:
     save_figure(fig, path)
 
 
-def pack(out: Path, workers: int) -> None:
-    from data_gen import pack_split  # see write_labels
+def pack(out: Path, workers: int, write: bool = True) -> None:
+    """Each split's faces_{split}.npy brought up to date: packed anew unless current (write), or else deleted unless
+    current, so that no array outlives the labels.csv or the faces it was packed from."""
+    from data_gen import SPLITS, pack_is_current, pack_split, read_labels, remove_packed  # see write_labels
 
-    for split in ("train", "valid"):
-        pack_split(out, split, workers)
+    for split in SPLITS:
+        if write:
+            pack_split(out, split, workers)
+        elif not pack_is_current(out, split, read_labels(out, split).images):
+            remove_packed(out, (split,))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -536,8 +547,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=config.DEVICE, help="MTCNN device: auto, cpu, cuda (default: %(default)s)")
     p.add_argument("--quality", type=int, default=config.JPEG_QUALITY, help="JPEG quality of the faces (default: %(default)s)")
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
-                   help="also write faces_{train,valid}.npy for the fast loader (default: %(default)s)")
-    p.add_argument("--pack-only", action="store_true", help="only pack an existing OUT, touching nothing else")
+                   help="also write faces_{train,valid}.npy for the fast loader, unless they are current "
+                        "(default: %(default)s)")
+    p.add_argument("--pack-only", action="store_true", help="only pack an existing OUT, touching nothing else (a current array is kept: delete it "
+                        "to repack)")
     p.add_argument("--limit", type=int, default=0, help="process only the first N photos after the cap, 0 = all (default: %(default)s)")
     args = p.parse_args(argv)
     args.out = args.out or config.DATA_FOR_SIZE.format(size=args.size)
@@ -699,8 +712,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: str) -> None:
         size=args.size, settings=vars(args),
         ranks=[dict(rank=i, photos=r["photos"], device=r["device"], seconds=r["seconds"]) for i, r in enumerate(ranks)]))
     write_labels(out, rows)
-    if args.pack:
-        pack(out, args.workers)
+    pack(out, args.workers, args.pack)
     print(f"wrote {len(rows)} faces to {out} ({sum(r['split'] == 'valid' for r in rows)} valid); dropped: "
           + ", ".join(f"{k} {v}" for k, v in dropped.items() if v))
 

@@ -207,13 +207,18 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: list[dict]) -> None:
-    """Atomically write rows (dicts keyed by columns) as CSV with a header line, "\n" line ends."""
+def csv_text(columns: Sequence[str], rows: list[dict]) -> str:
+    """Rows (dicts keyed by columns) as CSV with a header line, "\n" line ends."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: list[dict]) -> None:
+    """Atomically write rows as csv_text does."""
+    atomic_write_text(path, csv_text(columns, rows))
 
 
 def pyplot() -> ModuleType:

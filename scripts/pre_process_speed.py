@@ -6,8 +6,8 @@ Writes the built-in dataset (synth_imdb.generate) once, its photos resized to IM
 (synth_imdb.imdb_sized: short side 150-700 px, median ~430), checks the old commit out in a git
 worktree (--old-tree), and runs both pre_process.py as subprocesses on those photos with the same
 arguments, alternately (old, new, new, old, ...) so that a busy machine slows both alike, each into
-a fresh folder. Each run is followed by a rerun into the same folder, which skips every face already
-written: its time is the run's fixed cost (start-up, metadata, labels, packing), so the align phase
+a fresh folder. Each run is followed by a rerun into the same folder, its packed arrays deleted, which
+skips every face already written but packs again: its time is the run's fixed cost (start-up, metadata, labels, packing), so the align phase
 is the difference. Prints each run, the load average, the ratios, and how the kept photos compare
 (labels.csv rows as sets, split aside); exits 1 if the new code dropped a photo the old one kept.
 Not a CI test: minutes of CPU.
@@ -27,7 +27,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from synth_imdb import generate, imdb_sized  # noqa: E402  (the repo's modules, after the path is set)
+from data_gen import remove_packed  # noqa: E402  (the repo's modules, after the path is set)
+from synth_imdb import generate, imdb_sized  # noqa: E402
 from utils import argument_parser, read_image, run_main, write_jpeg  # noqa: E402
 
 
@@ -91,6 +92,7 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             load = os.getloadavg()[0]
             total = timed(trees[who], root, out, args.extra)
+            remove_packed(out)  # a rerun keeps a current array: with none, it packs as a whole run does
             fixed = timed(trees[who], root, out, args.extra)  # every face written: all but the align phase
             kept = rows(out)
             results[who].append(dict(total=total, fixed=fixed, kept=kept))

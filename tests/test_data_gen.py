@@ -303,6 +303,26 @@ def test_packing_tasks_fill_their_rows_of_the_array(tmp_path, monkeypatch):
     assert len(reads) <= 1 + 7 + 1, reads  # the first face, the tasks up to the failed one, one started meanwhile
 
 
+def test_a_current_pack_is_kept_and_a_face_written_after_it_repacks(tmp_path, capsys):
+    data = make_fake_data(tmp_path, n_train=5, n_valid=2)
+    an_hour_ago = time.time_ns() - 3600 * 10**9  # file times tick every few ms: clear of the array's own
+    for face in (data / "faces").rglob("*.jpg"):
+        os.utime(face, ns=(an_hour_ago, an_hour_ago))
+    packed = pack_split(data, "valid")
+    packed_at = packed.stat().st_mtime_ns
+    capsys.readouterr()
+    assert pack_split(data, "valid") == packed and packed.stat().st_mtime_ns == packed_at
+    assert f"{packed}: up to date with labels.csv and its 2 faces, kept" in capsys.readouterr().out
+    write_jpeg(data / "faces/00/6.jpg", np.full((32, 32, 3), 200, np.uint8))  # the second valid face, made again
+    pack_split(data, "valid")
+    assert "up to date" not in capsys.readouterr().out
+    assert np.array_equal(np.load(packed)[1], read_image(data / "faces/00/6.jpg"))
+    (data / "faces_valid.json").write_text(json.dumps(dict(images=2, images_sha256="0" * 64)))  # packed for others
+    assert not data_gen.pack_is_current(data, "valid", data_gen.read_labels(data, "valid").images)
+    (data / "faces/00/6.jpg").unlink()
+    assert not data_gen.pack_is_current(data, "valid", ["faces/00/5.jpg", "faces/00/6.jpg"])  # a face gone
+
+
 def test_stale_pack_is_refused(data):
     np.save(data / "faces_valid.npy", np.zeros((3, 32, 32, 3), np.uint8))  # labels.csv has 7 valid rows
     with pytest.raises(UserError, match="faces_valid.npy.*7 rows.*--pack-only"):

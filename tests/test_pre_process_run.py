@@ -82,18 +82,37 @@ def test_packed_arrays_match_labels(built):
         assert np.array_equal(arr[0], read_image(out / mine[0]["image"]))
 
 
-def test_rerun_skips_finished_faces(built, capsys):
+def test_rerun_skips_finished_faces_and_keeps_current_arrays(built, capsys):
     root, out, _, _ = built
-    before = (out / "labels.csv").read_text()
-    stamps = {p: p.stat().st_mtime_ns for p in (out / "faces").rglob("*.jpg")}
+    written = [*(out / "faces").rglob("*.jpg"), out / "labels.csv", out / "faces_train.npy", out / "faces_valid.npy"]
+    stamps = {p: p.stat().st_mtime_ns for p in written}
     pre_process.main(["--root", str(root), "--out", str(out), "--size", "112", "--device", "cpu",
-                      "--workers", "0", "--valid-fraction", "0.3", "--no-pack"])
+                      "--workers", "0", "--valid-fraction", "0.3"])
     said = capsys.readouterr().out
     # the metadata stage's line comes first: at IMDB's size the next one takes ~9 s
-    assert said.startswith(f"reading {root / 'imdb.mat'} (") and f"{len(stamps)} faces already written" in said
-    assert {p: p.stat().st_mtime_ns for p in (out / "faces").rglob("*.jpg")} == stamps
-    assert (out / "labels.csv").read_text() == before
-    assert not list(out.glob("faces_*")), "--no-pack leaves no array packed for an older labels.csv"
+    assert said.startswith(f"reading {root / 'imdb.mat'} (") and f"{len(stamps) - 3} faces already written" in said
+    assert said.count("up to date with labels.csv") == 2, said
+    assert {p: p.stat().st_mtime_ns for p in written} == stamps  # no face, labels.csv or array written again
+
+
+def test_a_face_aligned_again_is_packed_again(built, capsys):
+    """A rerun that writes a face again (here: one deleted) drops the array that held the old one under --no-pack,
+    keeps the other split's, and repacks it when packing."""
+    root, out, _, _ = built
+    row = read_labels(out)[0]
+    other = "valid" if row["split"] == "train" else "train"
+    kept_at = (out / f"faces_{other}.npy").stat().st_mtime_ns
+    (out / row["image"]).unlink()
+    argv = ["--root", str(root), "--out", str(out), "--size", "112", "--device", "cpu", "--workers", "0",
+            "--valid-fraction", "0.3"]
+    pre_process.main([*argv, "--no-pack"])
+    assert (out / row["image"]).is_file() and read_labels(out)[0] == row
+    assert not (out / f"faces_{row['split']}.npy").exists() and not (out / f"faces_{row['split']}.json").exists()
+    assert (out / f"faces_{other}.npy").stat().st_mtime_ns == kept_at
+    pre_process.main(argv)
+    mine = [r for r in read_labels(out) if r["split"] == row["split"]]
+    assert mine[0] == row and np.array_equal(np.load(out / f"faces_{row['split']}.npy")[0], read_image(out / row["image"]))
+    assert (out / f"faces_{other}.npy").stat().st_mtime_ns == kept_at
 
 
 def test_another_size_into_the_same_folder_is_refused(built):
