@@ -998,6 +998,55 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def loop_results(loop: dict | None) -> dict:
+    """The JSON's loop keys: the fastest row's rates, and the lowest loop/bare ratio over its mode's batches (the
+    target holds at each of them)."""
+    best = loop["best"] if loop else None
+    ratios = [r["loop_over_bare"] for r in loop["rows"] if r["mode"] == best["mode"]] if best else [None]
+    return dict(
+        train_loop_images_per_s=best["loop_images_per_s"] if best else None,
+        train_bare_images_per_s=best["bare_images_per_s"] if best else None,
+        loader_images_per_s=best["loader_images_per_s"] if best else None,
+        train_loop_batch=best["batch"] if best else None,
+        train_loop_mode=best["mode"] if best else None,
+        train_loop_over_bare=None if None in ratios else min(ratios),
+        loop=[{k: r[k] for k in ("mode", "batch", "loop_images_per_s", "bare_images_per_s",
+                                 "bare_augmented_images_per_s", "loop_over_bare", "loader_images_per_s", "loop_error",
+                                 "profile")}
+              for r in loop["rows"]] if loop else None)
+
+
+def bench_settings(args: argparse.Namespace, data: Path, photos_dir: Path, size: int, checkpoint: Path,
+                   loop: dict | None, pre_res: dict, folder: dict, infer_res: dict) -> dict:
+    """What was timed, and how: the JSON's settings."""
+    return dict(data=str(data), photos=str(photos_dir), model="resnet18", size=size, quick=args.quick,
+                steps=args.steps, warmup=args.warmup, repeats=args.repeats, batch_size=args.batch_size,
+                naive_batch=args.naive_batch, workers=args.workers, detect_batch=args.detect_batch,
+                preprocess_photos=pre_res.get("photos"), infer_photos=infer_res.get("photos"),
+                folder_photos=folder.get("photos"), infer_repeat=args.infer_repeat, min_face=args.min_face,
+                checkpoint=str(checkpoint) if args.checkpoint else "random resnet18 (l1)",
+                grid_batch=args.grid_batch, grid_cells=[":".join(map(str, c)) for c in args.grid_cells],
+                compile=args.compile,
+                loop_faces=loop["faces"] if loop else None, loop_batches=args.loop_batches,
+                loop_modes=args.loop_modes,
+                loop_epochs=LOOP_EPOCHS,
+                loop=f"train.py --epochs {LOOP_EPOCHS} --pretrained none (its defaults: bf16 on CUDA and bf16 CPUs, "
+                     f"channels_last, prefetch), images/s of epoch {LOOP_EPOCHS} from its metrics.jsonl; "
+                     "bare: SameBatch",
+                tuned="packed uint8 memmap + batch augmentation, channels_last, bf16 autocast where train.py turns it on",
+                naive="JPEG per sample (FaceDataset + DataLoader), fp32, NCHW")
+
+
+def judge_targets(res: dict, grid: list[dict] | None, device: torch.device) -> dict:
+    """res's targets: TARGETS on any device, GPU_TARGETS (one H200's) judged on CUDA alone."""
+    targets = {k: dict(target=t, met=None if res[k] is None else res[k] >= t) for k, t in TARGETS.items()}
+    gpu = dict(res, grid_resnet50_224_images_per_s=best_grid_images_per_s(grid, "resnet50", 224))
+    targets.update({k: dict(target=t, value=gpu[k], on="one NVIDIA H200",
+                            met=None if device.type != "cuda" or gpu[k] is None else gpu[k] >= t)
+                    for k, t in GPU_TARGETS.items()})
+    return targets
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
@@ -1028,20 +1077,8 @@ def main(argv: list[str] | None = None) -> dict:
     share = others.share()
     if share is not None:
         machine["others_share_during_run"] = round(share, 3)
-    best = loop["best"] if loop else None
-    # the target holds at each batch of the fastest mode
-    ratios = [r["loop_over_bare"] for r in loop["rows"] if r["mode"] == best["mode"]] if best else [None]
     res = dict(
-        train_loop_images_per_s=best["loop_images_per_s"] if best else None,
-        train_bare_images_per_s=best["bare_images_per_s"] if best else None,
-        loader_images_per_s=best["loader_images_per_s"] if best else None,
-        train_loop_batch=best["batch"] if best else None,
-        train_loop_mode=best["mode"] if best else None,
-        train_loop_over_bare=None if None in ratios else min(ratios),
-        loop=[{k: r[k] for k in ("mode", "batch", "loop_images_per_s", "bare_images_per_s",
-                                 "bare_augmented_images_per_s", "loop_over_bare", "loader_images_per_s", "loop_error",
-                                 "profile")}
-              for r in loop["rows"]] if loop else None,
+        **loop_results(loop),
         train_speedup=quotient(train_res.get("tuned_images_per_s"), train_res.get("naive_images_per_s")),
         train_tuned_images_per_s=train_res.get("tuned_images_per_s"),
         train_naive_images_per_s=train_res.get("naive_images_per_s"),
@@ -1064,31 +1101,12 @@ def main(argv: list[str] | None = None) -> dict:
         python=platform.python_version(), git_commit=git_commit(), seconds=time.perf_counter() - started,
         phase_seconds=phases.seconds, errors=phases.errors,
         machine=machine, grid=grid,
-        settings=dict(data=str(data), photos=str(photos_dir), model="resnet18", size=size, quick=args.quick,
-                      steps=args.steps, warmup=args.warmup, repeats=args.repeats, batch_size=args.batch_size,
-                      naive_batch=args.naive_batch, workers=args.workers, detect_batch=args.detect_batch,
-                      preprocess_photos=pre_res.get("photos"), infer_photos=infer_res.get("photos"),
-                      folder_photos=folder.get("photos"), infer_repeat=args.infer_repeat, min_face=args.min_face,
-                      checkpoint=str(checkpoint) if args.checkpoint else "random resnet18 (l1)",
-                      grid_batch=args.grid_batch, grid_cells=[":".join(map(str, c)) for c in args.grid_cells],
-                      compile=args.compile,
-                      loop_faces=loop["faces"] if loop else None, loop_batches=args.loop_batches,
-                      loop_modes=args.loop_modes,
-                      loop_epochs=LOOP_EPOCHS,
-                      loop=f"train.py --epochs {LOOP_EPOCHS} --pretrained none (its defaults: bf16 on CUDA and bf16 CPUs, "
-                           f"channels_last, prefetch), images/s of epoch {LOOP_EPOCHS} from its metrics.jsonl; "
-                           "bare: SameBatch",
-                      tuned="packed uint8 memmap + batch augmentation, channels_last, bf16 autocast where train.py turns it on",
-                      naive="JPEG per sample (FaceDataset + DataLoader), fp32, NCHW"),
+        settings=bench_settings(args, data, photos_dir, size, checkpoint, loop, pre_res, folder, infer_res),
         details=dict(folder=folder or None, train=train_res.get("rounds"), preprocess=pre_res.get("rounds"),
                      infer=infer_res.get("rounds"), infer_faces_per_photo=infer_res.get("faces_per_photo"),
                      loop={k: v for k, v in loop.items() if k != "best"} if loop else None),
     )
-    res["targets"] = {k: dict(target=t, met=None if res[k] is None else res[k] >= t) for k, t in TARGETS.items()}
-    gpu = dict(res, grid_resnet50_224_images_per_s=best_grid_images_per_s(grid, "resnet50", 224))
-    res["targets"].update({k: dict(target=t, value=gpu[k], on="one NVIDIA H200",
-                                   met=None if device.type != "cuda" or gpu[k] is None else gpu[k] >= t)
-                           for k, t in GPU_TARGETS.items()})
+    res["targets"] = judge_targets(res, grid, device)
     print(table(res))
     write_json(args.out, res)
     print(f"wrote {args.out} ({res['seconds']:.0f} s)")
