@@ -714,7 +714,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: str) -> None:
     write_labels(out, rows)
     pack(out, args.workers, args.pack)
     print(f"wrote {len(rows)} faces to {out} ({sum(r['split'] == 'valid' for r in rows)} valid); dropped: "
-          + ", ".join(f"{k} {v}" for k, v in dropped.items() if v))
+          + (", ".join(f"{k} {v}" for k, v in dropped.items() if v) or "none"))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,23 @@ def test_unusual_but_valid_images_are_used(tmp_path):
         assert read_image(out / r["image"]).shape == (112, 112, 3)
 
 
+def test_photos_too_small_for_a_face_are_no_face_or_centred(tmp_path, capsys):
+    """IMDB-WIKI holds placeholder photos of a pixel or a few: no face is found in them, so --fallback drop counts
+    them and --fallback center keeps them, stretched to the face size, and then nothing is dropped."""
+    root = tmp_path / "crop"
+    _, truth = generate(root, 3, seed=13, dirty_fraction=0.0)
+    for path, size in zip(sorted(truth), [(1, 1), (3, 2), (1, 400)]):
+        Image.new("RGB", size, (128, 0, 0)).save(root / path, format="JPEG")
+    for fallback in ("drop", "center"):
+        out = tmp_path / fallback
+        pre_process.main(["--root", str(root), "--out", str(out), "--device", "cpu", "--workers", "0", "--no-pack",
+                          "--fallback", fallback])
+        dropped = json.loads((out / "summary.json").read_text())["dropped"]
+        assert dropped.get("no_face", 0) == (3 if fallback == "drop" else 0)
+        assert [read_image(out / r["image"]).shape for r in labels(out)] == [(112, 112, 3)] * (fallback == "center") * 3
+    assert capsys.readouterr().out.rstrip().endswith(f"wrote 3 faces to {out} (0 valid); dropped: none")
+
+
 def test_broken_files_are_counted_and_the_run_goes_on(tmp_path):
     root, out = tmp_path / "crop", tmp_path / "out"
     _, truth = generate(root, 8, seed=12, dirty_fraction=0.0)
