@@ -1033,7 +1033,8 @@ def bench_settings(args: argparse.Namespace, data: Path, photos_dir: Path, size:
                 loop=f"train.py --epochs {LOOP_EPOCHS} --pretrained none (its defaults: bf16 on CUDA and bf16 CPUs, "
                      f"channels_last, prefetch), images/s of epoch {LOOP_EPOCHS} from its metrics.jsonl; "
                      "bare: SameBatch",
-                tuned="packed uint8 memmap + batch augmentation, channels_last, bf16 autocast where train.py turns it on",
+                tuned="packed uint8 memmap + batch augmentation, channels_last, bf16 autocast where train.py turns it "
+                      "on",
                 naive="JPEG per sample (FaceDataset + DataLoader), fp32, NCHW")
 
 

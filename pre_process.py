@@ -549,8 +549,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                    help="also write faces_{train,valid}.npy for the fast loader, unless they are current "
                         "(default: %(default)s)")
-    p.add_argument("--pack-only", action="store_true", help="only pack an existing OUT, touching nothing else (a current array is kept: delete it "
-                        "to repack)")
+    p.add_argument("--pack-only", action="store_true",
+                   help="only pack an existing OUT, touching nothing else (a current array is kept: delete it to "
+                        "repack)")
     p.add_argument("--limit", type=int, default=0, help="process only the first N photos after the cap, 0 = all (default: %(default)s)")
     args = p.parse_args(argv)
     args.out = args.out or config.DATA_FOR_SIZE.format(size=args.size)

@@ -27,9 +27,9 @@ Then pre_process.py runs as a subprocess (--root the dataset, --out a fresh WORK
 --nproc_per_node N`, the photos shared among N processes, each given OMP_NUM_THREADS=1 by torchrun
 unless it is set: set it to the cores per process to compare with one process fairly), and again
 into the same folder after deleting the packed arrays: the rerun skips every face already written but
-packs again, so its time is the fixed cost (start-up, metadata, labels, packing) and the difference is the align phase, as in
-scripts/pre_process_speed.py (the rerun does detect again the few photos in which no face was
-found). Reported: wall time of both, align photos/s = photos detected / (run - rerun), the same after
+packs again, so its time is the fixed cost (start-up, metadata, labels, packing) and the difference
+is the align phase, as in scripts/pre_process_speed.py (the rerun does detect again the few photos in
+which no face was found). Reported: wall time of both, align photos/s = photos detected / (run - rerun), the same after
 the first batch (photos detected / the slowest process's align phase from its first batch on, by its
 own clock: the wait for that batch, the decoding workers' start-up, is paid once a run), end-to-end
 photos/s, rows parsed, photos detected, faces kept, retried and over_cap (from OUT/summary.json),

@@ -7,8 +7,9 @@ Writes the built-in dataset (synth_imdb.generate) once, its photos resized to IM
 worktree (--old-tree), and runs both pre_process.py as subprocesses on those photos with the same
 arguments, alternately (old, new, new, old, ...) so that a busy machine slows both alike, each into
 a fresh folder. Each run is followed by a rerun into the same folder, its packed arrays deleted, which
-skips every face already written but packs again: its time is the run's fixed cost (start-up, metadata, labels, packing), so the align phase
-is the difference. Prints each run, the load average, the ratios, and how the kept photos compare
+skips every face already written but packs again: its time is the run's fixed cost (start-up,
+metadata, labels, packing), so the align phase is the difference. Prints each run, the load
+average, the ratios, and how the kept photos compare
 (labels.csv rows as sets, split aside); exits 1 if the new code dropped a photo the old one kept.
 Not a CI test: minutes of CPU.
 """

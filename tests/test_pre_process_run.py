@@ -111,7 +111,8 @@ def test_a_face_aligned_again_is_packed_again(built, capsys):
     assert (out / f"faces_{other}.npy").stat().st_mtime_ns == kept_at
     pre_process.main(argv)
     mine = [r for r in read_labels(out) if r["split"] == row["split"]]
-    assert mine[0] == row and np.array_equal(np.load(out / f"faces_{row['split']}.npy")[0], read_image(out / row["image"]))
+    assert mine[0] == row
+    assert np.array_equal(np.load(out / f"faces_{row['split']}.npy")[0], read_image(out / row["image"]))
     assert (out / f"faces_{other}.npy").stat().st_mtime_ns == kept_at
 
 
