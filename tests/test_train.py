@@ -505,6 +505,24 @@ def test_compile_wraps_ddp_not_the_reverse(tmp_path, monkeypatch):
         dist.destroy_process_group()
 
 
+def test_compile_is_paid_once_a_run(data, tmp_path, monkeypatch):
+    """--compile traces the training model once: the later epochs' steps, and validation (the raw model, in fp32),
+    compile nothing more; dynamo's error_on_recompile raises if any does. The eager backend stands in for inductor:
+    the guards that decide a recompile are dynamo's."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compile_(model, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    try:
+        train.main(args(data, tmp_path, "--compile"))
+    finally:
+        torch._dynamo.reset()  # the other tests of this process trace nothing of this one's
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters)  # the model was compiled, and only once
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == EPOCHS
+
+
 def test_best_pt_holds_the_temperature_fitted_on_the_valid_split(run, data):
     """train.py's last step: one gender temperature fitted on the validation split, stored in best.pt only."""
     from metrics import fit_temperature
