@@ -83,8 +83,8 @@ import torch
 import config
 import pre_process
 import train
-from data_gen import (LABEL_COLUMNS, Labels, PackedLoader, augment_params, load_split, make_loader, network_input,
-                      open_packed, packed_path, read_labels, write_sidecar)
+from data_gen import (LABEL_COLUMNS, JpegLoader, Labels, PackedLoader, augment_params, load_split, make_loader,
+                      network_input, open_packed, packed_path, read_labels, write_sidecar)
 from face import FaceDetector, prepare_crop
 from inference import Predictor, ensure_samples
 from models import ARCHS, build_model
@@ -312,7 +312,8 @@ class TimedSteps:
     warm-up steps are done and stops when the last step is, so it covers loading too.
     """
 
-    def __init__(self, loader, warmup: int, steps: int, device: torch.device):
+    def __init__(self, loader: PackedLoader | JpegLoader | SameBatch, warmup: int, steps: int,
+                 device: torch.device) -> None:
         self.loader, self.warmup, self.steps, self.device = loader, warmup, steps, device
         self.size = loader.size
         self.start = self.end = None
@@ -545,7 +546,7 @@ def bench_train(args: argparse.Namespace, data: Path, tmp: Path, device: torch.d
 class SameBatch:
     """A training loader's first batch, yielded len(loader) times an epoch: the step with no loading at all."""
 
-    def __init__(self, loader):
+    def __init__(self, loader: PackedLoader) -> None:
         self.batch, self.size, self.steps = next(iter(loader)), loader.size, len(loader)
 
     def __len__(self) -> int:
@@ -563,7 +564,7 @@ class AugmentedSameBatch(SameBatch):
     (data_gen.network_input, in the step's stream): the bare step plus the augmentation's device time, with no
     host work. Between it and SameBatch lies what augmenting costs the device; between it and the loop, the rest."""
 
-    def __init__(self, loader: PackedLoader):
+    def __init__(self, loader: PackedLoader) -> None:
         idx = next(iter(loader.batches))
         self.size, self.steps = loader.size, len(loader)
         self.faces = torch.from_numpy(loader.faces[idx]).to(loader.device).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8

@@ -229,8 +229,8 @@ class Step:
     model: the network as trained (DDP, compiled); loss_fn: AgeGenderNet.loss of the model inside.
     """
 
-    def __init__(self, model: torch.nn.Module, loss_fn, optimizer: torch.optim.Optimizer, autocast: functools.partial,
-                 age_weight: float, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer,
+                 autocast: functools.partial, age_weight: float, device: torch.device) -> None:
         self.model, self.loss_fn, self.optimizer, self.autocast = model, loss_fn, optimizer, autocast
         self.age_weight = age_weight
         self.loss_sum = torch.zeros((), device=device)  # sum over the epoch's images of the batch-mean loss
