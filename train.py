@@ -46,7 +46,7 @@ from torch.profiler import ProfilerActivity, _ExperimentalConfig, profile, sched
 from tqdm import tqdm
 
 import config
-from data_gen import PREPARE_LABEL, WAIT_LABEL, make_loader
+from data_gen import PREPARE_LABEL, WAIT_LABEL, JpegLoader, PackedLoader, make_loader, packed_path
 from inference import calibrate_checkpoint
 from metrics import MetricSums
 from models import AGE_LOSSES, ARCHS, AgeGenderNet, build_model, model_args_of
@@ -565,6 +565,19 @@ def check_cuda_graph(args: argparse.Namespace, world: int, device: torch.device)
                         "torch.compile's own CUDA graphs")
 
 
+def faces_source(args: argparse.Namespace, loader: PackedLoader | JpegLoader) -> str:
+    """Where the training faces come from, said at the start: at IMDB's size on a GPU the JPEG path is the slow one,
+    and a data dir made with --no-pack would take it silently."""
+    if args.dummy is not None:
+        return f"random {args.dummy}x{args.dummy} faces (--dummy)"
+    if isinstance(loader, PackedLoader):
+        return f"{packed_path(args.data, 'train')} (packed)"
+    if args.jpeg:
+        return f"the JPEGs under {args.data} (--jpeg)"
+    return (f"the JPEGs under {args.data}, as {packed_path(args.data, 'train')} is not there; "
+            f"`python pre_process.py --out {args.data} --pack-only` packs them for the faster loader")
+
+
 def resolved_config(args: argparse.Namespace, size: int, world: int, device: torch.device, amp: bool) -> dict:
     """What config.json and the checkpoints record: every option plus what was derived (plain values only)."""
     return dict(vars(args), size=size, world_size=world, global_batch=args.batch_size * world, device_used=str(device),
@@ -628,6 +641,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         print(f"training {args.arch}/{args.age_loss} on {device} x{world}, {len(train_loader)} steps of "
               f"{cfg['global_batch']} per epoch, peak lr {cfg['peak_lr']:g}, {'bf16' if amp else 'fp32'}"
               f"{', resuming at epoch ' + str(start_epoch) if ckpt else ''}")
+        print(f"faces from {faces_source(args, train_loader)}")
         if changes:
             print(changes)
     epoch, began = start_epoch, time.time()

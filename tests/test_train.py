@@ -188,6 +188,7 @@ def test_resume_with_another_batch_size_and_more_epochs_follows_the_new_schedule
     train.main(args(data, resumed, "--epochs", 4, "--resume", resumed / "last.pt"))
     said = capsys.readouterr().out
     assert "resuming after epoch 1 with global_batch 8 -> 16; epochs 1 -> 4" in said
+    assert f"\nfaces from {data / 'faces_train.npy'} (packed)\n" in said  # the line after the start's
     assert "the learning rate goes from 0.0025 to 0.005" in said  # the peak at batch 8, then at 16
     lrs = [r["lr"] for r in read_jsonl(resumed / "metrics.jsonl")]
     want = [r["lr"] for r in read_jsonl(straight / "metrics.jsonl")]
@@ -503,6 +504,20 @@ def test_compile_wraps_ddp_not_the_reverse(tmp_path, monkeypatch):
         assert isinstance(model._orig_mod, DistributedDataParallel)
     finally:
         dist.destroy_process_group()
+
+
+def test_the_start_says_where_the_faces_come_from(data, tmp_path):
+    """Packed, or the JPEGs with the command that packs them (a data dir made with --no-pack), or --jpeg, or --dummy."""
+    def said(data_dir, *extra):
+        opts = train.parse_args(args(data_dir, tmp_path / "run", *extra))
+        return train.faces_source(opts, make_loader(data_dir, "train", True, 16, jpeg=opts.jpeg, dummy=opts.dummy))
+
+    assert said(data) == f"{data / 'faces_train.npy'} (packed)"
+    assert said(data, "--jpeg") == f"the JPEGs under {data} (--jpeg)"
+    assert said(data, "--dummy", "32") == "random 32x32 faces (--dummy)"
+    unpacked = make_fake_data(tmp_path / "unpacked", n_train=16, n_valid=4)
+    assert said(unpacked) == (f"the JPEGs under {unpacked}, as {unpacked / 'faces_train.npy'} is not there; "
+                              f"`python pre_process.py --out {unpacked} --pack-only` packs them for the faster loader")
 
 
 def test_compile_is_paid_once_a_run(data, tmp_path, monkeypatch):
