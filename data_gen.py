@@ -444,23 +444,6 @@ def remove_packed(data_dir: str | os.PathLike, splits: tuple[str, ...] = SPLITS)
         packed.unlink(missing_ok=True)
 
 
-def pack_is_current(data_dir: str | os.PathLike, split: str, images: list[str]) -> bool:
-    """Whether faces_{split}.npy holds exactly `images` (its sidecar says so and its rows count them) and was packed
-    after every one of those faces was last written: a rerun with nothing new to align keeps it (at IMDB's full size
-    repacking took 79 s at 112 px and rewrites 5.5 GB; the check stats each face)."""
-    root = Path(data_dir)
-    packed = packed_path(root, split)
-    try:
-        packed_for = json.loads(sidecar_path(packed).read_text(encoding="utf-8"))["images_sha256"]
-        rows = np.load(packed, mmap_mode="r").shape[0]
-        packed_at = packed.stat().st_mtime_ns
-        # strictly older: on a file system with coarse times, a face of the array's own second is repacked
-        return packed_for == images_digest(images) and rows == len(images) \
-            and all(os.stat(root / p).st_mtime_ns < packed_at for p in images)
-    except (OSError, ValueError, KeyError, TypeError):  # no array or sidecar, unreadable, a face gone: not current
-        return False
-
-
 def open_packed(path: Path, images: list[str], data_dir: str | os.PathLike) -> np.ndarray:
     """The memory-mapped (N, S, S, 3) uint8 array, checked to hold exactly `images` (labels.csv's split, in order)."""
     rebuild = f"rebuild it with `python pre_process.py --out {data_dir} --pack-only` or delete it to use the JPEGs"
@@ -481,6 +464,21 @@ def open_packed(path: Path, images: list[str], data_dir: str | os.PathLike) -> n
         raise UserError(f"{path}: packed for other images than labels.csv lists now (labels.csv was rewritten "
                         f"after packing: stale); {rebuild}")
     return faces
+
+
+def pack_is_current(data_dir: str | os.PathLike, split: str, images: list[str]) -> bool:
+    """Whether faces_{split}.npy is one the loader takes for `images` (open_packed) and was packed after every one of
+    those faces was last written: a rerun with nothing new to align keeps it (at IMDB's full size repacking took
+    79 s at 112 px and rewrites 5.5 GB; the check stats each face)."""
+    root = Path(data_dir)
+    packed = packed_path(root, split)
+    try:
+        open_packed(packed, images, root)
+        packed_at = packed.stat().st_mtime_ns
+        # strictly older: on a file system with coarse times, a face of the array's own tick is repacked
+        return all(os.stat(root / p).st_mtime_ns < packed_at for p in images)
+    except (UserError, OSError):  # refused by the loader (missing, stale, unreadable), or a face gone: not current
+        return False
 
 
 def make_loader(data_dir: str | os.PathLike, split: str, train: bool, batch_size: int,

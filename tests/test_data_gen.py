@@ -317,6 +317,8 @@ def test_a_current_pack_is_kept_and_a_face_written_after_it_repacks(tmp_path, ca
     pack_split(data, "valid")
     assert "up to date" not in capsys.readouterr().out
     assert np.array_equal(np.load(packed)[1], read_image(data / "faces/00/6.jpg"))
+    np.save(packed, np.load(packed).astype(np.float32))  # its sidecar still matches: one the loader refuses
+    assert not data_gen.pack_is_current(data, "valid", data_gen.read_labels(data, "valid").images)
     (data / "faces_valid.json").write_text(json.dumps(dict(images=2, images_sha256="0" * 64)))  # packed for others
     assert not data_gen.pack_is_current(data, "valid", data_gen.read_labels(data, "valid").images)
     (data / "faces/00/6.jpg").unlink()
