@@ -29,8 +29,8 @@ unless it is set: set it to the cores per process to compare with one process fa
 into the same folder after deleting the packed arrays: the rerun skips every face already written but
 packs again, so its time is the fixed cost (start-up, metadata, labels, packing) and the difference
 is the align phase, as in scripts/pre_process_speed.py (the rerun does detect again the few photos in
-which no face was found). Reported: wall time of both, align photos/s = photos detected / (run - rerun), the same after
-the first batch (photos detected / the slowest process's align phase from its first batch on, by its
+which no face was found). Reported: wall time of both, align photos/s = photos detected / (run - rerun),
+the same after the first batch (photos detected / the slowest process's align phase from its first batch on, by its
 own clock: the wait for that batch, the decoding workers' start-up, is paid once a run), end-to-end
 photos/s, rows parsed, photos detected, faces kept, retried and over_cap (from OUT/summary.json),
 and peak memory two ways:
