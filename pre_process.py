@@ -292,9 +292,11 @@ def align_all(todo: list[tuple[Path, Path]], size: int, fallback: str, device: s
                     writes.popleft().result()
             bar.update(bar.total - bar.n)  # photos that failed to decode after the last batch
     except BrokenProcessPool as e:  # most often the kernel's OOM killer: a traceback would not say the fix
-        raise UserError(f"a decoding process died (killed): the faces written so far are kept, and the same command "
-                        f"goes on from them; if the machine ran out of memory (`dmesg` names the OOM killer), give "
-                        f"it fewer --workers than {workers}") from e
+        # the other cause: a script that calls main() unguarded, which each spawned worker runs again as it starts
+        raise UserError(f"a decoding process died: the faces written so far are kept, and the same command goes on "
+                        f"from them; if the machine ran out of memory (`dmesg` names the OOM killer), give it fewer "
+                        f"--workers than {workers}; if an error is printed above, a script of yours that calls "
+                        f"pre_process.main needs `if __name__ == \"__main__\":` (the workers are spawned)") from e
     finally:
         if feed is not None:  # stopped before the pools it waits on
             feed.close()

@@ -166,7 +166,7 @@ def test_a_killed_decoding_worker_is_a_user_error_that_says_the_fix(tmp_path, mo
     assert stopped.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: a decoding process died") and "fewer --workers than 1" in err, err
-    assert "the same command goes on" in err
+    assert "the same command goes on" in err and 'if __name__ == "__main__":' in err
 
 
 def test_a_full_disk_is_one_line_naming_the_file_and_the_rerun_completes(tmp_path, monkeypatch, capsys):
