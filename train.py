@@ -51,13 +51,16 @@ from inference import calibrate_checkpoint
 from metrics import MetricSums
 from models import AGE_LOSSES, ARCHS, AgeGenderNet, build_model, model_args_of
 from utils import (CtrlCBetweenSteps, UserError, append_jsonl, argument_parser, atomic_torch_save, atomic_write_bytes,
-                   atomic_write_text, disk_full, git_commit, parse_with_recipe, pick_device, process_device, read_jsonl,
-                   run_main, seed_everything, write_json)
+                   atomic_write_text, disk_full, git_commit, options_argv, parse_with_recipe, pick_device,
+                   process_device, read_jsonl, run_main, seed_everything, write_json)
 
 # settings a checkpoint cannot be resumed under if they change: they change the model or its input
 RESUME_MUST_MATCH = ("arch", "age_loss", "size")
 # settings a resume may change: the learning rate then follows the schedule they make (schedule_changes says how)
 SCHEDULE_KEYS = ("global_batch", "lr", "warmup_epochs", "epochs", "momentum", "weight_decay")
+# options a resume does not take from its checkpoint (it takes every other one the command line leaves out): where
+# it goes on, and what only one invocation asks for
+NOT_RESUMED = ("config", "resume", "out", "profile")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="an experiment recipe: a TOML file of these options without their dashes, e.g. "
                         "configs/original_r18_l1.toml; the command line overrides it (default: none)")
     p.add_argument("--data", default=config.DATA, help="pre-processed data dir with labels.csv (default: %(default)s)")
-    p.add_argument("--out", default=config.OUT, help="run directory (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help=f"run directory (default: the --resume file's folder, else {config.OUT})")
     p.add_argument("--arch", default=config.ARCH, choices=ARCHS, help="backbone (default: %(default)s)")
     p.add_argument("--pretrained", default=config.PRETRAINED,
                    help="imagenet (torchvision download), none, or PATH to a local backbone state dict (default: %(default)s)")
@@ -114,7 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="decode the JPEGs even where faces_{split}.npy exists (default: off; for comparisons)")
     p.add_argument("--limit", type=int, default=None,
                    help="use only the first N faces of each split (default: all; for smoke tests)")
-    p.add_argument("--resume", default=None, help="continue from this last.pt (default: none, a fresh run)")
+    p.add_argument("--resume", default=None,
+                   help="continue from this last.pt, with the options it was trained with where the command line "
+                        "(or --config) does not give them (default: none, a fresh run)")
     p.add_argument("--profile", type=int, default=config.PROFILE, metavar="N",
                    help=f"record N training steps of the first epoch with torch.profiler, after {config.PROFILE_SKIP} "
                         "unrecorded ones, into OUT/profile.txt (where a step's time goes), profile.json and "
@@ -123,7 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="steps between progress updates and non-finite-loss checks (default: %(default)s)")
     p.add_argument("--best-gender-weight", type=float, default=config.BEST_GENDER_WEIGHT,
                    help="best.pt minimises age_mae + this * (1 - gender_acc) (default: %(default)s)")
-    args = parse_with_recipe(p, argv)
+    args = parse_with_recipe(p, argv, base=resumed_options(p, argv))
+    if args.out is None:
+        args.out = str(Path(args.resume).parent) if args.resume else config.OUT
     for name in ("batch_size", "epochs", "log_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -478,6 +486,22 @@ def validate(raw: AgeGenderNet, loader: Iterable[tuple[torch.Tensor, torch.Tenso
 
 # --- files ------------------------------------------------------------------------------------
 
+def resumed_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> list[str]:
+    """--resume PATH in argv: the options its run was trained with (config.json's, kept in the checkpoint) as
+    tokens to go before the recipe's and the command line's, so that a resume left without them goes on as the run
+    went (a recipe run resumed without its --config once fell back to the default age weight)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--resume")
+    path = pre.parse_known_args(sys.argv[1:] if argv is None else list(argv))[0].resume
+    if path is None:
+        return []
+    saved = {key.replace("_", "-"): value for key, value in load_resume(path)["config"].items()
+             if value is not None and key not in NOT_RESUMED}
+    # an older checkpoint's options that are gone, and what was derived (size, world_size, ...), are not options
+    return options_argv(parser, {k: v for k, v in saved.items() if f"--{k}" in parser._option_string_actions},
+                        f"--resume {path}")
+
+
 def load_resume(path: str) -> dict:
     if not Path(path).is_file():
         raise UserError(f"--resume {path}: not found; it is the last.pt of an earlier run (OUT/last.pt)")
@@ -528,6 +552,15 @@ def schedule_changes(saved: dict, now: dict, done: int) -> str | None:
     after = lr_at(done, now["peak_lr"], now["warmup_epochs"], now["epochs"])
     return (f"resuming after epoch {done} with {'; '.join(diffs)}: the schedule is recomputed for the new settings "
             f"at the same point of the run, so the learning rate goes from {before:g} to {after:g}")
+
+
+def setting_changes(saved: dict, args: argparse.Namespace) -> str | None:
+    """The options a resume was given new values of, beyond the schedule's (schedule_changes says those), in words;
+    None when there are none: each changes what the rest of the run learns from, or how its best epoch is chosen."""
+    said = {*NOT_RESUMED, *SCHEDULE_KEYS, *RESUME_MUST_MATCH, "batch_size", "peak_lr"}  # "batch_size": global_batch's
+    diffs = [f"{k} {saved[k]!r} -> {v!r}" for k, v in vars(args).items() if k in saved and k not in said
+             and saved[k] != v]
+    return f"resuming with {'; '.join(diffs)} (the rest as the run was trained)" if diffs else None
 
 
 def start_logs(out: Path, ckpt: dict | None, resume: Path | None) -> None:
@@ -642,8 +675,9 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
               f"{cfg['global_batch']} per epoch, peak lr {cfg['peak_lr']:g}, {'bf16' if amp else 'fp32'}"
               f"{', resuming at epoch ' + str(start_epoch) if ckpt else ''}")
         print(f"faces from {faces_source(args, train_loader)}")
-        if changes:
-            print(changes)
+        for said in (changes, setting_changes(ckpt["config"], args) if ckpt else None):
+            if said:
+                print(said)
     epoch, began = start_epoch, time.time()
     try:
         with CtrlCBetweenSteps() as ctrl_c, StepProfiler(args.profile if master else 0, out, device.type == "cuda") as profiler:

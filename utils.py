@@ -90,15 +90,17 @@ def argument_parser(doc: str | None) -> argparse.ArgumentParser:
 RECIPES = REPO / "configs"  # the experiment recipes we ship
 
 
-def parse_with_recipe(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_with_recipe(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                      base: Sequence[str] = ()) -> argparse.Namespace:
     """parser's options from argv, where `--config FILE` (an option of parser's) names a recipe: a TOML file of
     the same options, keys spelled as the flags without their dashes (`batch-size = 32`, `amp = false`). The
-    recipe's options go before the command line's, so that the command line overrides them."""
+    recipe's options go before the command line's, so that the command line overrides them; `base` (tokens, such as
+    a resumed run's options) goes before both."""
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     recipe = pre.parse_known_args(argv)[0].config
-    return parser.parse_args(argv if recipe is None else recipe_argv(parser, recipe) + argv)
+    return parser.parse_args([*base, *([] if recipe is None else recipe_argv(parser, recipe)), *argv])
 
 
 def recipe_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
@@ -110,23 +112,43 @@ def recipe_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
         raise UserError(f"--config {path}: not found; a recipe is a TOML file of options, e.g. one of {shipped}") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise UserError(f"--config {path}: not a readable TOML file ({e})") from None
-    actions = parser._option_string_actions  # argparse keeps no public map from a flag to its action
-    argv = []
-    for key, value in recipe.items():
-        action = actions.get(f"--{key}")
-        if action is None or key in ("config", "help"):
+    for key in recipe:
+        if f"--{key}" not in parser._option_string_actions or key in ("config", "help"):
             raise UserError(f"--config {path}: {key!r} is not an option of this script; a recipe's keys are its "
                             f"options without the dashes (see --help)")
+    return options_argv(parser, recipe, f"--config {path}")
+
+
+def options_argv(parser: argparse.ArgumentParser, options: dict, source: str) -> list[str]:
+    """options ({flag without its dashes: value}, each an option of parser's) as command-line tokens for parser; a
+    UserError that starts with `source` names a value of the wrong kind (argparse's own error would not say where
+    the value came from)."""
+    actions = parser._option_string_actions  # argparse keeps no public map from a flag to its action
+    argv = []
+    for key, value in options.items():
+        action = actions[f"--{key}"]
         if isinstance(action, argparse.BooleanOptionalAction) and isinstance(value, bool):
             argv.append(f"--{key}" if value else f"--no-{key}")
         elif isinstance(action, argparse._StoreTrueAction) and isinstance(value, bool):
             argv += [f"--{key}"] if value else []
         elif action.nargs == 0 or isinstance(value, (bool, dict, list)):
-            raise UserError(f"--config {path}: {key} = {value!r}: expected "
+            raise UserError(f"{source}: {key} = {value!r}: expected "
                             f"{'true or false' if action.nargs == 0 else 'a number or a string'}")
         else:
+            check_option_value(action, key, value, source)
             argv += [f"--{key}", str(value)]
     return argv
+
+
+def check_option_value(action: argparse.Action, key: str, value: object, source: str) -> None:
+    """A UserError starting with `source` unless `value` converts to action's type and is one of its choices."""
+    try:
+        converted = action.type(str(value)) if action.type is not None else str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{source}: {key} = {value!r}: expected {getattr(action.type, '__name__', 'another value')}"
+                        ) from None
+    if action.choices is not None and converted not in action.choices:
+        raise UserError(f"{source}: {key} = {value!r}: expected one of {', '.join(map(str, action.choices))}")
 
 
 class CtrlCBetweenSteps:

@@ -195,6 +195,24 @@ def test_resume_with_another_batch_size_and_more_epochs_follows_the_new_schedule
     assert lrs[1:] == pytest.approx(want[1:]) and min(lrs[1:3]) > 0
 
 
+def test_a_resume_goes_on_with_the_run_s_options_unless_given_new_ones(data, tmp_path, capsys):
+    """--resume alone (no --config, --data or --out) goes on as the run was trained, in its folder: a recipe run
+    resumed without its recipe once fell back to the default age weight, and without --out into runs/r18_112."""
+    recipe, out = tmp_path / "r.toml", tmp_path / "run"
+    recipe.write_text("age-weight = 0.5\nseed = 3\nbatch-size = 8\n")
+    train.main(["--config", str(recipe), "--data", str(data), "--out", str(out), "--pretrained", "none",
+                "--device", "cpu", "--workers", "0", "--epochs", "1"])
+    capsys.readouterr()
+    train.main(["--resume", str(out / "last.pt"), "--epochs", "2"])
+    assert "resuming with" not in capsys.readouterr().out  # nothing changed but the epochs
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["age_weight"], cfg["seed"], cfg["batch_size"], cfg["data"], cfg["pretrained"], cfg["out"]) == (
+        0.5, 3, 8, str(data), "none", str(out))
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+    train.main(["--resume", str(out / "last.pt"), "--epochs", "3", "--seed", "4", "--age-weight", "0.2"])
+    assert "resuming with age_weight 0.5 -> 0.2; seed 3 -> 4 (the rest as the run was trained)" in capsys.readouterr().out
+
+
 def test_resume_takes_momentum_and_weight_decay_from_the_options(run, data, tmp_path):
     train.main(args(data, tmp_path, "--epochs", 3, "--momentum", 0.5, "--weight-decay", 0.001,
                     "--resume", run / "last.pt"))
@@ -341,12 +359,20 @@ def test_a_bad_recipe_is_a_user_error_naming_the_file_and_the_key(tmp_path, text
     assert str(e.value).startswith(f"--config {path}: ")
 
 
-def test_a_recipe_s_values_meet_the_options_checks(tmp_path, capsys):
+@pytest.mark.parametrize("text, match", [
+    ('arch = "resnet99"\n', r"arch = 'resnet99': expected one of resnet18, resnet34, resnet50$"),
+    ('epochs = 6.5\n', r"epochs = 6.5: expected int$"),
+    ('batch-size = "abc"\n', r"batch-size = 'abc': expected int$"),
+])
+def test_a_recipe_s_values_meet_the_options_checks_naming_the_file(tmp_path, text, match):
     path = tmp_path / "r.toml"
-    path.write_text('arch = "resnet99"\n')
-    with pytest.raises(SystemExit):
+    path.write_text(text)
+    with pytest.raises(UserError, match=match) as e:  # argparse's own error named no file
         train.parse_args(["--config", str(path)])
-    assert "argument --arch: invalid choice: 'resnet99'" in capsys.readouterr().err
+    assert str(e.value).startswith(f"--config {path}: ")
+
+
+def test_a_recipe_s_file_must_exist():
     with pytest.raises(UserError, match=r"--config nope.toml: not found; .* e.g. one of configs/dex.toml, "):
         train.parse_args(["--config", "nope.toml"])
 
