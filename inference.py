@@ -302,6 +302,7 @@ def calibrate_checkpoint(path: str | Path, batches: Iterable[tuple[torch.Tensor,
             genders.append(gender.cpu())
     temperature = fit_temperature(torch.cat(logits).numpy(), torch.cat(genders).numpy())
     ckpt["model_args"] = dict(model_args_of(ckpt), gender_temperature=temperature)
+    ckpt["calibrated"] = True  # a run resumed after a kill here calibrates again (train.complete_run)
     atomic_torch_save(ckpt, path)
     return temperature
 

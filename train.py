@@ -49,7 +49,7 @@ import config
 from data_gen import PREPARE_LABEL, WAIT_LABEL, JpegLoader, PackedLoader, make_loader, packed_path
 from inference import calibrate_checkpoint
 from metrics import MetricSums
-from models import AGE_LOSSES, ARCHS, AgeGenderNet, build_model, model_args_of
+from models import AGE_LOSSES, ARCHS, AgeGenderNet, build_model, model_args_of, read_checkpoint
 from utils import (CtrlCBetweenSteps, UserError, append_jsonl, argument_parser, atomic_torch_save, atomic_write_bytes,
                    atomic_write_text, disk_full, git_commit, options_argv, parse_with_recipe, pick_device,
                    process_device, read_jsonl, run_main, seed_everything, write_json)
@@ -516,20 +516,24 @@ def in_place(resume: Path, out: Path) -> bool:
     return out.resolve() == resume.parent.resolve()
 
 
-def best_in_out(resume: Path, out: Path, best: dict) -> dict | None:
-    """The best record a run resumed from `resume` goes on from, with OUT/best.pt holding its weights.
+def best_in_out(resume: Path, out: Path, ckpt: dict) -> dict | None:
+    """The best record a run resumed from `resume` (`ckpt`) goes on from, with OUT/best.pt holding its weights.
 
-    Resumed in its own folder, that is the checkpoint's. Into another --out, the run's best.pt beside `resume` is
-    copied there first (the resumed epochs may never beat it, and OUT must still end with a best.pt); where it is
-    not there (last.pt moved alone), None: the best is chosen again among the epochs trained from here.
+    That is the checkpoint's, its weights the best.pt beside `resume`, copied into another --out (the resumed epochs
+    may never beat it, and OUT must still end with a best.pt). A best.pt of another epoch (a kill between last.pt
+    and best.pt, or a run's old file) or none is mended where the best epoch is the checkpoint's own: it is written
+    as best.pt. Otherwise (last.pt moved alone, say) None: the best is chosen again among the epochs trained from here.
     """
-    if in_place(resume, out):
-        return best
+    best = ckpt["best"]
     source = resume.with_name("best.pt")
     saved = source.read_bytes() if source.is_file() else None  # read once: checked, then copied
     epoch = None if saved is None else torch.load(io.BytesIO(saved), map_location="cpu", weights_only=True)["epoch"]
     if epoch == best["epoch"]:
-        atomic_write_bytes(out / "best.pt", saved)
+        if not in_place(resume, out):
+            atomic_write_bytes(out / "best.pt", saved)
+        return best
+    if best["epoch"] == ckpt["epoch"]:  # killed after last.pt, before best.pt: what save_epoch would have written
+        atomic_torch_save(ckpt, out / "best.pt")
         return best
     print(f"{source}: not found (or not epoch {best['epoch']}, the best so far): {out / 'best.pt'} will be the best "
           "of the epochs trained from here", file=sys.stderr)
@@ -649,9 +653,9 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         if ckpt["epoch"] > args.epochs:
             raise UserError(f"--resume {args.resume}: already trained {ckpt['epoch']} epochs; pass --epochs {ckpt['epoch']} "
                             "or more")
-        if ckpt["epoch"] == args.epochs:  # finished, perhaps killed between its last checkpoint and its log line
+        if ckpt["epoch"] == args.epochs:  # finished, perhaps killed after its last checkpoint
             if master:
-                complete_log(ckpt, Path(args.resume), out, args.epochs)
+                complete_run(ckpt, Path(args.resume), out, args.epochs, valid_loader, device)
             return ckpt["best"]
 
     memory_format = memory_format_of(args)
@@ -667,7 +671,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     if master:
         out.mkdir(parents=True, exist_ok=True)
         if ckpt is not None:
-            best = best_in_out(Path(args.resume), out, best)
+            best = best_in_out(Path(args.resume), out, ckpt)
         write_json(out / "config.json", cfg)
         start_logs(out, ckpt, Path(args.resume) if args.resume else None)
         writer = SummaryWriter(str(out / "tb"))
@@ -708,10 +712,15 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     if master:
         print(f"best: epoch {best['epoch']}, validation gender accuracy {100 * best['gender_acc']:.2f}%, "
               f"age MAE {best['age_mae']:.2f} years ({out / 'best.pt'})")
-        # the gender probability users see: calibrated on the validation split (this process's share of it)
-        print(f"gender temperature {calibrate_checkpoint(out / 'best.pt', valid_loader, device):.3f} "
-              "(fitted on the validation split, stored in best.pt)")
+        calibrate_best(out, valid_loader, device)
     return best
+
+
+def calibrate_best(out: Path, valid_loader: PackedLoader | JpegLoader, device: torch.device) -> None:
+    """The gender probability users see: its temperature fitted on the validation split (this process's share of it
+    under torchrun: plenty for one number) and stored in OUT/best.pt."""
+    print(f"gender temperature {calibrate_checkpoint(out / 'best.pt', valid_loader, device):.3f} "
+          "(fitted on the validation split, stored in best.pt)")
 
 
 def check_steps(args: argparse.Namespace, steps: int) -> None:
@@ -725,12 +734,16 @@ def check_steps(args: argparse.Namespace, steps: int) -> None:
                         "--profile or --batch-size")
 
 
-def complete_log(ckpt: dict, resume: Path, out: Path, epochs: int) -> None:
-    """--resume of a run that trained all its epochs: its metrics.jsonl completed, if out is its own folder (another
-    --out gets no run of a log alone), and a line saying so."""
+def complete_run(ckpt: dict, resume: Path, out: Path, epochs: int, valid_loader: PackedLoader | JpegLoader,
+                 device: torch.device) -> None:
+    """--resume of a run that trained all its epochs: if out is its own folder (another --out gets no run of a log
+    alone), what a kill after its last checkpoint left undone done (its metrics.jsonl completed, best.pt written,
+    calibrated), and a line saying so."""
     own = in_place(resume, out)
     if own:
         start_logs(out, ckpt, resume)
+        if best_in_out(resume, out, ckpt) is not None and not read_checkpoint(out / "best.pt").get("calibrated"):
+            calibrate_best(out, valid_loader, device)
     print(f"{resume}: already trained {epochs} epochs, nothing to do (pass --epochs above that to train on); "
           + (f"{out / 'metrics.jsonl'} is complete" if own else f"nothing written to {out}"))
 

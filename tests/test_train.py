@@ -114,6 +114,17 @@ def test_resuming_a_finished_run_repairs_its_log_and_trains_nothing(run, data, t
     best = train.main(args(data, copy, "--resume", copy / "last.pt"))
     assert "already trained 2 epochs, nothing to do" in capsys.readouterr().out
     assert read_jsonl(log) == read_jsonl(run / "metrics.jsonl")
+    assert (copy / "best.pt").read_bytes() == (run / "best.pt").read_bytes()  # calibrated: left as it is
+    # killed in the calibration at the end: best.pt as save_epoch wrote it; the resume calibrates it
+    raw = torch.load(copy / "best.pt", weights_only=True)
+    raw.pop("calibrated")
+    raw["model_args"]["gender_temperature"] = 1.0
+    torch.save(raw, copy / "best.pt")
+    train.main(args(data, copy, "--resume", copy / "last.pt"))
+    assert "gender temperature" in capsys.readouterr().out
+    calibrated = torch.load(copy / "best.pt", weights_only=True)
+    assert calibrated["calibrated"] and calibrated["model_args"]["gender_temperature"] == pytest.approx(
+        torch.load(run / "best.pt", weights_only=True)["model_args"]["gender_temperature"], rel=1e-3)
     assert best == torch.load(run / "last.pt", weights_only=True)["best"]
     assert torch.load(copy / "last.pt", weights_only=True)["epoch"] == 2
     # into another --out: nothing to train, so nothing written there (a log alone would pass for a run)
@@ -227,18 +238,35 @@ def test_resume_takes_momentum_and_weight_decay_from_the_options(run, data, tmp_
 def test_a_run_resumed_into_another_out_starts_it_with_the_best_so_far(tmp_path, capsys):
     """OUT must end with a best.pt even when the resumed epochs never beat the best so far (the calibration at the end
     reads it): the run's best.pt beside last.pt is copied into a new OUT; without it the best starts over."""
-    run, best = tmp_path / "run", dict(epoch=2, score=1.0)
+    run, ckpt = tmp_path / "run", dict(epoch=3, best=dict(epoch=2, score=1.0))
     run.mkdir()
-    torch.save(dict(epoch=3), run / "last.pt")
+    torch.save(ckpt, run / "last.pt")
     torch.save(dict(epoch=2, model={"w": torch.ones(2)}), run / "best.pt")
-    assert train.best_in_out(run / "last.pt", run, best) is best  # in place: its best.pt is there already
-    assert train.best_in_out(run / "last.pt", tmp_path / "new", best) is best
+    assert train.best_in_out(run / "last.pt", run, ckpt) is ckpt["best"]  # in place: its best.pt is there already
+    assert train.best_in_out(run / "last.pt", tmp_path / "new", ckpt) is ckpt["best"]
     assert (tmp_path / "new" / "best.pt").read_bytes() == (run / "best.pt").read_bytes()
     torch.save(dict(epoch=1), run / "best.pt")  # not the best the checkpoint names
-    assert train.best_in_out(run / "last.pt", tmp_path / "other", best) is None
+    assert train.best_in_out(run / "last.pt", tmp_path / "other", ckpt) is None
     assert not (tmp_path / "other" / "best.pt").exists() and "not epoch 2, the best so far" in capsys.readouterr().err
     (run / "best.pt").unlink()  # last.pt moved alone
-    assert train.best_in_out(run / "last.pt", tmp_path / "other", best) is None
+    assert train.best_in_out(run / "last.pt", tmp_path / "other", ckpt) is None
+
+
+@pytest.mark.parametrize("stale", [True, False])
+@pytest.mark.parametrize("own_folder", [True, False])
+def test_a_resume_mends_a_best_pt_a_kill_left_behind(tmp_path, stale, own_folder):
+    """Killed after last.pt, before best.pt, in an epoch that was the best: best.pt is an older epoch's (or none, in
+    a new folder); the resume writes the checkpoint as best.pt, in its folder or into another --out."""
+    run, ckpt = tmp_path / "run", dict(epoch=3, best=dict(epoch=3, score=1.0), model={"w": torch.ones(2)})
+    run.mkdir()
+    torch.save(ckpt, run / "last.pt")
+    if stale:
+        torch.save(dict(epoch=2, model={"w": torch.zeros(2)}), run / "best.pt")
+    out = run if own_folder else tmp_path / "other"
+    out.mkdir(exist_ok=True)
+    assert train.best_in_out(run / "last.pt", out, ckpt) is ckpt["best"]
+    mended = torch.load(out / "best.pt", weights_only=True)
+    assert mended["epoch"] == 3 and torch.equal(mended["model"]["w"], torch.ones(2))
 
 
 def test_bf16_training_validates_what_evaluate_reproduces(data, tmp_path):
