@@ -290,9 +290,10 @@ def records_match(a: list[dict], b: list[dict]) -> bool:
 
 
 def calibrate_checkpoint(path: str | Path, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                         device: str | torch.device) -> float:
+                         device: str | torch.device) -> float | None:
     """Fit the gender temperature on (x, age, gender) batches (the validation split) and store it in the
-    checkpoint's model_args (rewritten atomically); returns it. train.py calls it on best.pt."""
+    checkpoint's model_args (rewritten atomically); returns it, or None where none fits (fit_temperature: every
+    gender right), the checkpoint's kept. train.py calls it on best.pt."""
     ckpt = read_checkpoint(path)
     model = model_from_checkpoint(ckpt, device)
     logits, genders = [], []
@@ -301,7 +302,8 @@ def calibrate_checkpoint(path: str | Path, batches: Iterable[tuple[torch.Tensor,
             logits.append(model(x.to(device))[0].float().cpu())  # (B, 2)
             genders.append(gender.cpu())
     temperature = fit_temperature(torch.cat(logits).numpy(), torch.cat(genders).numpy())
-    ckpt["model_args"] = dict(model_args_of(ckpt), gender_temperature=temperature)
+    if temperature is not None:
+        ckpt["model_args"] = dict(model_args_of(ckpt), gender_temperature=temperature)
     ckpt["calibrated"] = True  # a run resumed after a kill here calibrates again (train.complete_run)
     atomic_torch_save(ckpt, path)
     return temperature

@@ -102,8 +102,10 @@ def gender_nll(logits: np.ndarray, true_gender: np.ndarray, temperature: float) 
     return float(-log_p[np.arange(len(z)), np.asarray(true_gender, np.int64)].mean())
 
 
-def fit_temperature(logits: np.ndarray, true_gender: np.ndarray, steps: int = 60) -> float:
-    """The T in TEMPERATURE_RANGE minimising gender_nll: golden-section search on log T.
+def fit_temperature(logits: np.ndarray, true_gender: np.ndarray, steps: int = 60) -> float | None:
+    """The T in TEMPERATURE_RANGE minimising gender_nll: golden-section search on log T; None where the minimum is
+    at an end of the range, not inside it: where every gender is right (a small or easy validation split), the NLL
+    falls towards 0 as T -> 0, and such a T would make every probability 1.0, wrong guesses' too.
 
     The NLL is convex in 1/T, hence unimodal in log T, which the search needs; 60 steps shrink
     the bracket (log 400 wide) by 0.618^60 ~ 3e-13.
@@ -127,7 +129,9 @@ def fit_temperature(logits: np.ndarray, true_gender: np.ndarray, steps: int = 60
             lo, a, fa = a, b, fb
             b = lo + g * (hi - lo)
             fb = f(b)
-    return float(np.exp((lo + hi) / 2))
+    log_t = (lo + hi) / 2
+    ends = np.log(TEMPERATURE_RANGE)
+    return None if np.isclose(log_t, ends, atol=1e-3).any() else float(np.exp(log_t))
 
 
 def interval_coverage(age_low: np.ndarray, age_high: np.ndarray, true_age: np.ndarray) -> float | None:

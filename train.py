@@ -48,7 +48,7 @@ from tqdm import tqdm
 import config
 from data_gen import PREPARE_LABEL, WAIT_LABEL, JpegLoader, PackedLoader, make_loader, packed_path
 from inference import calibrate_checkpoint
-from metrics import MetricSums
+from metrics import TEMPERATURE_RANGE, MetricSums
 from models import AGE_LOSSES, ARCHS, AgeGenderNet, build_model, model_args_of, read_checkpoint
 from utils import (CtrlCBetweenSteps, UserError, append_jsonl, argument_parser, atomic_torch_save, atomic_write_bytes,
                    atomic_write_text, disk_full, git_commit, options_argv, parse_with_recipe, pick_device,
@@ -719,8 +719,11 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
 def calibrate_best(out: Path, valid_loader: PackedLoader | JpegLoader, device: torch.device) -> None:
     """The gender probability users see: its temperature fitted on the validation split (this process's share of it
     under torchrun: plenty for one number) and stored in OUT/best.pt."""
-    print(f"gender temperature {calibrate_checkpoint(out / 'best.pt', valid_loader, device):.3f} "
-          "(fitted on the validation split, stored in best.pt)")
+    temperature = calibrate_checkpoint(out / "best.pt", valid_loader, device)
+    print(f"gender temperature {temperature:.3f} (fitted on the validation split, stored in best.pt)"
+          if temperature is not None else "gender temperature: none fits on the validation split (its NLL is least "
+          f"at an end of {TEMPERATURE_RANGE[0]:g}..{TEMPERATURE_RANGE[1]:g}: every gender right, or a head worse than "
+          "chance); best.pt keeps 1.0, the raw probability")
 
 
 def check_steps(args: argparse.Namespace, steps: int) -> None:

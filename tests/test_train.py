@@ -592,10 +592,19 @@ def test_compile_is_paid_once_a_run(data, tmp_path, monkeypatch):
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == EPOCHS
 
 
-def test_best_pt_holds_the_temperature_fitted_on_the_valid_split(run, data):
-    """train.py's last step: one gender temperature fitted on the validation split, stored in best.pt only."""
+def test_best_pt_holds_the_temperature_fitted_on_the_valid_split(tmp_path):
+    """train.py's last step: one gender temperature fitted on the validation split, stored in best.pt only. Three
+    validation genders are mislabelled: where every one is right no temperature fits (test_trust)."""
     from metrics import fit_temperature
 
+    data = make_fake_data(tmp_path / "data", n_train=64, n_valid=16, pack=True)
+    lines = (data / "labels.csv").read_text().splitlines(keepends=True)
+    for i in (-1, -4, -9):  # gender is the fifth column
+        cells = lines[i].split(",")
+        lines[i] = ",".join(cells[:4] + [str(1 - int(cells[4]))] + cells[5:])
+    (data / "labels.csv").write_text("".join(lines))
+    run = tmp_path / "run"
+    train.main(args(data, run))
     model, _ = load_checkpoint(run / "best.pt", "cpu")
     genders = np.array([int(line.split(",")[4]) for line in (data / "labels.csv").read_text().splitlines()[1:]
                         if line.endswith(",valid")])
