@@ -132,12 +132,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parse_with_recipe(p, argv, base=resumed_options(p, argv))
     if args.out is None:
         args.out = str(Path(args.resume).parent) if args.resume else config.OUT
-    for name in ("batch_size", "epochs", "log_every"):
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out}: a file; it names the run's folder")
+    for name in ("batch_size", "epochs", "log_every", "limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("prefetch", "profile"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name} must be 0 or more")
+    for name in ("prefetch", "profile", "warmup_epochs", "momentum", "weight_decay"):
+        if not getattr(args, name) >= 0:
+            p.error(f"--{name.replace('_', '-')} must be 0 or more")
+    if not args.lr > 0:
+        p.error("--lr must be above 0")
     if args.dummy is not None:
         if args.dummy < 32 or args.jpeg:
             p.error("--dummy SIZE: a face side of at least 32 px, and no --jpeg (the dummy faces are in memory)")
@@ -155,9 +159,9 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     """(rank, world_size, device): torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) or a single process."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = process_device(pick_device(device_name), world, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":  # also for one process on cuda:N: torch.cuda.graph and current_stream() use the current
+        torch.cuda.set_device(device)
     if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return rank, world, device
 
@@ -506,9 +510,15 @@ def load_resume(path: str) -> dict:
     if not Path(path).is_file():
         raise UserError(f"--resume {path}: not found; it is the last.pt of an earlier run (OUT/last.pt)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file; the message says which
         raise UserError(f"--resume {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    missing = [key for key in ("model", "optimizer", "epoch", "best", "config") if key not in ckpt] \
+        if isinstance(ckpt, dict) else ["all of them"]
+    if missing:
+        raise UserError(f"--resume {path}: not a last.pt of train.py (it lacks {', '.join(missing)}); --resume "
+                        "takes the OUT/last.pt that train.py writes after each epoch")
+    return ckpt
 
 
 def in_place(resume: Path, out: Path) -> bool:

@@ -225,8 +225,10 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a JSON-lines file as append_jsonl writes it; an unfinished last line (no newline: a write cut
+    short by a full disk) is not one."""
+    lines = Path(path).read_text(encoding="utf-8").split("\n")  # the last: "" after a final newline, else unfinished
+    return [json.loads(line) for line in lines[:-1] if line.strip()]
 
 
 def csv_text(columns: Sequence[str], rows: list[dict]) -> str:

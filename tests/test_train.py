@@ -110,7 +110,8 @@ def test_resuming_a_finished_run_repairs_its_log_and_trains_nothing(run, data, t
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     log = copy / "metrics.jsonl"
-    log.write_text(log.read_text().splitlines(keepends=True)[0])  # the last line never written
+    # the last line never written, or cut short by a full disk
+    log.write_text(log.read_text().splitlines(keepends=True)[0] + '{"age_mae": 27.8, "cs5"')
     best = train.main(args(data, copy, "--resume", copy / "last.pt"))
     assert "already trained 2 epochs, nothing to do" in capsys.readouterr().out
     assert read_jsonl(log) == read_jsonl(run / "metrics.jsonl")
@@ -179,11 +180,40 @@ def test_unknown_options_fail(data, tmp_path):
         assert e.value.code == 2
 
 
-@pytest.mark.parametrize("name", ["prefetch", "profile"])
-def test_a_negative_count_names_its_option(name, capsys):
+@pytest.mark.parametrize("argv, said", [
+    (["--prefetch", "-1"], "--prefetch must be 0 or more"),
+    (["--profile", "-1"], "--profile must be 0 or more"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be 0 or more"),
+    (["--momentum", "-0.5"], "--momentum must be 0 or more"),
+    (["--weight-decay", "nan"], "--weight-decay must be 0 or more"),
+    (["--limit", "0"], "--limit must be at least 1"),
+    (["--lr", "0"], "--lr must be above 0"),
+    (["--out", "README.md"], "--out README.md: a file; it names the run's folder"),
+])
+def test_an_option_out_of_its_range_names_itself(argv, said, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
     with pytest.raises(SystemExit):
-        train.parse_args([f"--{name}", "-1"])
-    assert f"error: --{name} must be 0 or more" in capsys.readouterr().err
+        train.parse_args(argv)
+    assert f"error: {said}" in capsys.readouterr().err
+
+
+def test_resume_of_a_file_that_is_no_last_pt_says_so(tmp_path):
+    """A model's bare state dict (or another script's file) is refused in one line, not with a KeyError."""
+    torch.save(models.build_model("resnet18", "l1", "none").state_dict(), tmp_path / "weights.pt")
+    with pytest.raises(UserError, match=r"weights.pt: not a last.pt of train.py \(it lacks model, optimizer, epoch, "
+                                        r"best, config\)"):
+        train.parse_args(["--resume", str(tmp_path / "weights.pt")])
+
+
+def test_one_process_on_cuda_n_makes_it_the_current_device(monkeypatch):
+    """torch.cuda.graph and current_stream() without a device use the current one: --device cuda:1 alone must make
+    cuda:1 current, or --cuda-graph would capture on cuda:0 what runs on cuda:1 (torchrun's processes did already)."""
+    current = []
+    monkeypatch.setattr(train, "pick_device", lambda name: torch.device(name))
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert train.init_distributed("cuda:1") == (0, 1, torch.device("cuda:1"))
+    assert current == [torch.device("cuda:1")]
+    assert train.init_distributed("cpu")[2] == torch.device("cpu") and len(current) == 1
 
 
 # --- resuming under other settings, precision, scale, placement ----------------------------------

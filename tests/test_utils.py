@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from utils import REPO, CtrlCBetweenSteps, git_commit, map_ahead
+from utils import REPO, CtrlCBetweenSteps, append_jsonl, git_commit, map_ahead, read_jsonl
 
 
 def test_ctrl_c_between_steps_waits_for_the_next_step_and_a_second_one_interrupts_at_once():
@@ -80,3 +80,15 @@ def test_map_ahead_raises_a_failure_at_its_place_after_the_results_before_it():
         with pytest.raises(ZeroDivisionError):
             next(results)
 
+
+
+def test_read_jsonl_leaves_out_an_unfinished_last_line(tmp_path):
+    """append_jsonl ends every record with a newline; a line without one was cut short (a full disk): not a record,
+    and no JSONDecodeError for --resume, which rewrites the log from it."""
+    path = tmp_path / "metrics.jsonl"
+    for epoch in (1, 2):
+        append_jsonl(path, {"epoch": epoch})
+    assert read_jsonl(path) == [{"epoch": 1}, {"epoch": 2}]
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"epoch": 3, "age')
+    assert read_jsonl(path) == [{"epoch": 1}, {"epoch": 2}]
