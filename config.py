@@ -84,3 +84,4 @@ SERVE_HOST = "127.0.0.1"  # the interface serve.py listens on (0.0.0.0: every in
 SERVE_PORT = 8000  # its TCP port
 SERVE_MAX_BYTES = 20_000_000  # largest upload accepted (a 48-MP JPEG is ~15 MB); larger ones get 413
 SERVE_WAIT_MS = 5.0  # how long the first photo of a batch waits for others to arrive (micro-batching)
+SERVE_MAX_QUEUE = 64  # most decoded photos waiting for the model (4 batches; each up to DETECT_PIXELS: 48 MP is 144 MB); more get 503

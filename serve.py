@@ -11,7 +11,9 @@ Endpoints:
                  EXIF orientation applied). A missing field, an empty upload or a truncated image: 400;
                  a file that is not an image: 415; an upload over --max-bytes (a chunked one too,
                  refused as it streams in, never spooled whole) or a photo of more
-                 than --detect-pixels pixels: 413; each with {"error": "..."} saying why.
+                 than --detect-pixels pixels (refused on the size its file declares, before
+                 decoding): 413; --max-queue photos already waiting for the model: 503; each
+                 with {"error": "..."} saying why.
   GET /health    {"status": "ok", "checkpoint", "backend": onnxruntime | torch, "size", "device", "flip"}
   GET /          a page where one picks or drops a photo and sees its faces drawn, and the JSON.
 
@@ -51,18 +53,22 @@ FORM_SLACK = 64 * 1024  # bytes of multipart framing and other fields allowed be
 
 
 class Batcher:
-    """One thread that owns the predictor; photos queued while it works go through it together."""
+    """One thread that owns the predictor; photos queued while it works go through it together.
 
-    def __init__(self, predictor: Predictor, wait_s: float):
+    At most max_queue decoded photos wait: each holds up to --detect-pixels pixels of memory.
+    """
+
+    def __init__(self, predictor: Predictor, wait_s: float, max_queue: int = config.SERVE_MAX_QUEUE):
         self.predictor, self.wait_s = predictor, wait_s
-        self.queue: queue.Queue = queue.Queue()
+        self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.closing = False  # the inference thread took the closing mark: no batch after this one
         self.thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self.thread.start()
 
     def submit(self, image: np.ndarray) -> Future:
-        """A future of the photo's face records."""
+        """A future of the photo's face records; queue.Full where max_queue photos wait already."""
         future: Future = Future()
-        self.queue.put((future, image))
+        self.queue.put_nowait((future, image))
         return future
 
     def close(self) -> None:
@@ -71,7 +77,7 @@ class Batcher:
 
     def _take(self) -> list | None:
         """The next batch: the first photo, then those arriving within wait_s, up to a batch of photos."""
-        first = self.queue.get()
+        first = None if self.closing else self.queue.get()
         if first is None:
             return None
         batch, deadline = [first], time.monotonic() + self.wait_s
@@ -80,8 +86,8 @@ class Batcher:
                 item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            if item is None:  # closing: finish this batch first
-                self.queue.put(None)
+            if item is None:  # closing: finish this batch, then stop (a mark put back could block on a full queue)
+                self.closing = True
                 break
             batch.append(item)
         return batch
@@ -98,12 +104,13 @@ class Batcher:
                         future.set_exception(e)
 
 
-def decode(data: bytes) -> np.ndarray:
-    """The upload as an upright RGB photo, by utils.read_image (the one decoder of the project), from a temp file."""
+def decode(data: bytes, max_pixels: int) -> np.ndarray:
+    """The upload as an upright RGB photo, by utils.read_image (the one decoder of the project), from a temp file;
+    one of more than max_pixels pixels is refused before it is decoded."""
     with tempfile.NamedTemporaryFile(prefix="serve-upload-") as f:  # Pillow tells the format by content, not name
         f.write(data)
         f.flush()
-        return read_image(f.name)
+        return read_image(f.name, max_pixels)
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -111,14 +118,14 @@ def error(status: int, message: str) -> JSONResponse:
 
 
 def make_app(predictor: Predictor, checkpoint: str, max_bytes: int = config.SERVE_MAX_BYTES,
-             wait_ms: float = config.SERVE_WAIT_MS) -> FastAPI:
+             wait_ms: float = config.SERVE_WAIT_MS, max_queue: int = config.SERVE_MAX_QUEUE) -> FastAPI:
     """The service around a loaded predictor (its inference thread runs while the app does)."""
     batcher: Batcher | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         nonlocal batcher
-        batcher = Batcher(predictor, wait_ms / 1000)
+        batcher = Batcher(predictor, wait_ms / 1000, max_queue)
         try:
             yield
         finally:
@@ -161,18 +168,21 @@ def make_app(predictor: Predictor, checkpoint: str, max_bytes: int = config.SERV
             await form.close()
         if len(data) > max_bytes:
             return error(413, too_big)
-        try:
-            image = await run_in_threadpool(decode, data)
+        try:  # MTCNN's memory grows with the pixels: more than detect_pixels are refused before decoding
+            image = await run_in_threadpool(decode, data, predictor.detect_pixels)
         except ImageError as e:
             detail = {"empty": "the upload is empty", "not_image": "the upload is not an image Pillow can read",
-                      "truncated": "the image is truncated or corrupt", "too_large": "the image has too many pixels",
+                      "truncated": "the image is truncated or corrupt",
+                      "too_large": f"too many pixels ({e.detail}); send a smaller photo (serve.py --detect-pixels)",
                       }.get(e.reason, e.reason.replace("_", " "))
             return error(STATUS_OF_REASON.get(e.reason, 400), f"{name}: {detail}")
-        if image.shape[0] * image.shape[1] > predictor.detect_pixels:  # MTCNN's memory grows with the pixels
-            return error(413, f"{name}: {image.shape[1]}x{image.shape[0]} pixels, over the limit of "
-                              f"{predictor.detect_pixels:,} (serve.py --detect-pixels); send a smaller photo")
         try:
-            faces = await asyncio.wrap_future(batcher.submit(image))
+            future = batcher.submit(image)
+        except queue.Full:
+            return error(503, f"{name}: busy, {max_queue} photos are waiting for the model (serve.py --max-queue); "
+                              "send it again shortly")
+        try:
+            faces = await asyncio.wrap_future(future)
         except Exception as e:
             return error(500, f"inference failed: {type(e).__name__}: {e}")
         return JSONResponse(dict(faces=faces, width=int(image.shape[1]), height=int(image.shape[0])))
@@ -296,6 +306,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="most photos in one batch (default: %(default)s)")
     p.add_argument("--detect-pixels", type=int, default=config.DETECT_PIXELS,
                    help="photo pixels per MTCNN call, and the largest photo accepted (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=config.SERVE_MAX_QUEUE,
+                   help="most decoded photos waiting for the model; more get 503 (default: %(default)s)")
     p.add_argument("--min-score", type=float, default=config.DEMO_MIN_SCORE,
                    help="ignore detections whose MTCNN score is below this (default: %(default)s)")
     p.add_argument("--min-face", type=int, default=config.DEMO_MIN_FACE,
@@ -303,7 +315,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flip", action="store_true",
                    help="average each face with its mirror image (twice the network's work; a .onnx must be exported with --flip)")
     args = p.parse_args(argv)
-    for name in ("max_bytes", "photo_batch", "detect_pixels"):
+    for name in ("max_bytes", "photo_batch", "detect_pixels", "max_queue"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.min_face < 12:
@@ -315,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     predictor = Predictor(args.checkpoint, args.device, args.min_score, args.min_face, photo_batch=args.photo_batch,
                           detect_pixels=args.detect_pixels, flip=args.flip)
-    app = make_app(predictor, str(args.checkpoint), args.max_bytes, args.wait_ms)
+    app = make_app(predictor, str(args.checkpoint), args.max_bytes, args.wait_ms, args.max_queue)
     backend = "onnxruntime" if isinstance(predictor.model, OnnxModel) else f"torch on {predictor.device}"
     print(f"serving {args.checkpoint} ({backend}) on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
     # a port in use: uvicorn logs "address already in use" and exits 3

@@ -279,17 +279,18 @@ class ImageError(Exception):
     (empty, not_image, truncated, too_large, unreadable)."""
 
     def __init__(self, path: str | os.PathLike, reason: str, detail: str = ""):
-        self.path, self.reason = str(path), reason
+        self.path, self.reason, self.detail = str(path), reason, detail
         super().__init__(f"{path}: {reason.replace('_', ' ')}{': ' + detail if detail else ''}")
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, max_pixels: int = 0) -> np.ndarray:
     """Decode any image Pillow knows (JPEG, PNG under any name, grayscale, 16-bit, CMYK, RGBA) to upright RGB uint8 (H, W, 3).
 
     The EXIF Orientation tag is applied: a phone photo stored sideways comes out as it was taken.
     Raises ImageError for zero-byte, non-image, truncated, unreadable (permissions, a folder) and
-    over-large files (beyond Pillow's decompression-bomb limit, 2 x Image.MAX_IMAGE_PIXELS),
-    FileNotFoundError for missing ones.
+    over-large files (beyond Pillow's decompression-bomb limit, 2 x Image.MAX_IMAGE_PIXELS, or, where
+    max_pixels > 0, of more than max_pixels pixels: both judged on the size the file declares, before
+    decoding, as a small file may declare gigabytes of pixels), FileNotFoundError for missing ones.
     """
     path = Path(path)
     try:
@@ -301,7 +302,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if not data:
         raise ImageError(path, "empty")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only: im.size is what the file declares
+            if max_pixels and im.width * im.height > max_pixels:
+                raise ImageError(path, "too_large", f"{im.width}x{im.height} pixels, over the limit of {max_pixels:,}")
             im.load()  # decodes now, so truncation surfaces here and not later
             ImageOps.exif_transpose(im, in_place=True)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):

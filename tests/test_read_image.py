@@ -75,6 +75,17 @@ def test_decompression_bomb_is_an_image_error(tmp_path):
     assert read_image_or_reason(path) == "too_large"
 
 
+def test_a_size_over_max_pixels_is_refused_before_decoding(tmp_path, monkeypatch):
+    """read_image's max_pixels judges the size the file declares: the pixels are never decoded."""
+    from PIL import ImageFile
+
+    path = bomb_png(tmp_path / "big.png", side=5000)  # 70 bytes, 25 MP declared: under Pillow's own limit
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded a photo over max_pixels"))
+    with pytest.raises(ImageError, match="too large: 5000x5000 pixels, over the limit of 1,000,000") as e:
+        read_image(path, max_pixels=1_000_000)
+    assert e.value.reason == "too_large"
+
+
 def test_unreadable_files_are_image_errors(tmp_path, monkeypatch):
     # the tests run as root, whom chmod 000 does not stop: a folder under an image name is a real
     # OSError from the kernel; a PermissionError is raised by a patched Path.read_bytes

@@ -6,11 +6,15 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
+import threading
 import time
+import zlib
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,11 +32,17 @@ MAX_PIXELS = 1_000_000  # the samples have at most 600 x 512; a few of them stil
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint, samples):
+def served(checkpoint, samples):
+    """serve.py as a user starts it: (its process, its base URL)."""
     proc, url = start_server(checkpoint, "--max-bytes", str(MAX_BYTES), "--detect-pixels", str(MAX_PIXELS),
                               "--device", "cpu")
-    yield url
+    yield proc, url
     stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[1]
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +210,87 @@ def test_a_chunked_upload_over_the_limit_is_refused_while_it_streams_in(server):
         answer.begin()  # (a timeout here: the service waited for the rest of the body)
         status, body = answer.status, json.loads(answer.read())
     assert status == 413 and "over the limit" in body["error"], (status, body)
+
+def gray_png(width, height):
+    """A PNG of width x height gray pixels of one level, compressed row by row (140 kB for 12000 x 12000)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(9), b"\x00" + b"\x80" * width  # each row: filter type 0, then its pixels
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def memory_kb(pid, key):
+    """VmRSS or VmHWM (the peak) of a process, in kB."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(key + ":"))
+    return int(line.split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads a process's peak memory from Linux's /proc")
+def test_a_photo_over_the_pixel_limit_is_refused_before_it_is_decoded(served):
+    """A 140 kB PNG declaring 12000 x 12000 pixels (576 MB once decoded and made RGB) gets its 413 from its
+    header: the server's peak memory does not grow by the photo."""
+    proc, url = served
+    data = gray_png(12000, 12000)
+    assert len(data) < MAX_BYTES
+    Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # the peak (VmHWM) starts again from now
+    before = memory_kb(proc.pid, "VmRSS")
+    status, body = post_image(url + "/predict", data, "bomb.png")
+    grew = memory_kb(proc.pid, "VmHWM") - before
+    assert (status, list(body)) == (413, ["error"]) and "12000x12000 pixels, over the limit" in body["error"], body
+    assert grew < 100_000, f"the server's peak memory grew by {grew / 1000:.0f} MB"
+
+
+class Stalled:
+    """A stand-in predictor whose inference waits for `release`, so that photos pile up in the queue."""
+    photo_batch, detect_pixels, size, device, flip, model = 1, MAX_PIXELS, 112, "cpu", False, None
+
+    def __init__(self):
+        self.taken, self.release = threading.Event(), threading.Event()
+
+    def analyse_stream(self, batch):
+        self.taken.set()
+        self.release.wait(60)
+        for future, image in batch:
+            yield future, image, []
+
+
+def test_a_full_queue_answers_503_and_the_queued_photos_are_answered(samples):
+    """With --max-queue 1 and the model busy on one photo, one more photo waits and the others get 503 at once."""
+    import uvicorn
+
+    from serve import make_app
+
+    predictor, port = Stalled(), free_port()
+    server = uvicorn.Server(uvicorn.Config(make_app(predictor, "stalled.pt", max_queue=1), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url, photo = f"http://127.0.0.1:{port}/predict", jpeg_bytes(np.full((64, 64, 3), 90, np.uint8))
+    try:
+        for _ in range(300):
+            if server.started:
+                break
+            time.sleep(0.05)
+        with ThreadPoolExecutor(5) as pool:
+            first = pool.submit(post_image, url, photo, "first.jpg")
+            assert predictor.taken.wait(60)  # the model works on the first photo
+            rest = [pool.submit(post_image, url, photo, f"{i}.jpg") for i in range(4)]
+            refused = []
+            while len(refused) < 3:  # one of the four fits the queue; the other three are answered at once
+                refused = [f.result() for f in rest if f.done()]
+                time.sleep(0.05)
+            predictor.release.set()
+            answers = [first.result(timeout=60)] + [f.result(timeout=60) for f in rest]
+    finally:
+        predictor.release.set()
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert sorted(status for status, _ in answers) == [200, 200, 503, 503, 503]
+    for status, body in answers:
+        if status == 503:
+            assert list(body) == ["error"] and "waiting for the model (serve.py --max-queue)" in body["error"], body
+        else:
+            assert body == dict(faces=[], width=64, height=64)
