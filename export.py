@@ -114,6 +114,17 @@ def check(module: torch.nn.Module, data: bytes, size: int, batches: tuple[int, .
     return worst
 
 
+def check_out(out: Path, checkpoint: Path) -> None:
+    """A UserError, before any work, where out would write over the checkpoint or lacks the .onnx suffix by which
+    inference.load_model tells an ONNX model (demo.py, evaluate.py and serve.py would read it as a .pt)."""
+    if out.resolve() == checkpoint.resolve():
+        raise UserError(f"--out {out}: is the --checkpoint, which the ONNX file would overwrite; name another file, "
+                        f"e.g. {checkpoint.with_suffix('.onnx')}")
+    if out.suffix.lower() != ".onnx":
+        raise UserError(f"--out {out}: not a .onnx file name, which is how the scripts that load it tell an ONNX model; "
+                        f"e.g. {out.with_suffix('.onnx')}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argument_parser(__doc__)
     p.add_argument("--checkpoint", default=config.CHECKPOINT, help="best.pt written by train.py (default: %(default)s)")
@@ -133,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     if Path(args.checkpoint).suffix.lower() == ".onnx":
         raise UserError(f"--checkpoint {args.checkpoint}: already ONNX; export.py reads a best.pt written by train.py")
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".onnx")
+    check_out(out, Path(args.checkpoint))
     model, cfg = load_model(args.checkpoint, torch.device("cpu"))
     size = int(cfg["size"])
     module = wrapped(model.float(), args.flip)

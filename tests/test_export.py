@@ -1,5 +1,6 @@
 """export.py: the ONNX file runs in onnxruntime like the PyTorch model, at any batch size."""
 import json
+import re
 
 import numpy as np
 import onnx
@@ -61,6 +62,24 @@ def test_too_large_difference_fails(tmp_path, checkpoint, monkeypatch):
     with pytest.raises(UserError, match="differs from PyTorch by 0.5"):
         export.main(["--checkpoint", str(checkpoint), "--out", str(out), "--exporter", "torchscript"])
     assert not out.exists() and (tmp_path / "m.onnx.failed").is_file()
+
+
+def test_out_naming_the_checkpoint_or_not_onnx_is_refused_before_exporting(tmp_path, checkpoint, monkeypatch):
+    """--out the checkpoint itself (by another spelling of its path, too) would write ONNX bytes over the trained
+    model; an --out without .onnx would be read back as a .pt. Both are refused before anything is exported."""
+    monkeypatch.setattr(export, "to_onnx", lambda *a: pytest.fail("exported before checking --out"))
+    before = checkpoint.read_bytes()
+    monkeypatch.chdir(checkpoint.parent)
+    for out in (str(checkpoint), "best.pt", f"../{checkpoint.parent.name}/best.pt"):
+        with pytest.raises(UserError, match=f"--out {out}: is the --checkpoint, which the ONNX file would overwrite"):
+            export.main(["--checkpoint", str(checkpoint), "--out", out])
+    assert checkpoint.read_bytes() == before
+    for name in ("model.pt", "model"):
+        out = tmp_path / name
+        with pytest.raises(UserError, match=rf"--out {re.escape(str(out))}: not a \.onnx file name.*e\.g\. "
+                                            rf"{re.escape(str(tmp_path / 'model.onnx'))}$"):
+            export.main(["--checkpoint", str(checkpoint), "--out", str(out)])
+    assert not list(tmp_path.iterdir())
 
 
 def test_missing_checkpoint(tmp_path):
