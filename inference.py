@@ -27,6 +27,7 @@ import json
 import math
 import os
 import pickle
+import shlex
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -90,6 +91,13 @@ def load_model(path: str | Path, device: str | torch.device) -> tuple[Model, dic
     return model, cfg
 
 
+def export_command(onnx: str | Path, checkpoint: str | None, flip: bool = False) -> str:
+    """The export.py command that writes the .onnx file again from the checkpoint its metadata records (the path as
+    export.py was given it): without it, export.py would export its default checkpoint, another model."""
+    source = shlex.quote(checkpoint) if checkpoint else "CHECKPOINT"  # unknown (an unreadable file, or not export.py's): a placeholder
+    return f"`python export.py --checkpoint {source}{' --flip' if flip else ''} --out {shlex.quote(str(onnx))}`"
+
+
 class OnnxModel:
     """A model written by export.py, run by onnxruntime on the CPU.
 
@@ -98,12 +106,13 @@ class OnnxModel:
     """
 
     def __init__(self, path: Path):
-        redo = f"export it again: `python export.py --checkpoint best.pt --out {path}`"
         try:
             self.session = onnx_session(str(path))
         except Exception as e:  # onnxruntime's own exception types (Fail, InvalidProtobuf, ...)
-            raise UserError(f"--checkpoint {path}: onnxruntime cannot load it ({str(e).splitlines()[0]}); {redo}") from e
+            raise UserError(f"--checkpoint {path}: onnxruntime cannot load it ({str(e).splitlines()[0]}); "
+                            f"export it again: {export_command(path, None)}") from e
         meta = self.session.get_modelmeta().custom_metadata_map
+        redo = f"export it again: {export_command(path, meta.get('checkpoint'), meta.get('flip') == 'True')}"
         try:
             size, mean, std = int(meta["size"]), json.loads(meta["mean"]), json.loads(meta["std"])
         except (KeyError, ValueError) as e:
@@ -115,7 +124,7 @@ class OnnxModel:
         self.outputs = [o.name for o in self.session.get_outputs() if o.name in OUTPUTS]
         self.flip = meta.get("flip") == "True"  # exported with --flip: the mirror is inside the graph
         self.cfg = dict(size=size, arch=meta.get("arch"), age_loss=meta.get("age_loss"), onnx=str(path), flip=self.flip,
-                        gender_temperature=float(meta.get("gender_temperature", 1.0)))
+                        gender_temperature=float(meta.get("gender_temperature", 1.0)), checkpoint=meta.get("checkpoint"))
 
     def __call__(self, x: torch.Tensor) -> dict[str, np.ndarray]:
         """x (N, 3, S, S) normalised, on the CPU -> head_outputs' arrays: gender_prob (N, 2), age, age_std,
@@ -131,8 +140,8 @@ PREDICTION_KEYS = ("p_male", "age") + INTERVAL_KEYS  # predict()'s arrays
 def check_flip(model: Model, flip: bool) -> None:
     """A UserError where flip is asked of an ONNX file exported without it (its graph cannot average)."""
     if isinstance(model, OnnxModel) and flip and not model.flip:
-        raise UserError(f"--flip: {model.cfg['onnx']} was exported without it; export it again with "
-                        f"`python export.py --flip --out {model.cfg['onnx']}`, or drop --flip")
+        raise UserError(f"--flip: {model.cfg['onnx']} was exported without it; export it again with it: "
+                        f"{export_command(model.cfg['onnx'], model.cfg['checkpoint'], flip=True)}, or drop --flip")
 
 
 def _as_prediction(out: dict) -> dict[str, np.ndarray]:

@@ -146,12 +146,27 @@ def test_temperature_flip_and_interval_inside_the_graph(tmp_path):
         np.testing.assert_allclose(got[key], want[key], atol=1e-3)
 
 
-def test_flip_needs_a_flip_export(exported):
+def test_flip_needs_a_flip_export(exported, checkpoint):
+    """The hint exports the model again from its own checkpoint (export.py's default is another model)."""
     from inference import predict
 
     onnx_model, cfg = load_model(exported[0], torch.device("cpu"))
-    with pytest.raises(UserError, match="exported without it; export it again with `python export.py --flip"):
+    with pytest.raises(UserError, match=re.escape(f"exported without it; export it again with it: `python export.py "
+                                                  f"--checkpoint {checkpoint} --flip --out {exported[0]}`")):
         predict(onnx_model, cfg, np.zeros((1, 112, 112, 3), np.uint8), "cpu", flip=True)
+
+
+def test_export_it_again_names_the_checkpoint_it_came_from(tmp_path, exported, checkpoint):
+    """An ONNX file load_model refuses (another input normalisation) is to be exported again from the checkpoint and
+    with the --flip its metadata records."""
+    proto = onnx.load(str(exported[0]))
+    meta = {p.key: p for p in proto.metadata_props}
+    meta["mean"].value, meta["flip"].value = "[0.5, 0.5, 0.5]", "True"
+    odd = tmp_path / "odd.onnx"
+    onnx.save(proto, str(odd))
+    with pytest.raises(UserError, match=re.escape(f"export it again: `python export.py --checkpoint {checkpoint} "
+                                                  f"--flip --out {odd}`")):
+        load_model(odd, torch.device("cpu"))
 
 
 def test_demo_and_evaluate_take_the_onnx_file(exported, checkpoint, samples, tmp_path):
