@@ -8,7 +8,7 @@ Endpoints:
                  "height": H}, each face as in demo.py's results.json (box [x1, y1, x2, y2], score,
                  landmarks 5 x [x, y], gender, gender_prob, age, age_std, age_low, age_high: null
                  for l1/l2 heads), in the upright photo's pixels (its
-                 EXIF orientation applied). A missing field, an empty upload or a truncated image: 400;
+                 EXIF orientation applied). A missing field, an empty upload or a truncated or corrupt image: 400;
                  a file that is not an image: 415; an upload over --max-bytes (a chunked one too,
                  refused as it streams in, never spooled whole) or a photo of more
                  than --detect-pixels pixels (refused on the size its file declares, before

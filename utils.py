@@ -287,7 +287,7 @@ def read_image(path: str | os.PathLike, max_pixels: int = 0) -> np.ndarray:
     """Decode any image Pillow knows (JPEG, PNG under any name, grayscale, 16-bit, CMYK, RGBA) to upright RGB uint8 (H, W, 3).
 
     The EXIF Orientation tag is applied: a phone photo stored sideways comes out as it was taken.
-    Raises ImageError for zero-byte, non-image, truncated, unreadable (permissions, a folder) and
+    Raises ImageError for zero-byte, non-image, truncated or otherwise corrupt, unreadable (permissions, a folder) and
     over-large files (beyond Pillow's decompression-bomb limit, 2 x Image.MAX_IMAGE_PIXELS, or, where
     max_pixels > 0, of more than max_pixels pixels: both judged on the size the file declares, before
     decoding, as a small file may declare gigabytes of pixels), FileNotFoundError for missing ones.
@@ -319,11 +319,14 @@ def read_image(path: str | os.PathLike, max_pixels: int = 0) -> np.ndarray:
                 rgb = np.repeat(gray[:, :, None], 3, axis=2)
             else:
                 rgb = np.asarray(im.convert("RGB"))
+    except (ImageError, MemoryError):  # ours (max_pixels), and this machine's want of memory, not the file's fault
+        raise
     except Image.DecompressionBombError as e:  # its declared size alone would take GBs: refused before decoding
         raise ImageError(path, "too_large", str(e)) from e
     except UnidentifiedImageError as e:
         raise ImageError(path, "not_image") from e
-    except (OSError, SyntaxError, ValueError) as e:  # Pillow reports truncation as OSError
+    except Exception as e:  # truncation is an OSError; Pillow's format plugins raise any type on a corrupt file
+        # (SyntaxError, ValueError, NotImplementedError from a DDS of an unknown pixel format, ...)
         raise ImageError(path, "truncated", str(e)) from e
     return np.ascontiguousarray(rgb)
 

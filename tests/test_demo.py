@@ -23,7 +23,10 @@ SAMPLES = ("astronaut.jpg", "camera.jpg", "grace_hopper.jpg")
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, samples, checkpoint):
-    """One demo.py run, as a user starts it, on the samples + a flat gray photo + a text file named .jpg."""
+    """One demo.py run, as a user starts it, on the samples + a flat gray photo + a text file named .jpg + a file that
+    Pillow identifies and then fails on with NotImplementedError."""
+    from test_read_image import dds_of_unknown_pixel_format
+
     root = tmp_path_factory.mktemp("demo")
     inp, out = root / "in", root / "out"
     inp.mkdir()
@@ -31,6 +34,7 @@ def run(tmp_path_factory, samples, checkpoint):
         shutil.copy(samples / name, inp / name)
     Image.new("RGB", (320, 240), (128, 128, 128)).save(inp / "gray.png")
     (inp / "notes.jpg").write_text("this is not a photo\n")
+    dds_of_unknown_pixel_format(inp / "texture.jpg")
     (inp / "readme.txt").write_text("not an image suffix: ignored\n")
     proc = subprocess.run([sys.executable, "demo.py", "--checkpoint", str(checkpoint), "--input", str(inp),
                            "--output", str(out), "--device", "cpu"], cwd=REPO, capture_output=True, text=True,
@@ -58,7 +62,8 @@ def test_astronaut_box_where_mtcnn_puts_it(run):
 
 
 def test_results_schema_and_annotated_files(run):
-    assert list(run["results"]) == sorted(["astronaut.jpg", "camera.jpg", "grace_hopper.jpg", "gray.png", "notes.jpg"])
+    assert list(run["results"]) == sorted(["astronaut.jpg", "camera.jpg", "grace_hopper.jpg", "gray.png", "notes.jpg",
+                                           "texture.jpg"])
     for name in SAMPLES:
         entry = run["results"][name]
         assert entry["image"] == str(run["inp"] / name)
@@ -89,6 +94,15 @@ def test_not_an_image_is_one_line_and_the_run_goes_on(run):
     assert "Traceback" not in run["proc"].stderr
     assert not (run["out"] / "notes.jpg").exists()
     assert run["proc"].returncode == 1  # the others were written; the status says one input failed
+    assert all((run["out"] / n).is_file() for n in SAMPLES)
+
+
+def test_a_file_pillow_fails_on_is_one_line_and_the_run_goes_on(run):
+    """Whatever Pillow raises on a corrupt file (here NotImplementedError) is that photo's error, not the run's."""
+    entry = run["results"]["texture.jpg"]
+    assert "truncated: Unknown pixel format" in entry["error"] and entry["faces"] == []
+    errors = [line for line in run["proc"].stderr.splitlines() if "texture.jpg" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "Traceback" not in run["proc"].stderr
     assert all((run["out"] / n).is_file() for n in SAMPLES)
 
 

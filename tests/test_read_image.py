@@ -67,6 +67,22 @@ def bomb_png(path: Path, side: int = 30000) -> Path:
     return path
 
 
+def dds_of_unknown_pixel_format(path: Path) -> Path:
+    """An 8x8 DDS whose pixel format has no flags: Pillow identifies it, then its plugin raises NotImplementedError."""
+    header = struct.pack("<7I44x8I5I", 124, 0x1007, 8, 8, 0, 0, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0x1000, 0, 0, 0, 0)
+    path.write_bytes(b"DDS " + header + bytes(8 * 8 * 4))
+    return path
+
+
+def test_any_error_of_pillows_is_an_image_error(tmp_path):
+    """Not only OSError: whatever a format plugin raises on a corrupt file is this file's error, not the run's."""
+    path = dds_of_unknown_pixel_format(tmp_path / "texture.jpg")
+    with pytest.raises(ImageError, match="truncated: Unknown pixel format flags 0") as e:
+        read_image(path)
+    assert isinstance(e.value.__cause__, NotImplementedError) and e.value.reason == "truncated"
+    assert read_image_or_reason(path) == "truncated"  # evaluate.py and pre_process.py count it and go on
+
+
 def test_decompression_bomb_is_an_image_error(tmp_path):
     path = bomb_png(tmp_path / "huge.png")
     with pytest.raises(ImageError, match="too large") as e:

@@ -74,9 +74,12 @@ def test_16_concurrent_requests_give_16_right_answers(server, samples, expected)
 
 
 def test_bad_uploads_get_4xx_and_the_service_keeps_serving(server, samples, expected, tmp_path):
+    from test_read_image import dds_of_unknown_pixel_format
+
     cases = [(b"this is not a photo\n", "notes.jpg", "image", 415, "not an image"),
              (b"", "empty.jpg", "image", 400, "empty"),
              ((samples / "astronaut.jpg").read_bytes()[:5000], "cut.jpg", "image", 400, "truncated"),
+             (dds_of_unknown_pixel_format(tmp_path / "t.dds").read_bytes(), "texture.dds", "image", 400, "corrupt"),
              (b"\xff" * (MAX_BYTES + 1), "big.jpg", "image", 413, "over the limit"),  # read, then refused
              (b"\xff" * (MAX_BYTES + 100_000), "huge.jpg", "image", 413, "over the limit"),  # refused by its length
              (jpeg_bytes(np.full((1000, 1200, 3), 90, np.uint8)), "wide.jpg", "image", 413, "1200x1000 pixels"),
