@@ -130,11 +130,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: str, *extra: str, timeout: float = 180) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: str | Path, *extra: str, timeout: float = 180) -> tuple[subprocess.Popen, str]:
     """serve.py on a free loopback port, as a user starts it; (process, base URL) once /health answers."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", str(checkpoint), "--host", LOOPBACK,
-                             "--port", str(port), *extra], cwd=REPO, stdout=subprocess.PIPE,
+    # serve.py runs in the repository: a relative checkpoint is the caller's, from the caller's folder
+    proc = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", str(Path(checkpoint).absolute()),
+                             "--host", LOOPBACK, "--port", str(port), *extra], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://{LOOPBACK}:{port}"
     deadline = time.monotonic() + timeout

@@ -111,6 +111,17 @@ def test_an_onnx_checkpoint_is_run_by_onnxruntime(onnx_checkpoint, samples, expe
     assert abs(face["age"] - want["age"]) < 0.02 and abs(face["gender_prob"] - want["gender_prob"]) < 2e-4
 
 
+def test_a_relative_checkpoint_is_found_from_the_callers_folder(checkpoint, monkeypatch):
+    """start_server (bench_inference.py serve) runs serve.py in the repository, with the checkpoint as the caller
+    named it from their own folder."""
+    monkeypatch.chdir(checkpoint.parent)
+    proc, url = start_server(checkpoint.name, "--device", "cpu")
+    try:
+        assert get_json(url + "/health")[1]["checkpoint"] == str(checkpoint)
+    finally:
+        stop_server(proc)
+
+
 def test_photos_arriving_together_share_a_batch(checkpoint, samples, expected):
     """The inference thread takes the photos queued while it works as one batch: fewer forward passes than photos."""
     from serve import Batcher
