@@ -48,8 +48,8 @@ import config
 from inference import (COLOURS, IMAGE_SUFFIXES, PREDICTION_KEYS, Labelled, Predictor, add_checkpoint_option,
                        ensure_samples, list_images, predict, prediction_fields, read_ahead, read_csv_labels, read_utkface)
 from face import detect_and_align
-from utils import (REPO, ImageError, UserError, argument_parser, atomic_write_bytes, in_background, pid_alive, pyplot,
-                   read_image, run_main, save_figure, write_json)
+from utils import (REPO, ImageError, UserError, argument_parser, atomic_write_bytes, check_output_folder, in_background,
+                   pid_alive, pyplot, read_image, run_main, save_figure, write_json)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 LANDMARK_COLOUR = (60, 220, 60)
@@ -390,6 +390,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     out_dir = Path(args.output)
+    check_output_folder(out_dir, f"--output {out_dir}")
     if args.sheet:
         source = Path(args.sheet)
         if not source.exists():

@@ -53,8 +53,8 @@ import torch  # after inference, as face is
 from metrics import compute_metrics, interval_coverage, reliability
 from data_gen import load_split
 from face import FaceDetector, detect_and_align
-from utils import (UserError, argument_parser, chunks_within, pick_device, pyplot, read_image_or_reason, run_main,
-                   save_figure, write_csv, write_json)
+from utils import (UserError, argument_parser, check_output_folder, chunks_within, pick_device, pyplot,
+                   read_image_or_reason, run_main, save_figure, write_csv, write_json)
 
 BUCKET_EDGES = (0, 10, 20, 30, 40, 50, 60, 70)  # lower bounds; the last bucket is open: 70+
 BUCKET_LABELS = tuple(f"{lo}-{lo + 9}" for lo in BUCKET_EDGES[:-1]) + (f"{BUCKET_EDGES[-1]}+",)
@@ -425,6 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.detect_pixels < 1:
         raise UserError(f"--detect-pixels {args.detect_pixels}: must be at least 1")
+    check_output_folder(args.out, f"--out {args.out}")
     if args.utkface:
         items, bad = read_utkface(Path(args.utkface))
         source = dict(kind="utkface", path=args.utkface)

@@ -34,7 +34,7 @@ import config
 from data_gen import IMAGENET_MEAN, IMAGENET_STD
 from inference import INPUT, OUTPUTS, load_model
 from models import AgeGenderNet, mirrored
-from utils import UserError, argument_parser, atomic_write_bytes, run_main
+from utils import UserError, argument_parser, atomic_write_bytes, check_output_folder, run_main
 
 
 def wrapped(model: AgeGenderNet, flip: bool = False) -> torch.nn.Module:
@@ -115,14 +115,19 @@ def check(module: torch.nn.Module, data: bytes, size: int, batches: tuple[int, .
 
 
 def check_out(out: Path, checkpoint: Path) -> None:
-    """A UserError, before any work, where out would write over the checkpoint or lacks the .onnx suffix by which
-    inference.load_model tells an ONNX model (demo.py, evaluate.py and serve.py would read it as a .pt)."""
+    """A UserError, before any work, where out would write over the checkpoint, is a folder or lies under a file, or
+    lacks the .onnx suffix by which inference.load_model tells an ONNX model (demo.py, evaluate.py and serve.py would
+    read it as a .pt)."""
     if out.resolve() == checkpoint.resolve():
         raise UserError(f"--out {out}: is the --checkpoint, which the ONNX file would overwrite; name another file, "
                         f"e.g. {checkpoint.with_suffix('.onnx')}")
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; name the .onnx file to write, e.g. "
+                        f"{out / checkpoint.with_suffix('.onnx').name}")
     if out.suffix.lower() != ".onnx":
         raise UserError(f"--out {out}: not a .onnx file name, which is how the scripts that load it tell an ONNX model; "
                         f"e.g. {out.with_suffix('.onnx')}")
+    check_output_folder(out.parent, f"--out {out}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -214,6 +214,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def check_output_folder(folder: str | os.PathLike, label: str) -> None:
+    """A UserError starting with label (the option and the path given) where folder cannot be a folder to write into,
+    as it or a folder above it is a file: called before the work, which would otherwise end in a traceback when its
+    results are written."""
+    folder = Path(folder)
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UserError(f"{label}: {path} is a file, not a folder; choose another path")
+            return
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -127,6 +127,19 @@ def test_empty_folder_and_missing_input(tmp_path, checkpoint):
                    "--output", str(tmp_path)])
 
 
+def test_an_output_that_is_a_file_is_refused_before_the_work(tmp_path, samples, checkpoint, monkeypatch):
+    """--output naming a file, or a path under one: one line naming it, before the model is even loaded."""
+    monkeypatch.setattr(demo, "Predictor", lambda *a, **k: pytest.fail("loaded the model before checking --output"))
+    taken = tmp_path / "taken.jpg"
+    taken.write_bytes(b"a file")
+    for output, culprit in ((taken, taken), (taken / "out", taken), (taken / "a" / "b", taken)):
+        for mode in ([], ["--sheet", str(samples)]):
+            with pytest.raises(UserError, match=f"^--output {output}: {culprit} is a file, not a folder"):
+                demo.main(["--checkpoint", str(checkpoint), "--input", str(samples / "astronaut.jpg"),
+                           "--output", str(output), *mode])
+    assert taken.read_bytes() == b"a file"
+
+
 def test_phone_photo_stored_rotated_is_annotated_upright(tmp_path, samples, checkpoint):
     """EXIF Orientation 6 (a phone held upright, the pixels stored sideways): the face is found, the output is upright."""
     from test_read_image import save_rotated

@@ -213,6 +213,16 @@ def test_user_errors(tmp_path, checkpoint):
         ev.main(["--checkpoint", str(checkpoint), "--utkface", str(tmp_path / "utk")])
 
 
+def test_an_out_that_is_a_file_is_refused_before_evaluating(tmp_path, checkpoint, monkeypatch):
+    """--out naming a file (or a path under one) is one line naming it, before the evaluation, not a traceback after."""
+    monkeypatch.setattr(ev, "load_model", lambda *a: pytest.fail("evaluated before checking --out"))
+    taken = tmp_path / "metrics.json"
+    taken.write_text("{}")
+    for out in (taken, taken / "eval"):
+        with pytest.raises(UserError, match=f"^--out {out}: {taken} is a file, not a folder"):
+            ev.main(["--checkpoint", str(checkpoint), "--csv", str(_csv(tmp_path)), "--out", str(out)])
+
+
 def _csv(tmp_path):
     (tmp_path / "x.csv").write_text("image,age,gender\na.jpg,3,m\n")
     return tmp_path / "x.csv"

@@ -82,6 +82,19 @@ def test_out_naming_the_checkpoint_or_not_onnx_is_refused_before_exporting(tmp_p
     assert not list(tmp_path.iterdir())
 
 
+def test_out_naming_a_folder_or_under_a_file_is_refused_before_exporting(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.setattr(export, "to_onnx", lambda *a: pytest.fail("exported before checking --out"))
+    for folder in (tmp_path / "exports", tmp_path / "exports.onnx"):
+        folder.mkdir()
+        with pytest.raises(UserError, match=f"^--out {folder}: is a folder; name the .onnx file to write, "
+                                            f"e.g. {folder / 'best.onnx'}$"):
+            export.main(["--checkpoint", str(checkpoint), "--out", str(folder)])
+    (tmp_path / "notes").write_text("a file")
+    out = tmp_path / "notes" / "model.onnx"
+    with pytest.raises(UserError, match=f"^--out {out}: {tmp_path / 'notes'} is a file, not a folder"):
+        export.main(["--checkpoint", str(checkpoint), "--out", str(out)])
+
+
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(UserError, match="not found; train one"):
         export.main(["--checkpoint", str(tmp_path / "none.pt")])
