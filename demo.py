@@ -134,6 +134,12 @@ def label(face: dict) -> str:
     return f"{face['gender']} {100 * face['gender_prob']:.0f}%, {face['age']:.0f}{interval}"
 
 
+def fit_scale(text: str, font: int, scale: float, thick: int, width: int) -> float:
+    """The font scale at which text is at most width px wide: scale, or less (a narrow photo's label was cut off)."""
+    tw = cv2.getTextSize(text, font, scale, thick)[0][0]
+    return scale if tw <= width else scale * (width - thick) / (tw - thick)  # a text is thick px + scale x its glyphs
+
+
 def draw(image: np.ndarray, faces: list[dict], labels: bool = True) -> np.ndarray:
     """A copy of the RGB photo with each face's box, 5 landmarks and (if labels) its label drawn."""
     out = image.copy()
@@ -150,11 +156,12 @@ def draw(image: np.ndarray, faces: list[dict], labels: bool = True) -> np.ndarra
         if not labels:
             continue
         text = label(f)
-        (tw, th), base = cv2.getTextSize(text, font, scale, thick)
+        size = fit_scale(text, font, scale, thick, w - 4)  # its box is 2 px wider, and rounding may add 1
+        (tw, th), base = cv2.getTextSize(text, font, size, thick)
         ty = y1 - base - 2 if y1 - th - base - 4 >= 0 else min(y2 + th + 2, h - base - 1)  # above the box, else below
         tx = min(max(x1, 0), max(w - tw - 2, 0))
         cv2.rectangle(out, (tx, ty - th - 2), (tx + tw + 2, ty + base), colour, -1)
-        cv2.putText(out, text, (tx + 1, ty), font, scale, (255, 255, 255), thick, cv2.LINE_AA)
+        cv2.putText(out, text, (tx + 1, ty), font, size, (255, 255, 255), thick, cv2.LINE_AA)
     return out
 
 

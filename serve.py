@@ -250,9 +250,11 @@ function draw(bitmap, result) {
     ctx.fillStyle = "rgb(60, 220, 60)";
     for (const [x, y] of f.landmarks) { ctx.beginPath(); ctx.arc(x, y, thick + 1, 0, 2 * Math.PI); ctx.fill(); }
     const text = label(f), m = ctx.measureText(text), h = parseInt(ctx.font) + 4;
-    const ty = y1 - h >= 0 ? y1 - h : y2;  // above the box, else below
-    ctx.fillStyle = colour; ctx.fillRect(x1, ty, m.width + 6, h);
-    ctx.fillStyle = "white"; ctx.fillText(text, x1 + 3, ty + h - 5);
+    // above the box, else below; inside the photo, as demo.py's
+    const ty = y1 - h >= 0 ? y1 - h : Math.min(y2, result.height - h);
+    const tx = Math.min(Math.max(x1, 0), Math.max(result.width - m.width - 6, 0));
+    ctx.fillStyle = colour; ctx.fillRect(tx, ty, m.width + 6, h);
+    ctx.fillStyle = "white"; ctx.fillText(text, tx + 3, ty + h - 5);
   }
 }
 

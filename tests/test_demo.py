@@ -354,6 +354,26 @@ def test_sheet(tmp_path, samples, checkpoint):
     assert sheet.shape[0] > 3 * sheet.shape[1] / 4  # four rows
 
 
+@pytest.mark.parametrize("width", [60, 150, 240, 900])
+def test_a_label_fits_a_narrow_photo(width, monkeypatch):
+    """The label shrinks to the photo's width (at 150 px it was cut off) and keeps its scale where it fits."""
+    drawn = []
+    real = cv2.putText
+
+    def put_text(img, text, org, font, scale, *rest):
+        drawn.append((text, org, font, scale, rest[1]))
+        return real(img, text, org, font, scale, *rest)
+
+    monkeypatch.setattr(cv2, "putText", put_text)
+    face = dict(box=[width * 0.6, 10, width * 0.95, 80], landmarks=[[width * 0.7, 40]] * 5, gender="female",
+                gender_prob=0.97, age=29.0, age_low=24.0, age_high=35.0)
+    demo.draw(np.zeros((200, width, 3), np.uint8), [face])
+    [(text, (x, _), font, scale, thick)] = drawn
+    assert text == "female 97%, 29 (24-35)"
+    assert 0 <= x and x + cv2.getTextSize(text, font, scale, thick)[0][0] <= width - 1  # its last column inside
+    assert scale == 0.4 if width >= 240 else scale < 0.4  # the smallest scale it had, where the label fits
+
+
 def test_show_without_display(monkeypatch, capsys):
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)

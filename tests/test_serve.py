@@ -141,6 +141,31 @@ def test_photos_arriving_together_share_a_batch(checkpoint, samples, expected):
     assert predictor.model.batches == [16]  # one forward pass of the 16 photos' 16 faces
 
 
+def test_the_page_keeps_a_label_inside_the_photo():
+    """The page's drawing code (run in Node.js on a stand-in canvas) puts a label inside a narrow photo, as demo.py
+    does, for a face at its right edge, with room above it or not."""
+    from serve import PAGE
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("runs the page's drawing code in Node.js")
+    script = PAGE.split("<script>")[1].split("async function analyse")[0].replace("__COLOURS__", "{}")
+    harness = """
+const rects = [];
+const ctx = {measureText: (text) => ({width: 7 * text.length}), fillRect: (...r) => rects.push(r),
+             drawImage() {}, strokeRect() {}, beginPath() {}, arc() {}, fill() {}, fillText() {}};
+globalThis.document = {getElementById: () => ({getContext: () => ctx})};
+const face = (y1) => ({box: [100, y1, 148, 148], landmarks: [], gender: "female", gender_prob: 0.97, age: 29,
+                       age_low: null, age_high: null});
+draw(null, {width: 150, height: 150, faces: [face(120), face(5)]});
+console.log(JSON.stringify(rects));
+"""
+    proc = subprocess.run([node], input=script + harness, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rects = json.loads(proc.stdout)
+    assert len(rects) == 2 and all(x >= 0 and y >= 0 and x + w <= 150 and y + h <= 150 for x, y, w, h in rects), rects
+
+
 # --- the page in a real browser --------------------------------------------------------------
 
 BROWSER, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
