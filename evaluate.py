@@ -11,7 +11,7 @@ Sources (one of):
   --utkface DIR   photos named age_gender_race_date.jpg (UTKFace; `.jpg.chip.jpg` too). UTKFace's
                   gender is 0 = male, 1 = female, the reverse of ours; it is flipped on reading.
                   Names that do not parse are counted and skipped.
-  --csv FILE      a CSV with a header and the columns `image` (path relative to the CSV's folder,
+  --csv FILE      a UTF-8 CSV with a header and the columns `image` (path relative to the CSV's folder,
                   or absolute), `age` (years) and `gender` (male/female, m/f, or 1/0 with 1 = male,
                   as in labels.csv); other columns are ignored.
 The raw photos of --utkface and --csv go through the same detection (MTCNN, the central face)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -430,26 +431,31 @@ def read_csv_labels(path: Path) -> list[Labelled]:
     """Rows of a CSV with columns image, age, gender; paths relative to the CSV's folder."""
     if not path.is_file():
         raise UserError(f"--csv {path}: no such file")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip().lower() for c in reader.fieldnames or []]
-        missing = [c for c in ("image", "age", "gender") if c not in columns]
-        if missing:
-            raise UserError(f"--csv {path}: lacks the column(s) {', '.join(missing)} (found: {', '.join(columns) or 'nothing'}); "
-                            "expected a header with image,age,gender")
-        items = []
-        for line, row in enumerate(reader, start=2):
-            row = {(k or "").strip().lower(): (v or "") for k, v in row.items()}
-            try:
-                age = float(row["age"])
-            except ValueError:
-                raise UserError(f"--csv {path}, line {line}: age {row['age']!r} is not a number") from None
-            gender = parse_gender(row["gender"])
-            if gender is None or not math.isfinite(age):
-                raise UserError(f"--csv {path}, line {line}: gender {row['gender']!r} is not male/female, m/f or 1/0"
-                                if gender is None else f"--csv {path}, line {line}: age {row['age']!r} is not finite")
-            image = Path(row["image"].strip())
-            items.append(Labelled(image if image.is_absolute() else path.parent / image, age, gender))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:  # a spreadsheet's export in Latin-1 or Windows-1252, say
+        raise UserError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                        "save the CSV as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = [c.strip().lower() for c in reader.fieldnames or []]
+    missing = [c for c in ("image", "age", "gender") if c not in columns]
+    if missing:
+        raise UserError(f"--csv {path}: lacks the column(s) {', '.join(missing)} (found: {', '.join(columns) or 'nothing'}); "
+                        "expected a header with image,age,gender")
+    items = []
+    for line, row in enumerate(reader, start=2):
+        row = {(k or "").strip().lower(): (v or "") for k, v in row.items()}
+        try:
+            age = float(row["age"])
+        except ValueError:
+            raise UserError(f"--csv {path}, line {line}: age {row['age']!r} is not a number") from None
+        gender = parse_gender(row["gender"])
+        if gender is None or not math.isfinite(age):
+            raise UserError(f"--csv {path}, line {line}: gender {row['gender']!r} is not male/female, m/f or 1/0"
+                            if gender is None else f"--csv {path}, line {line}: age {row['age']!r} is not finite")
+        image = Path(row["image"].strip())
+        items.append(Labelled(image if image.is_absolute() else path.parent / image, age, gender))
     if not items:
         raise UserError(f"--csv {path}: no rows")
     return items

@@ -64,6 +64,22 @@ def test_csv_reader(tmp_path):
     (tmp_path / "bad2.csv").write_text("image,age,gender\na.jpg,3,m\nb.jpg,4,robot\n")
     with pytest.raises(UserError, match="line 3: gender 'robot'"):
         ev.read_csv_labels(tmp_path / "bad2.csv")
+    (tmp_path / "quoted.csv").write_bytes(b'image,age,gender\r\n"two\r\nlines.jpg",3,m\r\n')  # a newline in a name
+    assert [i.path.name for i in ev.read_csv_labels(tmp_path / "quoted.csv")] == ["two\r\nlines.jpg"]
+
+
+def test_a_csv_not_in_utf8_is_one_line(tmp_path, checkpoint, samples):
+    """A spreadsheet's export in Latin-1 (evaluate.py --csv, demo.py --sheet): one line naming the file, not a
+    UnicodeDecodeError's traceback."""
+    import demo
+
+    latin1 = tmp_path / "labels.csv"
+    latin1.write_bytes("image,age,gender\nJos\u00e9.jpg,30,m\n".encode("latin-1"))
+    why = f"^{latin1}: not UTF-8 text \\(byte 0xe9 at offset 20\\); save the CSV as UTF-8$"
+    with pytest.raises(UserError, match=why):
+        ev.main(["--checkpoint", str(checkpoint), "--csv", str(latin1), "--out", str(tmp_path / "eval")])
+    with pytest.raises(UserError, match=why):
+        demo.main(["--checkpoint", str(checkpoint), "--sheet", str(latin1), "--output", str(tmp_path / "sheet")])
 
 
 # --- whole runs --------------------------------------------------------------------------------
