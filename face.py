@@ -678,7 +678,7 @@ def _pack(rects: list[tuple[int, int]], min_side: int) -> tuple[int, int, list[t
 
 # --- the detector ---------------------------------------------------------------------------
 
-def _as_rgb(image: np.ndarray) -> np.ndarray:
+def as_rgb(image: np.ndarray) -> np.ndarray:
     """An RGB uint8 (H, W, 3) photo as the detector takes it: a grey (H, W) or (H, W, 1) one made RGB."""
     image = np.asarray(image)
     if image.ndim == 2:  # grayscale photos (common in IMDB-WIKI): replicate to RGB
@@ -744,7 +744,7 @@ class FaceDetector:
         if len(min_faces) != n or (pyramids is not None and len(pyramids) != n):
             raise ValueError(f"{len(min_faces)} min_face_sizes and {n if pyramids is None else len(pyramids)} "
                              f"pyramids for {n} images")
-        batch = _Batch([_as_rgb(im) for im in images], self.device)
+        batch = _Batch([as_rgb(im) for im in images], self.device)
         boxes, img = self._stage_pnet(batch, min_faces, pyramids)
         if boxes.shape[0]:
             boxes, img = self._stage_rnet(batch, boxes, img)
@@ -1044,7 +1044,7 @@ def prepare_crop(plan: CropPlan, image: np.ndarray, fraction: float) -> CropSear
     release the GIL) or in other processes: an IMDB-sized photo takes ~2 ms of a core, time a GPU's
     feeding thread cannot spare.
     """
-    image = _as_rgb(image)  # as detect() takes it: a grey photo's pyramid has 3 channels too
+    image = as_rgb(image)  # as detect() takes it: a grey photo's pyramid has 3 channels too
     min_face = crop_min_face(plan.min_face_size, image.shape, fraction)
     small, k = _shrunk(image, min_face)
     # the min face in the shrunk photo: _ONET_SIDE, or the photo's own where it was not shrunk

@@ -46,7 +46,7 @@ import torch
 
 import config
 from data_gen import IMAGENET_MEAN, IMAGENET_STD, preprocess
-from face import FaceDetector, align_face
+from face import FaceDetector, align_face, as_rgb
 from metrics import fit_temperature
 from models import load_checkpoint, mirrored, model_args_of, model_from_checkpoint, read_checkpoint
 from utils import (UserError, atomic_torch_save, atomic_write_bytes, chunks_within, jpeg_bytes, map_ahead, onnx_session,
@@ -229,11 +229,13 @@ class Predictor:
         check_flip(self.model, flip)
 
     def analyse(self, image: np.ndarray) -> list[dict]:
-        """Every face of one RGB photo with score >= min_score (face records, best score first)."""
+        """Every face of one photo (RGB, or grey as the detector takes it) with score >= min_score (face records, best
+        score first)."""
         return self.analyse_batch([image])[0]
 
     def analyse_batch(self, images: list[np.ndarray]) -> list[list[dict]]:
-        """The face records of each RGB photo: one MTCNN call, one forward pass for all their faces."""
+        """The face records of each photo (RGB or grey): one MTCNN call, one forward pass for all their faces."""
+        images = [as_rgb(image) for image in images]  # the detector takes grey photos: their aligned faces need RGB too
         found, aligned = [], []
         for image, faces in zip(images, self.detector.detect(images) if images else []):
             boxes, scores, marks = (np.asarray(faces.boxes, np.float32).reshape(-1, 4),

@@ -56,6 +56,18 @@ def test_batched_equals_one_at_a_time(checkpoint, photos):
         assert face["gender"] in ("female", "male") and 0.5 <= face["gender_prob"] <= 1
 
 
+def test_a_grey_photo_gives_the_faces_of_its_rgb_copy(checkpoint, samples):
+    """A grey (H, W) or (H, W, 1) photo, which the detector takes, is analysed as its RGB copy (the aligned faces
+    crashed the network's preprocessing)."""
+    predictor = inference.Predictor(checkpoint, "cpu", 0.9)
+    grey = read_image(samples / "camera.jpg")[:, :, 0]  # a grey photo, made RGB by read_image
+    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    want = predictor.analyse(rgb)
+    assert len(want) == 1
+    assert predictor.analyse(grey) == predictor.analyse(grey[:, :, None]) == want
+    assert all(inference.records_match(got, want) for got in predictor.analyse_batch([grey, rgb]))
+
+
 def test_records_match_up_to_their_last_digit():
     """records_match: the same faces with each number within one unit of its last kept digit (batches of other
     sizes round differently on some CPUs and GPUs), and nothing further off."""
