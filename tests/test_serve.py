@@ -250,6 +250,7 @@ def test_a_chunked_upload_over_the_limit_is_refused_while_it_streams_in(server):
         status, body = answer.status, json.loads(answer.read())
     assert status == 413 and "over the limit" in body["error"], (status, body)
 
+
 def gray_png(width, height):
     """A PNG of width x height gray pixels of one level, compressed row by row (140 kB for 12000 x 12000)."""
     def chunk(kind, data):
