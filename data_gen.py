@@ -38,7 +38,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from tqdm import tqdm
 
 import config
-from utils import ImageError, UserError, in_background, read_image, write_json
+from utils import ImageError, UserError, disk_full, in_background, read_image, write_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB; the torchvision backbones were trained with these
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -219,7 +219,8 @@ def read_face(path: Path) -> np.ndarray:
     except FileNotFoundError as e:
         raise UserError(f"{path}: listed in labels.csv but missing; rerun pre_process.py") from e
     except ImageError as e:
-        raise UserError(f"{e}; rerun pre_process.py to rewrite it") from e
+        raise UserError(f"{e}; delete it and rerun pre_process.py, which aligns its photo again (a rerun keeps "
+                        "the faces that are there)") from e
 
 
 # --- the JPEG path -----------------------------------------------------------------------------
@@ -517,6 +518,21 @@ def dummy_split(size: int, split: str, seed: int) -> tuple[np.ndarray, Labels]:
 
 # --- packing -----------------------------------------------------------------------------------
 
+def reserve(tmp: Path, out: Path) -> None:
+    """Allocate the disk blocks of the memory-mapped array at `tmp` now: a disk too full for it is then an OSError
+    naming `out` here, where a write through the map into a sparse file would be killed by SIGBUS, with no message and
+    the temp file left behind (5.5 GB at IMDB's size, 22 GB at 224 px). Where the system cannot allocate ahead
+    (posix_fallocate is Linux's), the map's writes take their chance as before."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(tmp, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if disk_full(e):
+                raise OSError(e.errno, e.strerror, str(out)) from None
+
+
 def pack_split(data_dir: str | os.PathLike, split: str, workers: int = config.WORKERS) -> Path | None:
     """Write DATA/faces_{split}.npy from the split's JPEGs, atomically, and faces_{split}.json, the list it holds.
 
@@ -540,6 +556,7 @@ def pack_split(data_dir: str | os.PathLike, split: str, workers: int = config.WO
     n = len(labels.images)
     try:
         faces = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *first.shape))  # (N, S, S, 3)
+        reserve(tmp, out)
         fill = functools.partial(fill_rows, faces, [root / p for p in labels.images])
         # Pillow decodes with the GIL released; a failed task stops the map, which drops the tasks not yet started
         with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=n, desc=f"pack {split}", unit="face") as bar:

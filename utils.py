@@ -61,6 +61,8 @@ def machine_error(e: OSError) -> str | None:
     for any other."""
     if isinstance(e, PermissionError) and e.filename:
         return f"{e.filename}: permission denied; give this user access to it, or choose another path"
+    if e.errno == errno.EROFS and e.filename:
+        return f"{e.filename}: on a read-only file system; choose another path"
     if not disk_full(e):
         return None
     # a full disk fails the clean-up's writes too (a log's flush): name the first file refused, the deepest in the

@@ -199,18 +199,53 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_rerun_completes(tmp_pat
     assert labels(tmp_path / "out") == labels(tmp_path / "whole")
 
 
-def test_an_output_folder_this_user_cannot_write_is_one_line(tmp_path, monkeypatch, capsys):
-    """A permission refused (here on the first file written into --out; root ignores chmod, so the refusal is made
-    up) is one line naming the path, not a traceback."""
+@pytest.mark.parametrize("refusal, said", [
+    (PermissionError(errno.EACCES, os.strerror(errno.EACCES)), "permission denied; give this user access to it, or "
+                                                               "choose another path"),
+    (OSError(errno.EROFS, os.strerror(errno.EROFS)), "on a read-only file system; choose another path"),
+])
+def test_an_output_folder_this_user_cannot_write_is_one_line(tmp_path, monkeypatch, capsys, refusal, said):
+    """A permission refused or a read-only file system (here on the first file written into --out; root ignores
+    chmod, so the refusal is made up) is one line naming the path, not a traceback."""
     root, out = tmp_path / "crop", tmp_path / "out"
     generate(root, 4, seed=23, dirty_fraction=0.0)
 
     def refused(dir, prefix, suffix):
-        raise PermissionError(13, os.strerror(13), str(dir))
+        raise type(refusal)(refusal.errno, refusal.strerror, str(dir))
 
     monkeypatch.setattr(utils.tempfile, "mkstemp", refused)
     with pytest.raises(SystemExit) as stopped:
         utils.run_main(lambda: pre_process.main(["--root", str(root), "--out", str(out), "--device", "cpu"]))
     assert stopped.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"error: {out / 'faces'}: permission denied; give this user access to it, or choose another path"
+    assert err[-1] == f"error: {out / 'faces'}: {said}"
+
+
+def test_a_disk_too_full_for_a_packed_array_is_one_line_not_a_bus_error(tmp_path, monkeypatch, capsys):
+    """The array is written through a memory map: into a sparse file on a full disk, the kernel kills the process
+    with SIGBUS (no message, a GB-sized temp file left). Its blocks are allocated first, so a full disk is the usual
+    line, naming the array, and the temp file is gone (posix_fallocate made to fail: a full disk cannot be made here)."""
+    data = make_fake_data(tmp_path / "data", n_train=5, n_valid=3)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        utils.run_main(lambda: pre_process.main(["--out", str(data), "--pack-only"]))
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: no space left on the device writing {data / 'faces_train.npy'} "), err
+    assert not list(data.glob("*.npy")) and not list(data.glob(".*.tmp"))
+
+
+def test_a_broken_face_says_to_delete_it_as_a_rerun_keeps_what_is_there(tmp_path, capsys):
+    """A face cut short after it was written (a copy interrupted): a rerun skips it, as it is there, so "rerun"
+    alone would go round in circles."""
+    data = make_fake_data(tmp_path / "data", n_train=5, n_valid=3)
+    face = data / "faces" / "00" / "2.jpg"
+    face.write_bytes(face.read_bytes()[:300])
+    with pytest.raises(SystemExit):
+        utils.run_main(lambda: pre_process.main(["--out", str(data), "--pack-only"]))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {face}: truncated") and "delete it and rerun pre_process.py" in err, err
