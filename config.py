@@ -9,8 +9,8 @@ import os
 # --- pre_process.py: IMDB-WIKI metadata -> aligned faces -------------------------------
 ROOT = "data/imdb_crop"  # the unpacked faces-only archive: holds imdb.mat (or wiki.mat) and 00..99/
 SIZE = 112  # side of the aligned face in pixels (112 or 224; the ArcFace template scales with it)
-DATA_FOR_SIZE = "data/imdb_{size}"  # pre_process.py's default --out: a folder per --size, so sizes never mix
-DATA = DATA_FOR_SIZE.format(size=SIZE)  # train.py and evaluate.py read from here: the faces made at SIZE
+DATA_FOR_SIZE = "data/{dataset}_{size}"  # pre_process.py's default --out: a folder per dataset and --size, never mixed
+DATA = DATA_FOR_SIZE.format(dataset="imdb", size=SIZE)  # train.py and evaluate.py read from here: IMDB's faces at SIZE
 PER_AGE = 5000  # at most this many images per age, a seeded random choice (the original: 5000)
 MIN_FACE_SCORE = 1.0  # drop entries whose IMDB-WIKI face_score is below this (-inf: no face)
 MIN_AGE, MAX_AGE = 0, 100  # keep ages in this closed range; also the age classes of ce/dex/mv

@@ -98,13 +98,14 @@ def load_meta(path: Path, dataset: str | None = None) -> tuple[str, Meta]:
         raise UserError(f"{path}: no top-level struct {name or 'imdb or wiki'!r} (found {sorted(k for k in mat if not k.startswith('__'))})")
     struct = mat[name][0, 0]
     present = struct.dtype.names or ()
-    for field in FIELDS + (("celeb_id",) if name == "imdb" else ()):
+    fields = FIELDS + (("celeb_id",) if name == "imdb" else ())
+    for field in fields:
         if field not in present:
             raise UserError(f"{path}: struct {name!r} lacks the field {field!r}")
     col = lambda f: struct[f].ravel()  # every per-photo field is a 1xN array
     full_path = np.array([str(p[0]) for p in col("full_path")])
     n = len(full_path)
-    for field in FIELDS:
+    for field in fields:  # celeb_id too: one of another length would pair photos with other people's identities
         if col(field).shape[0] != n:
             raise UserError(f"{path}: field {field!r} has {col(field).shape[0]} entries, full_path has {n}")
     if name == "imdb":
@@ -143,6 +144,10 @@ def filter_meta(meta: Meta, root: Path, min_score: float, min_age: int, max_age:
     # os.path, not pathlib: over 282,127 files pathlib took 1.8-2.6 s against 1.0, most of it building Path objects
     exists = np.array([k and os.path.isfile(os.path.join(root, p)) for k, p in zip(keep, meta.full_path)])
     dropped["missing_file"] = int((keep & ~exists).sum())
+    if keep.any() and not exists.any():  # the .mat without its photos, or photos unpacked elsewhere
+        raise UserError(f"--root {root}: none of the {int(keep.sum())} photos that pass the filters is there (e.g. "
+                        f"{os.path.join(root, meta.full_path[keep][0])}); unpack imdb_crop.tar (or wiki_crop.tar) so "
+                        "that its folders 00..99 sit beside the .mat")
     return ages, keep & exists, dropped
 
 
@@ -194,7 +199,9 @@ def check_face_settings(out: Path, size: int, fallback: str) -> None:
     else:  # faces written before the record existed: they tell their size, not their fallback
         made = dict(size=read_image(first).shape[0])
     if any(made.get(k, v) != v for k, v in wanted.items()):
-        elsewhere = config.DATA_FOR_SIZE.format(size=size) if made.get("size", size) != size else f"{out}_{fallback}"
+        # data/imdb_112 -> data/imdb_224; a folder not named for its size gets the size added
+        elsewhere = (str(out).removesuffix(f"_{made['size']}") + f"_{size}" if made.get("size", size) != size
+                     else f"{out}_{fallback}")
         made_with = " ".join(f"--{k} {made[k]}" for k in wanted if k in made)
         raise UserError(f"{out / 'faces'} holds faces made with {made_with}; this run asks for --size {size} "
                         f"--fallback {fallback}, and a rerun keeps the faces already there, so the folder would mix "
@@ -516,7 +523,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argument_parser(__doc__)
     p.add_argument("--root", default=config.ROOT, help="unpacked imdb_crop/ or wiki_crop/ (default: %(default)s)")
     p.add_argument("--out", default=None,
-                   help=f"output folder (default: {config.DATA_FOR_SIZE}, a folder per size; {config.DATA} at the default size)")
+                   help=f"output folder (default: {config.DATA_FOR_SIZE}, a folder per dataset and size; {config.DATA} "
+                        "for IMDB at the default size)")
     p.add_argument("--size", type=int, default=config.SIZE, help="aligned face side, 112 or 224 (default: %(default)s)")
     p.add_argument("--dataset", choices=("imdb", "wiki"), default=None,
                    help="which .mat to read (default: whichever of imdb.mat, wiki.mat is there)")
@@ -556,8 +564,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "repack)")
     p.add_argument("--limit", type=int, default=0, help="process only the first N photos after the cap, 0 = all (default: %(default)s)")
     args = p.parse_args(argv)
-    args.out = args.out or config.DATA_FOR_SIZE.format(size=args.size)
+    for name, least in (("batch", 1), ("per_age", 1), ("limit", 0), ("workers", 0)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be at least {least}")
+    if not 0 < args.valid_fraction < 1:
+        p.error("--valid-fraction must be between 0 and 1 (the share of identities, or photos, kept for validation)")
+    args.out = args.out or config.DATA_FOR_SIZE.format(dataset=dataset_of(Path(args.root), args.dataset), size=args.size)
     return args
+
+
+def dataset_of(root: Path, dataset: str | None) -> str:
+    """The dataset a run on root reads, which names its default --out: imdb where no .mat is there (the run then
+    stops at find_mat, which says why)."""
+    try:
+        return find_mat(root, dataset).stem
+    except UserError:
+        return dataset or "imdb"
 
 
 def detect_batch(device: str) -> int:

@@ -1,6 +1,7 @@
 """pre_process.py end to end on the built-in dataset: outputs, drop counts, alignment, rerun."""
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -120,7 +121,7 @@ def test_another_size_into_the_same_folder_is_refused(built):
     """--size 224 into a folder made at 112 would keep the 112 px faces there: refused before anything is written."""
     root, out, _, _ = built
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    for flags, elsewhere in ((["--size", "224", "--fallback", "drop"], "data/imdb_224"),
+    for flags, elsewhere in ((["--size", "224", "--fallback", "drop"], f"{out}_224"),
                              (["--size", "112", "--fallback", "center"], f"{out}_center")):
         with pytest.raises(UserError, match=rf"{out / 'faces'} holds faces made with --size 112 --fallback drop; "
                                             rf"this run asks for {' '.join(flags)}.*--out {elsewhere}\) "
@@ -147,10 +148,43 @@ def test_a_damaged_settings_record_is_a_user_error_that_says_the_fix(tmp_path, d
         pre_process.check_face_settings(out, 112, "drop")
 
 
-def test_default_out_follows_the_size():
+def test_default_out_follows_the_dataset_and_the_size(tmp_path):
+    """WIKI's faces once went to data/imdb_112 too, replacing IMDB's labels.csv and arrays and mixing the faces."""
     assert pre_process.parse_args([]).out == config.DATA == "data/imdb_112"
     assert pre_process.parse_args(["--size", "224"]).out == "data/imdb_224"
     assert pre_process.parse_args(["--size", "224", "--out", "x"]).out == "x"
+    (tmp_path / "wiki.mat").write_bytes(b"")
+    assert pre_process.parse_args(["--root", str(tmp_path)]).out == "data/wiki_112"
+    assert pre_process.parse_args(["--root", str(tmp_path), "--dataset", "imdb"]).out == "data/imdb_112"
+    (tmp_path / "imdb.mat").write_bytes(b"")  # both: imdb, as find_mat reads it first
+    assert pre_process.parse_args(["--root", str(tmp_path), "--size", "224"]).out == "data/imdb_224"
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--batch", "0"], "--batch must be at least 1"),  # it once held every decoded photo, then crashed
+    (["--per-age", "-1"], "--per-age must be at least 1"),
+    (["--limit", "-5"], "--limit must be at least 0"),  # it once dropped the last 5 photos
+    (["--workers", "-1"], "--workers must be at least 0"),
+    (["--valid-fraction", "1.5"], "--valid-fraction must be between 0 and 1"),
+    (["--valid-fraction", "0"], "--valid-fraction must be between 0 and 1"),
+])
+def test_an_option_out_of_its_range_names_itself(argv, said, capsys):
+    with pytest.raises(SystemExit):
+        pre_process.parse_args(argv)
+    assert f"error: {said}" in capsys.readouterr().err
+
+
+def test_a_mat_without_its_photos_says_where_they_go(tmp_path):
+    """Every photo missing (the .mat copied alone, or the photos unpacked elsewhere) once wrote an empty labels.csv,
+    rc 0, and train.py then blamed --valid-fraction."""
+    generate(tmp_path / "crop", 12, seed=3, dirty_fraction=0.0)
+    for folder in (tmp_path / "crop").iterdir():
+        if folder.is_dir():
+            shutil.rmtree(folder)
+    with pytest.raises(UserError, match=rf"--root {tmp_path / 'crop'}: none of the \d+ photos that pass the filters "
+                                        rf"is there \(e.g. {tmp_path / 'crop'}/\d\d/.*\.jpg\); unpack imdb_crop.tar"):
+        pre_process.main(["--root", str(tmp_path / "crop"), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert not (tmp_path / "out" / "labels.csv").exists()
 
 
 @pytest.mark.parametrize("cores, local_processes, want", [
