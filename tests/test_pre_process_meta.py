@@ -164,3 +164,15 @@ def test_bad_root_and_missing_field(tmp_path):
     (tmp_path / "imdb.mat").write_bytes((tmp_path / "imdb.mat").read_bytes()[:100])
     with pytest.raises(UserError, match="cannot be read"):
         pp.load_meta(tmp_path / "imdb.mat")
+
+
+def test_a_celeb_id_of_another_length_is_refused(tmp_path):
+    """celeb_id is the split's identity: one entry more or less would pair every later photo with another person."""
+    import scipy.io
+
+    mat = make_mat(tmp_path, [dict(dob=dt.date(1970, 3, 1), taken=2000, cid=2)] * 3)
+    struct = scipy.io.loadmat(mat)["imdb"]
+    struct[0, 0]["celeb_id"] = struct[0, 0]["celeb_id"][:, :2]
+    scipy.io.savemat(mat, {"imdb": struct})
+    with pytest.raises(UserError, match="field 'celeb_id' has 2 entries, full_path has 3"):
+        pp.load_meta(mat)
