@@ -402,7 +402,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--data", default=None, help=f"pre_process.py output (default: {config.DATA})")
     src.add_argument("--utkface", default=None, help="folder of photos named age_gender_race_date.jpg")
     src.add_argument("--csv", default=None, help="CSV with columns image,age,gender (paths relative to it)")
-    p.add_argument("--split", default="valid", help="with --data: the split to evaluate (default: %(default)s)")
+    p.add_argument("--split", default="valid", choices=("train", "valid"),
+                   help="with --data: the split to evaluate (default: %(default)s)")
     p.add_argument("--out", default=config.EVAL_OUT, help="where metrics.json and the plots go (default: %(default)s)")
     p.add_argument("--device", default=config.DEVICE, help="auto, cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=config.EVAL_BATCH, help="faces per forward pass (default: %(default)s)")
@@ -425,6 +426,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.detect_pixels < 1:
         raise UserError(f"--detect-pixels {args.detect_pixels}: must be at least 1")
+    if args.limit < 0:  # a slice's negative end would drop the last photos instead
+        raise UserError(f"--limit {args.limit}: must be 0 (all) or more")
     check_output_folder(args.out, f"--out {args.out}")
     if args.utkface:
         items, bad = read_utkface(Path(args.utkface))

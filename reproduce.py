@@ -11,8 +11,8 @@ Every stage is an ordinary script run as a subprocess, its output streaming thro
      pre_process.py. The identity split starts from hard links to the 112 px faces (a face does not
      depend on the split), so MTCNN runs over the photos twice, not three times.
   2. train.py: every row of RUNS (or those of --runs; a recipe of configs/: train.py --config) into
-     OUT/runs/NAME. A finished run is skipped; one with a last.pt that did not reach --epochs
-     resumes from it.
+     OUT/runs/NAME. A finished run is skipped; one with a last.pt that did not reach --epochs (or
+     was killed in its final calibration) resumes from it; one begun under other settings is refused.
   3. evaluate.py: each best.pt on its data dir's valid split into OUT/runs/NAME/eval (skipped when
      its metrics.json is newer than best.pt).
 Then OUT/results.json (one object per run, in the table's order), OUT/results.md (the original's
@@ -28,10 +28,12 @@ import os
 import shlex
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import config
+from models import read_checkpoint
 from utils import (REPO, UserError, argument_parser, atomic_write_text, pyplot, read_jsonl, run_main, save_figure,
                    write_json)
 
@@ -117,18 +119,21 @@ def script(name: str) -> str:
     return str(REPO / name)  # by absolute path: the user's relative paths stay relative to their folder
 
 
+def out_mark(args: argparse.Namespace) -> dict:
+    """What OUT/reproduce.json records: OUT's runs belong to one dataset and one mode."""
+    return dict(root=str(args.root.resolve()), quick=args.quick)
+
+
 def check_out(args: argparse.Namespace) -> None:
-    """OUT's runs belong to one dataset and one mode: a quick run must never resume into the real table."""
-    mark = args.out / "reproduce.json"
-    now = dict(root=str(args.root.resolve()), quick=args.quick)
+    """A quick run must never resume into the real table: an OUT marked for another root or mode is refused. The mark
+    is written once the data dirs are made (main), so that a mistyped --root marks nothing."""
+    mark, now = args.out / "reproduce.json", out_mark(args)
     if mark.is_file():
         before = json.loads(mark.read_text())
         if before != now:
             raise UserError(f"--out {args.out}: its runs were made from {before['root']}"
                             f"{' with --quick' if before['quick'] else ''}, not from {now['root']}"
                             f"{' with --quick' if args.quick else ''}; pass another --out (or delete {args.out})")
-    else:
-        write_json(mark, now)
 
 
 def data_dir(args: argparse.Namespace, size: int, split: str) -> Path:
@@ -138,8 +143,9 @@ def data_dir(args: argparse.Namespace, size: int, split: str) -> Path:
 def data_complete(path: Path, root: Path, size: int, split: str) -> bool:
     """Whether pre_process.py finished `path` from `root` at `size` and `split`.
 
-    It writes summary.json, then labels.csv, then faces_{split}.npy for each non-empty split: all
-    present, in that order, means a finished run (one killed on the way leaves an older file later).
+    It writes summary.json, then labels.csv (only where its rows changed: a rerun leaves it older than summary.json),
+    then faces_{split}.npy and its list faces_{split}.json for each non-empty split: all present, the arrays and
+    lists no older than labels.csv, means a finished run (one killed on the way leaves one missing, or older).
     A data dir made from other photos or at another size is an error, not something to redo over.
     """
     summary_path = path / "summary.json"
@@ -151,11 +157,10 @@ def data_complete(path: Path, root: Path, size: int, split: str) -> bool:
     if made != (root.resolve(), size, split):
         raise UserError(f"{path} was pre-processed from {made[0]} at {made[1]} px, split {made[2]}, not from "
                         f"{root.resolve()} at {size} px, split {split}; pass another --data-dir (or delete {path})")
-    outputs = [summary_path, path / "labels.csv"] + [path / f"faces_{s}.npy" for s in ("train", "valid") if summary[s]]
-    if not all(p.is_file() for p in outputs):
+    packed = [path / f"faces_{s}.{ext}" for s in ("train", "valid") if summary[s] for ext in ("npy", "json")]
+    if not all(p.is_file() for p in [path / "labels.csv", *packed]):
         return False
-    times = [p.stat().st_mtime_ns for p in outputs]
-    return times[:2] == sorted(times[:2]) and all(t >= times[1] for t in times[2:])
+    return all(p.stat().st_mtime_ns >= (path / "labels.csv").stat().st_mtime_ns for p in packed)
 
 
 def link_faces(src: Path, dst: Path) -> int:
@@ -193,8 +198,9 @@ def pre_process_all(args: argparse.Namespace) -> None:
         same_faces = data_dir(args, size, "image")
         if split != "image" and data_complete(same_faces, args.root, size, "image"):
             print(f"linked {link_faces(same_faces, path)} faces from {same_faces}", flush=True)
-        run_stage(title, [sys.executable, script("pre_process.py"), "--root", str(args.root), "--out", str(path),
-                          "--size", str(size), "--split", split, "--device", args.device], path)
+        # the root made absolute: summary.json records it as given, and a relative one means another folder elsewhere
+        run_stage(title, [sys.executable, script("pre_process.py"), "--root", str(args.root.resolve()),
+                          "--out", str(path), "--size", str(size), "--split", split, "--device", args.device], path)
 
 
 def train_command(args: argparse.Namespace, run: Run) -> list[str]:
@@ -214,11 +220,40 @@ def epochs_done(run_dir: Path) -> int:
     return max((r["epoch"] for r in read_jsonl(log)), default=0) if log.is_file() else 0
 
 
+def asked_settings(args: argparse.Namespace, run: Run) -> dict:
+    """The settings this invocation asks of run's train.py that make its row, as config.json records them: the
+    recipe's, then reproduce.py's own (--epochs, --pretrained, --quick's batch and limit), which override them."""
+    asked = {key.replace("-", "_"): value for key, value in recipe_of(run).items()}
+    asked.update(epochs=args.epochs, pretrained=args.pretrained or config.PRETRAINED)
+    if args.quick:
+        asked.update(batch_size=QUICK_BATCH, limit=QUICK_LIMIT)
+    return asked
+
+
+def recipe_of(run: Run) -> dict:
+    """The train.py options of run's recipe ({} for train.py's defaults)."""
+    return tomllib.loads((REPO / run.recipe).read_text(encoding="utf-8")) if run.recipe else {}
+
+
+def check_run(run_dir: Path, asked: dict) -> None:
+    """A run begun under other settings (another --epochs, an edited recipe, another --pretrained) would be skipped
+    or resumed into the table as if it were this invocation's: refused, naming what differs."""
+    saved = json.loads((run_dir / "config.json").read_text())
+    diffs = [f"{key} {saved.get(key)!r} there, {value!r} now" for key, value in asked.items() if saved.get(key) != value]
+    if diffs:
+        raise UserError(f"{run_dir} was trained with other settings ({'; '.join(diffs)}); rerun with its settings, "
+                        f"or delete {run_dir} (or pass another --out) to train it anew")
+
+
 def train_all(args: argparse.Namespace) -> None:
     for run in args.runs:
         run_dir, title = args.out / "runs" / run.name, f"train {run.name}"
+        if (run_dir / "config.json").is_file():
+            check_run(run_dir, asked_settings(args, run))
         done = epochs_done(run_dir)
-        if done >= args.epochs and (run_dir / "best.pt").is_file():
+        best = run_dir / "best.pt"
+        # not calibrated: killed in train.py's last step, which its --resume does
+        if done >= args.epochs and best.is_file() and read_checkpoint(best).get("calibrated"):
             skip(title, f"finished ({done} epochs)")
             continue
         cmd = train_command(args, run)
@@ -324,6 +359,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   args.root)
     check_out(args)
     pre_process_all(args)
+    if not (args.out / "reproduce.json").is_file():
+        write_json(args.out / "reproduce.json", out_mark(args))
     train_all(args)
     evaluate_all(args)
     return write_results(args)

@@ -367,3 +367,12 @@ def test_labelled_photos_with_an_onnx_model_run_no_torch_network(checkpoint, onn
     assert skipped == {} and len(got) == len(want) == 3
     for g, w in zip(got, want):
         assert g["pred_gender"] == w["pred_gender"] and abs(g["pred_age"] - w["pred_age"]) < 0.05
+
+
+@pytest.mark.parametrize("argv, said", [(["--limit", "-3"], "--limit -3: must be 0 (all) or more"),
+                                        (["--split", "foo"], "argument --split: invalid choice: 'foo'")])
+def test_a_bad_limit_or_split_is_refused(argv, said, capsys):
+    """--limit -3 once dropped the last 3 faces (a slice's end), and --split foo said to rerun pre_process.py."""
+    with pytest.raises((UserError, SystemExit)) as e:
+        ev.main(argv)
+    assert said in (str(e.value) if e.type is UserError else capsys.readouterr().err)

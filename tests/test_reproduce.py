@@ -5,6 +5,7 @@ import os
 import re
 import shlex
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 import reproduce
 from synth_imdb import generate
@@ -158,6 +160,7 @@ def test_failed_stage_names_its_command_and_dir(tmp_path):
     assert r.returncode == 2
     assert "no imdb.mat or wiki.mat" in r.stderr  # pre_process.py's own message streams through
     assert f"error: pre-process 112 px, split image failed (exit code 2): {sys.executable} " in r.stderr
+    assert not (tmp_path / "out" / "reproduce.json").exists()  # a mistyped --root marks OUT for nothing
     assert f"pre_process.py --root {empty} --out {tmp_path / 'out' / 'data' / '112_image'}" in r.stderr
     assert "rerun reproduce.py" in r.stderr
     assert not (tmp_path / "out" / "runs").exists()  # stopped at the failed stage
@@ -172,3 +175,55 @@ def test_readme_table_is_the_runs_table():
         assert f"{run.size}x{run.size}" in row and f"{100 * run.original_gender_acc:.3f}%" in row
         if run.original_age_mae is not None:
             assert f"{run.original_age_mae:.3f}" in row
+
+
+def test_a_root_given_relative_reaches_pre_process_absolute(tmp_path, monkeypatch):
+    """summary.json records --root as pre_process.py is given it: a relative one, read from another folder, named
+    other photos, and reproduce.py then said to delete the data dir."""
+    commands = []
+    monkeypatch.setattr(reproduce, "run_stage", lambda title, cmd, where: commands.append(cmd))
+    monkeypatch.chdir(tmp_path)
+    reproduce.pre_process_all(reproduce.parse_args(["--root", "crop", "--out", "out", "--runs", RUNS[0].name]))
+    assert commands and commands[0][commands[0].index("--root") + 1] == str(tmp_path / "crop")
+
+
+def test_a_data_dir_a_rerun_went_over_is_still_complete(killed_then_rerun, tmp_path):
+    """pre_process.py rerun over a finished data dir rewrites summary.json and keeps labels.csv and the arrays that
+    are current: still complete (it was judged unfinished, and pre-processed again at every invocation). Without an
+    array's list (a kill between the two files) it is not."""
+    out, _, _ = killed_then_rerun
+    data = tmp_path / "112_image"
+    shutil.copytree(out / "data" / "112_image", data)  # copy2: the times too
+    summary = data / "summary.json"
+    os.utime(summary, ns=(summary.stat().st_atime_ns, summary.stat().st_mtime_ns + 10**9))
+    crop = Path(json.loads(summary.read_text())["settings"]["root"])
+    assert reproduce.data_complete(data, crop, 112, "image")
+    (data / "faces_valid.json").unlink()
+    assert not reproduce.data_complete(data, crop, 112, "image")
+
+
+def test_a_run_of_other_settings_is_refused_not_mixed_into_the_table(killed_then_rerun, crop, capsys):
+    """Another --epochs would have resumed the finished runs with a stretched schedule (or skipped them, fewer):
+    the first run's dir is named with what differs, before anything is trained."""
+    out, _, _ = killed_then_rerun
+    argv = arguments(crop, out)
+    argv[argv.index("--epochs") + 1] = str(EPOCHS + 1)
+    with pytest.raises(UserError, match=rf"{out / 'runs' / RUNS[0].name} was trained with other settings \(epochs "
+                                        rf"{EPOCHS} there, {EPOCHS + 1} now\)"):
+        reproduce.main(argv)
+    assert "\nrun: " not in capsys.readouterr().out
+
+
+def test_a_run_killed_in_its_calibration_is_resumed_to_finish_it(killed_then_rerun, crop):
+    """train.py's last step fits the gender temperature into best.pt: a run killed there has every epoch logged, and
+    was skipped as finished, uncalibrated; reproduce.py resumes it, and train.py only calibrates."""
+    out, _, _ = killed_then_rerun
+    best = out / "runs" / RUNS[0].name / "best.pt"
+    ckpt = torch.load(best, weights_only=True)
+    ckpt.pop("calibrated")
+    torch.save(ckpt, best)
+    r = subprocess.run(command(crop, out), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"== train {RUNS[0].name}, resuming after epoch {EPOCHS}" in r.stdout
+    assert f"already trained {EPOCHS} epochs, nothing to do" in r.stdout
+    assert torch.load(best, weights_only=True)["calibrated"]
