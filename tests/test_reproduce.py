@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -24,12 +23,7 @@ EPOCHS = 2  # the killed run has one epoch on disk to resume from and one to run
 KEYS = {"size", "arch", "age_loss", "age_weight", "split", "epochs", "gender_acc", "age_mae", "cs5", "seconds"}
 
 
-def recipe(run: reproduce.Run) -> dict:
-    """The train.py options of a run's recipe ({} for train.py's defaults)."""
-    return tomllib.loads((REPO / run.recipe).read_text()) if run.recipe else {}
-
-
-KILLED = next(r for r in reproduce.RUNS if recipe(r).get("arch") == "resnet50")  # the slowest epoch: the widest window to kill in
+KILLED = next(r for r in reproduce.RUNS if reproduce.recipe_of(r).get("arch") == "resnet50")  # the slowest epoch: the widest window to kill in
 # --runs: a row with a recipe before the killed one, the killed one (224 px, no original MAE) and one with train.py's
 # defaults on the identity split: every data dir, both kinds of row, in a third of the time of all eight
 RUNS = [reproduce.RUNS[0], KILLED, next(r for r in reproduce.RUNS if r.recipe is None and r.split == "identity")]
@@ -108,7 +102,7 @@ def test_results_complete(killed_then_rerun):
         config = json.loads((run_dir / "config.json").read_text())
         # the recipe reached train.py, and --quick's batch overrode the recipe's
         assert config["config"] == (str(REPO / run.recipe) if run.recipe else None)
-        options = {k.replace("-", "_"): v for k, v in recipe(run).items() if k != "batch-size"}
+        options = {k.replace("-", "_"): v for k, v in reproduce.recipe_of(run).items() if k != "batch-size"}
         assert {k: r[k] for k in options} == options
         assert config["batch_size"] == reproduce.QUICK_BATCH and config["limit"] == reproduce.QUICK_LIMIT
         assert config["pretrained"] == "none" and config["device_used"] == "cpu"
