@@ -96,7 +96,15 @@ def load_meta(path: Path, dataset: str | None = None) -> tuple[str, Meta]:
     name = dataset or (keys[0] if keys else None)
     if name not in mat:
         raise UserError(f"{path}: no top-level struct {name or 'imdb or wiki'!r} (found {sorted(k for k in mat if not k.startswith('__'))})")
-    struct = mat[name][0, 0]
+    try:
+        return name, meta_of(mat[name][0, 0], name, path)
+    except (IndexError, TypeError, ValueError) as e:  # an empty struct or cell, a field of another shape
+        raise UserError(f"{path}: struct {name!r} is not in {name}.mat's layout ({type(e).__name__}: {e}); "
+                        "download it again") from e
+
+
+def meta_of(struct: np.ndarray, name: str, path: Path) -> Meta:
+    """load_meta's Meta from the struct loadmat gave; a missing field or one of another length is a UserError."""
     present = struct.dtype.names or ()
     fields = FIELDS + (("celeb_id",) if name == "imdb" else ())
     for field in fields:
@@ -113,15 +121,15 @@ def load_meta(path: Path, dataset: str | None = None) -> tuple[str, Meta]:
     else:  # wiki: 17/10000217_1981-05-05_2009.jpg -> 10000217
         identity = np.array([Path(p).name.split("_")[0] for p in full_path])
     # cast before arithmetic: loadmat gives int32 / uint16 here, and uint16 - 2010 wraps around
-    return name, Meta(full_path=full_path, dob=col("dob").astype(np.int64),
-                      photo_taken=col("photo_taken").astype(np.int64), gender=col("gender").astype(np.float64),
-                      face_score=col("face_score").astype(np.float64),
-                      second_face_score=col("second_face_score").astype(np.float64), identity=identity)
+    return Meta(full_path=full_path, dob=col("dob").astype(np.int64), photo_taken=col("photo_taken").astype(np.int64),
+                gender=col("gender").astype(np.float64), face_score=col("face_score").astype(np.float64),
+                second_face_score=col("second_face_score").astype(np.float64), identity=identity)
 
 
 def age_at_photo(dob: int, photo_taken: int) -> int:
     """Age when the photo was taken, the photo assumed mid-year (the IMDB-WIKI authors' rule)."""
-    birth = dt.datetime.fromordinal(max(int(dob) - 366, 1))  # MATLAB datenum counts from year 0
+    # MATLAB datenum counts from year 0; a date past 9999 (a broken entry) is an age out of range, not a crash
+    birth = dt.datetime.fromordinal(min(max(int(dob) - 366, 1), dt.date.max.toordinal()))
     return int(photo_taken) - birth.year - (0 if birth.month < 7 else 1)
 
 

@@ -176,3 +176,20 @@ def test_a_celeb_id_of_another_length_is_refused(tmp_path):
     scipy.io.savemat(mat, {"imdb": struct})
     with pytest.raises(UserError, match="field 'celeb_id' has 2 entries, full_path has 3"):
         pp.load_meta(mat)
+
+
+def test_a_struct_out_of_layout_is_one_line_and_a_broken_date_an_age_out_of_range(tmp_path):
+    """An empty struct or an empty full_path cell raised an IndexError; a birth date past year 9999 a ValueError
+    for the whole run."""
+    import scipy.io
+
+    scipy.io.savemat(tmp_path / "imdb.mat", {"imdb": np.zeros((0, 0))})
+    with pytest.raises(UserError, match=r"imdb.mat: struct 'imdb' is not in imdb.mat's layout \(IndexError"):
+        pp.load_meta(tmp_path / "imdb.mat")
+    mat = make_mat(tmp_path, [dict(dob=dt.date(1970, 3, 1), taken=2000, cid=2)] * 2)
+    struct = scipy.io.loadmat(mat)["imdb"]
+    struct[0, 0]["full_path"][0, 1] = np.zeros((0,), dtype="<U1")  # an empty cell
+    scipy.io.savemat(mat, {"imdb": struct})
+    with pytest.raises(UserError, match="is not in imdb.mat's layout"):
+        pp.load_meta(mat)
+    assert pp.age_at_photo(4_000_000, 2000) < 0  # year 10951: out of any age range, and the run goes on
