@@ -35,6 +35,7 @@ import argparse
 import io
 import itertools
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -394,6 +395,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     out_dir = Path(args.output)
@@ -415,6 +420,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results, outputs = [], Outputs(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_videos(out_dir)
+    # `timeout`, `docker stop` and schedulers stop with SIGTERM: as Ctrl-C, so that results.json keeps what was done
+    terminated = signal.signal(signal.SIGTERM, interrupt)
     try:
         # consecutive photos go through the batched path together; each video or webcam on its own
         for photos, group in itertools.groupby(inputs, key=lambda item: item[0] == "image"):
@@ -424,6 +431,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             else:
                 results += [process_video(value, predictor, outputs, shower, args.max_frames) for _, value in group]
     finally:
+        signal.signal(signal.SIGTERM, terminated)
         shower.close()
         write_json(out_dir / "results.json", results)  # also when interrupted: what was done so far
     errors = sum("error" in r for r in results)

@@ -52,7 +52,7 @@ def run_main(main: Callable[[], Any]) -> None:
         print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted (Ctrl-C): stopped; files written so far are complete", file=sys.stderr)
+        print("interrupted: stopped; files written so far are complete", file=sys.stderr)
         sys.exit(130)
 
 

@@ -321,12 +321,14 @@ def start_and_wait_for_temp(cmd, out):
 
 def test_interrupted_and_killed_videos_leave_no_temp_file(tmp_path, samples, checkpoint):
     clip, out = make_video(tmp_path / "clip.mp4", samples, frames=200), tmp_path / "out"
-    proc, tmp = start_and_wait_for_temp(demo_cmd(checkpoint, clip, out), out)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C
-    err = proc.communicate(timeout=60)[1]
-    assert proc.returncode == 130 and "interrupted" in err
-    assert not tmp.exists() and not list(out.glob(".*.tmp.mp4")) and not (out / "clip.mp4").exists()
-    assert json.loads((out / "results.json").read_text()) == []
+    for stop in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C; `timeout` and `docker stop` (results.json was lost)
+        proc, tmp = start_and_wait_for_temp(demo_cmd(checkpoint, clip, out), out)
+        proc.send_signal(stop)
+        err = proc.communicate(timeout=60)[1]
+        assert proc.returncode == 130 and "interrupted" in err, (stop, proc.returncode, err[-2000:])
+        assert not tmp.exists() and not list(out.glob(".*.tmp.mp4")) and not (out / "clip.mp4").exists()
+        assert json.loads((out / "results.json").read_text()) == []
+        (out / "results.json").unlink()
 
     proc, tmp = start_and_wait_for_temp(demo_cmd(checkpoint, clip, out), out)
     proc.send_signal(signal.SIGKILL)  # nothing runs after this: the next run cleans up
