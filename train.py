@@ -159,7 +159,9 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     """(rank, world_size, device): torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) or a single process."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = process_device(pick_device(device_name), world, int(os.environ.get("LOCAL_RANK", 0)))
-    if device.type == "cuda":  # also for one process on cuda:N: torch.cuda.graph and current_stream() use the current
+    # also for one process on cuda:N: torch.cuda.graph and current_stream() use the current device; plain "cuda" is
+    # the current one already (and set_device needs an index)
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)

@@ -209,10 +209,17 @@ def test_one_process_on_cuda_n_makes_it_the_current_device(monkeypatch):
     """torch.cuda.graph and current_stream() without a device use the current one: --device cuda:1 alone must make
     cuda:1 current, or --cuda-graph would capture on cuda:0 what runs on cuda:1 (torchrun's processes did already)."""
     current = []
+
+    def set_device(device):  # as torch's: an index or an indexed device (plain "cuda" raised a ValueError)
+        if isinstance(device, torch.device) and device.index is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        current.append(device)
+
     monkeypatch.setattr(train, "pick_device", lambda name: torch.device(name))
-    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
     assert train.init_distributed("cuda:1") == (0, 1, torch.device("cuda:1"))
     assert current == [torch.device("cuda:1")]
+    assert train.init_distributed("cuda") == (0, 1, torch.device("cuda"))  # the current device: nothing to set
     assert train.init_distributed("cpu")[2] == torch.device("cpu") and len(current) == 1
 
 
