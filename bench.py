@@ -489,6 +489,8 @@ def time_training(loader: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tenso
     train.resolve_batch(targs, 1, device)
     raw = build_model(arch, targs.age_loss, "none").to(device, memory_format=memory_format)
     optimizer = train.make_optimizer(raw, targs.peak_lr, targs.momentum, targs.weight_decay)
+    if targs.cuda_graph and device.type == "cuda":  # the capture (and its first replay) untimed, as a compile is
+        warmup = max(warmup, train.GraphedStep.WARMUP + 2)
     timed = TimedSteps(loader, warmup, steps, device)
     model = train.wrap_model(raw, targs, 1, device)
     amp, autocast = train.make_autocast(targs, device)

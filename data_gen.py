@@ -334,6 +334,9 @@ class PackedLoader:
         self.batches = BatchSampler(self.sampler, batch_size, drop_last=train)
         self.epoch = 0
         self.slots: list[Slot] = []  # the staging buffers, kept across epochs
+        # the side stream the batches are made on, kept across epochs: the allocator reuses a block only on the stream
+        # that freed it, and a stream an epoch would re-allocate every batch's device memory each epoch
+        self.stream: torch.cuda.Stream | None = None
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -361,23 +364,26 @@ class PackedLoader:
         cuda = self.device.type == "cuda"
         if not self.slots:  # one more than can be in flight, so a slot is refilled only after its copy was issued
             self.slots = [Slot(self.batch_size, self.faces.shape[1:], cuda) for _ in range(self.prefetch + 2)]
-        stream = torch.cuda.Stream(self.device) if cuda else None
-        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-            for b, idx in enumerate(self.batches):
-                with record_function(PREPARE_LABEL):
-                    slot = self.slots[b % len(self.slots)]
-                    seed = hash((self.seed, self.epoch, self.rank, b)) if self.train else None
-                    # (B, S, S, 3) uint8, (B, 2) int64, (B, AUGMENT_PARAMS) float32 (training) or None
-                    faces, labels, params = slot.fill(self.faces, self.labels, idx, seed)
-                    faces = faces.to(self.device, non_blocking=True)
-                    # copies on the CPU too: the slot is reused
-                    labels = labels.to(self.device, non_blocking=True, copy=True)
-                    params = params if params is None else params.to(self.device, non_blocking=True, copy=True)
-                    slot.copied = stream.record_event() if cuda else None
-                    # (B, 3, S, S), channels_last in memory: the step converts nothing
-                    x = network_input(faces.permute(0, 3, 1, 2), params)
-                    ready = stream.record_event() if cuda else None
-                yield x, labels[:, 0], labels[:, 1], ready
+        if cuda and self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
+        stream = self.stream
+        for b, idx in enumerate(self.batches):
+            # the side stream only around the batch's making: with prefetch 0 this thread is the consumer's, whose
+            # step must run on its own stream after the yield (a context open across it once ran the step there)
+            with record_function(PREPARE_LABEL), torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                slot = self.slots[b % len(self.slots)]
+                seed = hash((self.seed, self.epoch, self.rank, b)) if self.train else None
+                # (B, S, S, 3) uint8, (B, 2) int64, (B, AUGMENT_PARAMS) float32 (training) or None
+                faces, labels, params = slot.fill(self.faces, self.labels, idx, seed)
+                faces = faces.to(self.device, non_blocking=True)
+                # copies on the CPU too: the slot is reused
+                labels = labels.to(self.device, non_blocking=True, copy=True)
+                params = params if params is None else params.to(self.device, non_blocking=True, copy=True)
+                slot.copied = stream.record_event() if cuda else None
+                # (B, 3, S, S), channels_last in memory: the step converts nothing
+                x = network_input(faces.permute(0, 3, 1, 2), params)
+                ready = stream.record_event() if cuda else None
+            yield x, labels[:, 0], labels[:, 1], ready
 
 
 class Slot:

@@ -119,6 +119,7 @@ def test_an_epoch_syncs_only_when_it_logs(tmp_path, graphed):
         watch = SyncWarnings()
         return epoch_under(watch, data, "cuda", faces, log_every, "l1", *extra), watch.count
 
+    syncs(48, 1000)  # first, untold: the loader's constant tables go to the GPU once, in blocking copies
     (few_steps, few), (many_steps, many) = syncs(48, 1000), syncs(96, 1000)
     assert (few_steps, many_steps) == (6, 12)
     assert 0 < few == many, (few, many)
@@ -126,7 +127,7 @@ def test_an_epoch_syncs_only_when_it_logs(tmp_path, graphed):
     assert every > many and (every - many) % (steps - 1) == 0, (every, many)
 
 
-def test_imdb_crops_on_the_gpu_find_the_cpu_s_faces(samples):
+def test_imdb_crops_on_the_gpu_find_the_cpu_s_faces(samples, exact_cudnn):
     """pre_process.py on a GPU: prepare_crop makes each crop's P-Net pyramid on the host, search_crops draws it on
     the canvas and sends that in one copy; the central faces are the CPU's (which resizes the levels in detect()), to
     a pixel."""
@@ -173,3 +174,23 @@ def test_crops_prepared_in_the_decoding_processes_on_the_gpu(tmp_path):
                           "--no-pack", "--prepare-in", where])
         faces[where] = {p.relative_to(out): p.read_bytes() for p in sorted((out / "faces").rglob("*.jpg"))}
     assert len(faces["threads"]) >= 6 and faces["processes"] == faces["threads"]
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_the_packed_loader_leaves_the_step_on_its_own_stream(tmp_path, prefetch):
+    """The batches are made on the loader's side stream, one for every epoch, and the step runs on its own: with
+    prefetch 0 the side stream's context stayed open across the yield, so the step ran on it, a new stream each epoch
+    (every epoch re-allocated the step's memory, and epochs were not ordered against each other: bench.py's grid)."""
+    from data_gen import make_loader
+
+    data = make_fake_data(tmp_path / "data", n_train=32, n_valid=8, pack=True)
+    loader = make_loader(data, "train", True, batch_size=8, device=torch.device("cuda"), workers=0, seed=0, rank=0,
+                         world_size=1, jpeg=False, limit=None, prefetch=prefetch, dummy=None)
+    mine, sides = torch.cuda.current_stream(), set()
+    for epoch in (1, 2):
+        loader.set_epoch(epoch)
+        for x, age, gender in loader:
+            assert torch.cuda.current_stream() == mine
+            sides.add(loader.stream)
+            (x.float().mean() + age.float().mean()).item()  # a step's use, on this stream
+    assert len(sides) == 1 and loader.stream != mine
