@@ -305,7 +305,7 @@ def calibrate_checkpoint(path: str | Path, batches: Iterable[tuple[torch.Tensor,
                          device: str | torch.device) -> float | None:
     """Fit the gender temperature on (x, age, gender) batches (the validation split) and store it in the
     checkpoint's model_args (rewritten atomically); returns it, or None where none fits (fit_temperature: every
-    gender right), the checkpoint's kept. train.py calls it on best.pt."""
+    gender right), 1.0 then stored. train.py calls it on best.pt."""
     ckpt = read_checkpoint(path)
     model = model_from_checkpoint(ckpt, device)
     logits, genders = [], []
@@ -314,8 +314,8 @@ def calibrate_checkpoint(path: str | Path, batches: Iterable[tuple[torch.Tensor,
             logits.append(model(x.to(device))[0].float().cpu())  # (B, 2)
             genders.append(gender.cpu())
     temperature = fit_temperature(torch.cat(logits).numpy(), torch.cat(genders).numpy())
-    if temperature is not None:
-        ckpt["model_args"] = dict(model_args_of(ckpt), gender_temperature=temperature)
+    # none fits: the raw probability (T = 1), also over a temperature an earlier fit stored
+    ckpt["model_args"] = dict(model_args_of(ckpt), gender_temperature=1.0 if temperature is None else temperature)
     ckpt["calibrated"] = True  # a run resumed after a kill here calibrates again (train.complete_run)
     atomic_torch_save(ckpt, path)
     return temperature

@@ -103,15 +103,21 @@ def gender_nll(logits: np.ndarray, true_gender: np.ndarray, temperature: float) 
 
 
 def fit_temperature(logits: np.ndarray, true_gender: np.ndarray, steps: int = 60) -> float | None:
-    """The T in TEMPERATURE_RANGE minimising gender_nll: golden-section search on log T; None where the minimum is
-    at an end of the range, not inside it: where every gender is right (a small or easy validation split), the NLL
-    falls towards 0 as T -> 0, and such a T would make every probability 1.0, wrong guesses' too.
+    """The T in TEMPERATURE_RANGE minimising gender_nll: golden-section search on log T; None where there is no
+    minimum inside the range. Where every gender is right (a small or easy validation split), the NLL only falls as T
+    shrinks, to 0 (in floats, often 0.0 already inside the range, so the search stops anywhere on that flat stretch),
+    and such a T would make every probability 1.0, wrong guesses' too; where every one is wrong, it falls as T grows.
 
     The NLL is convex in 1/T, hence unimodal in log T, which the search needs; 60 steps shrink
     the bracket (log 400 wide) by 0.618^60 ~ 3e-13.
     """
     if len(logits) == 0:
         raise ValueError("no logits to fit a temperature on")
+    logits = np.asarray(logits, np.float64)
+    true = np.asarray(true_gender, np.int64)
+    margin = logits[np.arange(len(true)), true] - logits[np.arange(len(true)), 1 - true]  # (N,) > 0: right
+    if (margin > 0).all() or (margin < 0).all():
+        return None
     lo, hi = np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1])
     g = (np.sqrt(5) - 1) / 2
 

@@ -59,8 +59,9 @@ RESUME_MUST_MATCH = ("arch", "age_loss", "size")
 # settings a resume may change: the learning rate then follows the schedule they make (schedule_changes says how)
 SCHEDULE_KEYS = ("global_batch", "lr", "warmup_epochs", "epochs", "momentum", "weight_decay")
 # options a resume does not take from its checkpoint (it takes every other one the command line leaves out): where
-# it goes on, and what only one invocation asks for
-NOT_RESUMED = ("config", "resume", "out", "profile")
+# it goes on, what only one invocation asks for, and the machine's own (its device, bf16 on its CPU, its cores, the
+# loader): a resume on another machine takes that one's defaults, and says where they differ
+NOT_RESUMED = ("resume", "out", "profile", "device", "amp_cpu", "workers", "prefetch", "jpeg")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,7 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=config.SEED, help="init, data order and augmentation (default: %(default)s)")
     p.add_argument("--device", default=config.DEVICE, help="auto | cpu | cuda | cuda:N (default: %(default)s)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=config.AMP,
-                   help="bf16 autocast on CUDA (default: %(default)s)")
+                   help="bf16 autocast on CUDA, and on the CPU with --amp-cpu; --no-amp: fp32 everywhere "
+                        "(default: %(default)s)")
     p.add_argument("--amp-cpu", action=argparse.BooleanOptionalAction, default=config.AMP_CPU,
                    help="bf16 autocast on the CPU too (default: on where the CPU has bf16 instructions, "
                         "AVX512-BF16 or AMX; off elsewhere, where bf16 is emulated and slower than fp32)")
@@ -573,7 +575,9 @@ def schedule_changes(saved: dict, now: dict, done: int) -> str | None:
 def setting_changes(saved: dict, args: argparse.Namespace) -> str | None:
     """The options a resume was given new values of, beyond the schedule's (schedule_changes says those), in words;
     None when there are none: each changes what the rest of the run learns from, or how its best epoch is chosen."""
-    said = {*NOT_RESUMED, *SCHEDULE_KEYS, *RESUME_MUST_MATCH, "batch_size", "peak_lr"}  # "batch_size": global_batch's
+    # not said: where it goes on, the loader's knobs (the same batches either way), and what the schedule's line says
+    said = {"resume", "out", "profile", "workers", "prefetch", "jpeg", *SCHEDULE_KEYS, *RESUME_MUST_MATCH,
+            "batch_size", "peak_lr"}
     diffs = [f"{k} {saved[k]!r} -> {v!r}" for k, v in vars(args).items() if k in saved and k not in said
              and saved[k] != v]
     return f"resuming with {'; '.join(diffs)} (the rest as the run was trained)" if diffs else None
@@ -733,9 +737,9 @@ def calibrate_best(out: Path, valid_loader: PackedLoader | JpegLoader, device: t
     under torchrun: plenty for one number) and stored in OUT/best.pt."""
     temperature = calibrate_checkpoint(out / "best.pt", valid_loader, device)
     print(f"gender temperature {temperature:.3f} (fitted on the validation split, stored in best.pt)"
-          if temperature is not None else "gender temperature: none fits on the validation split (its NLL is least "
-          f"at an end of {TEMPERATURE_RANGE[0]:g}..{TEMPERATURE_RANGE[1]:g}: every gender right, or a head worse than "
-          "chance); best.pt keeps 1.0, the raw probability")
+          if temperature is not None else "gender temperature: none fits on the validation split (every gender "
+          f"right, or its NLL least outside {TEMPERATURE_RANGE[0]:g}..{TEMPERATURE_RANGE[1]:g}); best.pt holds 1.0, "
+          "the raw probability")
 
 
 def check_steps(args: argparse.Namespace, steps: int) -> None:

@@ -251,14 +251,23 @@ def test_a_resume_goes_on_with_the_run_s_options_unless_given_new_ones(data, tmp
     train.main(["--config", str(recipe), "--data", str(data), "--out", str(out), "--pretrained", "none",
                 "--device", "cpu", "--workers", "0", "--epochs", "1"])
     capsys.readouterr()
-    train.main(["--resume", str(out / "last.pt"), "--epochs", "2"])
+    train.main(["--resume", str(out / "last.pt"), "--epochs", "2", "--device", "cpu"])
     assert "resuming with" not in capsys.readouterr().out  # nothing changed but the epochs
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["age_weight"], cfg["seed"], cfg["batch_size"], cfg["data"], cfg["pretrained"], cfg["out"]) == (
-        0.5, 3, 8, str(data), "none", str(out))
+    assert (cfg["age_weight"], cfg["seed"], cfg["batch_size"], cfg["data"], cfg["pretrained"], cfg["out"],
+            cfg["config"]) == (0.5, 3, 8, str(data), "none", str(out), str(recipe))  # the recipe's path: provenance
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
-    train.main(["--resume", str(out / "last.pt"), "--epochs", "3", "--seed", "4", "--age-weight", "0.2"])
+    train.main(["--resume", str(out / "last.pt"), "--epochs", "3", "--seed", "4", "--age-weight", "0.2",
+                "--device", "cpu"])
     assert "resuming with age_weight 0.5 -> 0.2; seed 3 -> 4 (the rest as the run was trained)" in capsys.readouterr().out
+    # the machine's own settings are this machine's defaults (--device, bf16 on its CPU, the loader's workers), said
+    train.main(["--resume", str(out / "last.pt"), "--epochs", "4", "--amp-cpu"])
+    said = capsys.readouterr().out
+    assert "resuming with device 'cpu' -> 'auto'" in said and "workers" not in said
+    train.main(["--resume", str(out / "last.pt"), "--epochs", "5", "--device", "cpu", "--no-amp-cpu"])
+    assert "resuming with device 'auto' -> 'cpu'; amp_cpu True -> False (the rest" in capsys.readouterr().out
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["amp_cpu"], cfg["workers"]) == (False, config.NUM_WORKERS)  # the default, not the first run's 0
 
 
 def test_resume_takes_momentum_and_weight_decay_from_the_options(run, data, tmp_path):

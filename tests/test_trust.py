@@ -171,25 +171,28 @@ def test_predictor_flip_sends_face_and_mirror_in_one_pass(checkpoint, samples):
     assert flipped[0]["box"] == plain[0]["box"] and flipped[0]["gender_prob"] != plain[0]["gender_prob"]
 
 
-@pytest.mark.parametrize("sign", [1, -1])
-def test_no_temperature_fits_where_the_nll_is_least_at_an_end_of_the_range(tmp_path, checkpoint, sign):
+@pytest.mark.parametrize("sign, low, high", [(1, 0.5, 3), (1, 10, 20), (-1, 0.5, 3)])
+def test_no_temperature_fits_where_every_gender_is_right_or_every_one_wrong(tmp_path, checkpoint, sign, low, high):
     """Every gender right (the quick start's 106 validation faces): the NLL falls as T -> 0, and the fit once stored
-    T = 0.05, which made every probability 1.0, wrong guesses' too; every gender wrong: it falls as T grows. No T then;
-    calibrate_checkpoint keeps the checkpoint's and marks it calibrated."""
+    T = 0.05, which made every probability 1.0, wrong guesses' too; with wide margins the NLL is 0.0 in floats well
+    inside the range, where the search stopped anywhere (0.27 at a margin of 10). Every gender wrong: it falls as T
+    grows. No T then: calibrate_checkpoint stores 1.0, over what an earlier fit stored, and marks it calibrated."""
     import shutil
 
-    margin = np.random.default_rng(0).uniform(0.5, 3, 200)
+    margin = np.random.default_rng(0).uniform(low, high, 200)
     truth = np.arange(200) % 2
     logits = np.stack([-margin, margin], 1) * np.where(truth == 1, sign, -sign)[:, None]  # right (1) or wrong (-1)
     assert metrics.fit_temperature(logits, truth) is None
     path = tmp_path / "best.pt"
     shutil.copy(checkpoint, path)
+    earlier = models.read_checkpoint(path)
+    earlier["model_args"]["gender_temperature"] = 0.05
+    torch.save(earlier, path)
     model, _ = models.load_checkpoint(path, "cpu")
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         guessed = model(x)[0].argmax(1)
     right = guessed if sign == 1 else 1 - guessed
-    before = models.read_checkpoint(path)["model_args"]["gender_temperature"]
     assert inference.calibrate_checkpoint(path, [(x, None, right)], "cpu") is None
     after = models.read_checkpoint(path)
-    assert after["model_args"]["gender_temperature"] == before and after["calibrated"]
+    assert after["model_args"]["gender_temperature"] == 1.0 and after["calibrated"]
