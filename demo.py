@@ -429,7 +429,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 for entry in process_images([value for _, value in group], predictor, outputs, shower, args.workers):
                     results.append(entry)  # one by one: an interrupted run's results.json keeps the photos done
             else:
-                results += [process_video(value, predictor, outputs, shower, args.max_frames) for _, value in group]
+                for _, value in group:  # one by one, as the photos: an interrupt keeps the videos done
+                    results.append(process_video(value, predictor, outputs, shower, args.max_frames))
     finally:
         signal.signal(signal.SIGTERM, terminated)
         shower.close()

@@ -116,7 +116,7 @@ def fit_temperature(logits: np.ndarray, true_gender: np.ndarray, steps: int = 60
     logits = np.asarray(logits, np.float64)
     true = np.asarray(true_gender, np.int64)
     margin = logits[np.arange(len(true)), true] - logits[np.arange(len(true)), 1 - true]  # (N,) > 0: right
-    if (margin > 0).all() or (margin < 0).all():
+    if (margin >= 0).all() or (margin <= 0).all():  # a tie's NLL is log 2 at every T: no help either way
         return None
     lo, hi = np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1])
     g = (np.sqrt(5) - 1) / 2

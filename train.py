@@ -61,7 +61,8 @@ SCHEDULE_KEYS = ("global_batch", "lr", "warmup_epochs", "epochs", "momentum", "w
 # options a resume does not take from its checkpoint (it takes every other one the command line leaves out): where
 # it goes on, what only one invocation asks for, and the machine's own (its device, bf16 on its CPU, its cores, the
 # loader): a resume on another machine takes that one's defaults, and says where they differ
-NOT_RESUMED = ("resume", "out", "profile", "device", "amp_cpu", "workers", "prefetch", "jpeg")
+NOT_RESUMED = ("resume", "out", "profile", "device", "amp_cpu", "workers", "prefetch", "jpeg", "compile",
+               "compile_mode", "cuda_graph")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jpeg", action="store_true",
                    help="decode the JPEGs even where faces_{split}.npy exists (default: off; for comparisons)")
     p.add_argument("--limit", type=int, default=None,
-                   help="use only the first N faces of each split (default: all; for smoke tests)")
+                   help="use only the first N faces of each split, 0 = all (default: all; for smoke tests)")
     p.add_argument("--resume", default=None,
                    help="continue from this last.pt, with the options it was trained with where the command line "
                         "(or --config) does not give them (default: none, a fresh run)")
@@ -136,11 +137,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.out = str(Path(args.resume).parent) if args.resume else config.OUT
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out}: a file; it names the run's folder")
-    for name in ("batch_size", "epochs", "log_every", "limit"):
+    for name in ("batch_size", "epochs", "log_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("prefetch", "profile", "warmup_epochs", "momentum", "weight_decay"):
-        if not getattr(args, name) >= 0:
+    args.limit = args.limit or None  # 0: all, so that a resume can lift a smoke run's limit
+    for name in ("prefetch", "profile", "warmup_epochs", "momentum", "weight_decay", "limit"):
+        if getattr(args, name) is not None and not getattr(args, name) >= 0:
             p.error(f"--{name.replace('_', '-')} must be 0 or more")
     if not args.lr > 0:
         p.error("--lr must be above 0")
@@ -500,14 +502,17 @@ def resumed_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
     went (a recipe run resumed without its --config once fell back to the default age weight)."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--resume")
-    path = pre.parse_known_args(sys.argv[1:] if argv is None else list(argv))[0].resume
-    if path is None:
+    pre.add_argument("--data")
+    given = pre.parse_known_args(sys.argv[1:] if argv is None else list(argv))[0]
+    if given.resume is None:
         return []
-    saved = {key.replace("_", "-"): value for key, value in load_resume(path)["config"].items()
-             if value is not None and key not in NOT_RESUMED}
+    # --data given: the run goes on over that data dir, not over a --dummy run's random faces
+    left = {*NOT_RESUMED, *(("dummy",) if given.data is not None else ())}
+    saved = {key.replace("_", "-"): value for key, value in load_resume(given.resume)["config"].items()
+             if value is not None and key not in left}
     # an older checkpoint's options that are gone, and what was derived (size, world_size, ...), are not options
     return options_argv(parser, {k: v for k, v in saved.items() if f"--{k}" in parser._option_string_actions},
-                        f"--resume {path}")
+                        f"--resume {given.resume}")
 
 
 def load_resume(path: str) -> dict:
@@ -572,14 +577,15 @@ def schedule_changes(saved: dict, now: dict, done: int) -> str | None:
             f"at the same point of the run, so the learning rate goes from {before:g} to {after:g}")
 
 
-def setting_changes(saved: dict, args: argparse.Namespace) -> str | None:
-    """The options a resume was given new values of, beyond the schedule's (schedule_changes says those), in words;
-    None when there are none: each changes what the rest of the run learns from, or how its best epoch is chosen."""
-    # not said: where it goes on, the loader's knobs (the same batches either way), and what the schedule's line says
-    said = {"resume", "out", "profile", "workers", "prefetch", "jpeg", *SCHEDULE_KEYS, *RESUME_MUST_MATCH,
-            "batch_size", "peak_lr"}
-    diffs = [f"{k} {saved[k]!r} -> {v!r}" for k, v in vars(args).items() if k in saved and k not in said
-             and saved[k] != v]
+def setting_changes(saved: dict, now: dict, options: Iterable[str]) -> str | None:
+    """The settings a resume changed beyond the schedule's (schedule_changes says those), from the checkpoint's
+    config to `now` (resolved_config's), in words; None when there are none: each changes what the rest of the run
+    learns from, how its best epoch is chosen, or the device and precision it runs in (`options`: train.py's)."""
+    # the machine's own options as they resolved (--device auto is this machine's device); not said: where the run
+    # goes on, the loader's and the step's knobs (the same numbers either way), what the schedule's line says
+    unsaid = {*NOT_RESUMED, *SCHEDULE_KEYS, *RESUME_MUST_MATCH, "batch_size", "peak_lr"}
+    keys = [k for k in options if k not in unsaid] + ["device_used", "amp_enabled"]
+    diffs = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in keys if k in saved and saved[k] != now[k]]
     return f"resuming with {'; '.join(diffs)} (the rest as the run was trained)" if diffs else None
 
 
@@ -695,7 +701,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
               f"{cfg['global_batch']} per epoch, peak lr {cfg['peak_lr']:g}, {'bf16' if amp else 'fp32'}"
               f"{', resuming at epoch ' + str(start_epoch) if ckpt else ''}")
         print(f"faces from {faces_source(args, train_loader)}")
-        for said in (changes, setting_changes(ckpt["config"], args) if ckpt else None):
+        for said in (changes, setting_changes(ckpt["config"], cfg, vars(args)) if ckpt else None):
             if said:
                 print(said)
     epoch, began = start_epoch, time.time()

@@ -388,3 +388,21 @@ def test_show_without_display(monkeypatch, capsys):
     assert shower.on
     monkeypatch.setattr(cv2, "imshow", lambda *a: (_ for _ in ()).throw(cv2.error("no GUI")))
     assert shower.show(np.zeros((4, 4, 3), np.uint8), 0) and not shower.on  # headless OpenCV: note, go on
+
+
+def test_an_interrupt_keeps_the_videos_done_in_results_json(tmp_path, samples, checkpoint, monkeypatch):
+    """Ctrl-C or SIGTERM in the second video: results.json lists the first (the videos' entries were added only
+    once all of them were done, so it listed none)."""
+    clips = [make_video(tmp_path / f"{name}.mp4", samples, frames=1) for name in ("a", "b")]
+    done = demo.process_video
+
+    def second_interrupted(source, *rest):
+        if Path(source).name == "b.mp4":
+            raise KeyboardInterrupt
+        return done(source, *rest)
+
+    monkeypatch.setattr(demo, "process_video", second_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        demo.main(["--checkpoint", str(checkpoint), "--input", *map(str, clips), "--output", str(tmp_path / "out"),
+                   "--device", "cpu"])
+    assert [Path(r["video"]).name for r in json.loads((tmp_path / "out" / "results.json").read_text())] == ["a.mp4"]

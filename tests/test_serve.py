@@ -318,8 +318,9 @@ def test_a_full_queue_answers_503_and_the_queued_photos_are_answered(samples):
             first = pool.submit(post_image, url, photo, "first.jpg")
             assert predictor.taken.wait(60)  # the model works on the first photo
             rest = [pool.submit(post_image, url, photo, f"{i}.jpg") for i in range(4)]
-            refused = []
+            refused, deadline = [], time.monotonic() + 60
             while len(refused) < 3:  # one of the four fits the queue; the other three are answered at once
+                assert time.monotonic() < deadline, f"{len(refused)} of the 3 photos over the queue answered"
                 refused = [f.result() for f in rest if f.done()]
                 time.sleep(0.05)
             predictor.release.set()

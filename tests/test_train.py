@@ -186,7 +186,7 @@ def test_unknown_options_fail(data, tmp_path):
     (["--warmup-epochs", "-1"], "--warmup-epochs must be 0 or more"),
     (["--momentum", "-0.5"], "--momentum must be 0 or more"),
     (["--weight-decay", "nan"], "--weight-decay must be 0 or more"),
-    (["--limit", "0"], "--limit must be at least 1"),
+    (["--limit", "-1"], "--limit must be 0 or more"),
     (["--lr", "0"], "--lr must be above 0"),
     (["--out", "README.md"], "--out README.md: a file; it names the run's folder"),
 ])
@@ -260,14 +260,29 @@ def test_a_resume_goes_on_with_the_run_s_options_unless_given_new_ones(data, tmp
     train.main(["--resume", str(out / "last.pt"), "--epochs", "3", "--seed", "4", "--age-weight", "0.2",
                 "--device", "cpu"])
     assert "resuming with age_weight 0.5 -> 0.2; seed 3 -> 4 (the rest as the run was trained)" in capsys.readouterr().out
-    # the machine's own settings are this machine's defaults (--device, bf16 on its CPU, the loader's workers), said
-    train.main(["--resume", str(out / "last.pt"), "--epochs", "4", "--amp-cpu"])
+    # the machine's own settings are this machine's defaults, not the first run's --device cpu and --workers 0; the
+    # device used and the precision are said where they change
+    train.main(["--resume", str(out / "last.pt"), "--epochs", "4"])
+    assert "resuming with" not in capsys.readouterr().out  # --device auto is this CPU, in the same precision
+    assert json.loads((out / "config.json").read_text())["workers"] == config.NUM_WORKERS
+    native = train.cpu_has_bf16()
+    train.main(["--resume", str(out / "last.pt"), "--epochs", "5", "--no-amp-cpu" if native else "--amp-cpu"])
+    assert f"resuming with amp_enabled {native} -> {not native} (the rest" in capsys.readouterr().out
+
+
+def test_a_resume_can_lift_a_smoke_run_s_limit_and_leave_its_random_faces(data, tmp_path, capsys):
+    """--limit 0 (all) and --data take a resumed --dummy --limit run over the whole data dir; the limit could not
+    be lifted, and a --data beside the resumed --dummy was dropped without a word."""
+    smoke = tmp_path / "smoke"
+    train.main(["--dummy", "32", "--limit", "32", "--out", str(smoke), "--pretrained", "none", "--device", "cpu",
+                "--batch-size", "16", "--epochs", "1"])
+    capsys.readouterr()
+    train.main(["--resume", str(smoke / "last.pt"), "--epochs", "2", "--data", str(data), "--limit", "0"])
     said = capsys.readouterr().out
-    assert "resuming with device 'cpu' -> 'auto'" in said and "workers" not in said
-    train.main(["--resume", str(out / "last.pt"), "--epochs", "5", "--device", "cpu", "--no-amp-cpu"])
-    assert "resuming with device 'auto' -> 'cpu'; amp_cpu True -> False (the rest" in capsys.readouterr().out
-    cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["amp_cpu"], cfg["workers"]) == (False, config.NUM_WORKERS)  # the default, not the first run's 0
+    assert f"faces from {data / 'faces_train.npy'} (packed)" in said
+    assert "data None -> " in said and "dummy 32 -> None" in said and "limit 32 -> None" in said
+    cfg = json.loads((smoke / "config.json").read_text())
+    assert (cfg["dummy"], cfg["limit"], cfg["data"]) == (None, None, str(data))
 
 
 def test_resume_takes_momentum_and_weight_decay_from_the_options(run, data, tmp_path):
