@@ -183,6 +183,9 @@ def test_no_temperature_fits_where_every_gender_is_right_or_every_one_wrong(tmp_
     truth = np.arange(200) % 2
     logits = np.stack([-margin, margin], 1) * np.where(truth == 1, sign, -sign)[:, None]  # right (1) or wrong (-1)
     assert metrics.fit_temperature(logits, truth) is None
+    tied = logits.copy()
+    tied[0] = 0.0  # one exact tie: its NLL is log 2 at every T, the others' still fall as T shrinks (or grows)
+    assert metrics.fit_temperature(tied, truth) is None
     path = tmp_path / "best.pt"
     shutil.copy(checkpoint, path)
     earlier = models.read_checkpoint(path)
