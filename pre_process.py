@@ -48,9 +48,9 @@ import numpy as np
 from tqdm import tqdm
 
 import config
-from utils import (UserError, argument_parser, atomic_write_text, csv_text, in_background, map_ahead, pick_device,
-                   process_device, pyplot, read_image, read_image_or_reason, run_main, save_figure, write_jpeg,
-                   write_json)
+from utils import (UserError, argument_parser, atomic_write_text, check_least, csv_text, in_background, map_ahead,
+                   pick_device, process_device, pyplot, read_image, read_image_or_reason, run_main, save_figure,
+                   write_jpeg, write_json)
 
 FIELDS = ("dob", "photo_taken", "full_path", "gender", "face_score", "second_face_score")
 PHOTO_WAIT_ADVICE = 20  # % of the align phase spent waiting for photos above which a GPU run advises more --workers
@@ -572,9 +572,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "repack)")
     p.add_argument("--limit", type=int, default=0, help="process only the first N photos after the cap, 0 = all (default: %(default)s)")
     args = p.parse_args(argv)
-    for name, least in (("batch", 1), ("per_age", 1), ("limit", 0), ("workers", 0)):
-        if getattr(args, name) is not None and getattr(args, name) < least:
-            p.error(f"--{name.replace('_', '-')} must be at least {least}")
+    check_least(p, args, dict(batch=1, per_age=1, limit=0, workers=0))
     if not 0 < args.valid_fraction < 1:
         p.error("--valid-fraction must be between 0 and 1 (the share of identities, or photos, kept for validation)")
     args.out = args.out or config.DATA_FOR_SIZE.format(dataset=dataset_of(Path(args.root), args.dataset), size=args.size)

@@ -51,8 +51,8 @@ from inference import calibrate_checkpoint
 from metrics import TEMPERATURE_RANGE, MetricSums
 from models import AGE_LOSSES, ARCHS, AgeGenderNet, build_model, model_args_of, read_checkpoint
 from utils import (CtrlCBetweenSteps, UserError, append_jsonl, argument_parser, atomic_torch_save, atomic_write_bytes,
-                   atomic_write_text, disk_full, git_commit, options_argv, parse_with_recipe, pick_device,
-                   process_device, read_jsonl, run_main, seed_everything, write_json)
+                   atomic_write_text, check_least, check_output_folder, disk_full, git_commit, options_argv,
+                   parse_with_recipe, pick_device, process_device, read_jsonl, run_main, seed_everything, write_json)
 
 # settings a checkpoint cannot be resumed under if they change: they change the model or its input
 RESUME_MUST_MATCH = ("arch", "age_loss", "size")
@@ -135,15 +135,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parse_with_recipe(p, argv, base=resumed_options(p, argv))
     if args.out is None:
         args.out = str(Path(args.resume).parent) if args.resume else config.OUT
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        p.error(f"--out {args.out}: a file; it names the run's folder")
-    for name in ("batch_size", "epochs", "log_every"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_output_folder(args.out, f"--out {args.out}")
+    check_least(p, args, dict(batch_size=1, epochs=1, log_every=1, prefetch=0, profile=0, warmup_epochs=0, momentum=0,
+                              weight_decay=0, limit=0))
     args.limit = args.limit or None  # 0: all, so that a resume can lift a smoke run's limit
-    for name in ("prefetch", "profile", "warmup_epochs", "momentum", "weight_decay", "limit"):
-        if getattr(args, name) is not None and not getattr(args, name) >= 0:
-            p.error(f"--{name.replace('_', '-')} must be 0 or more")
     if not args.lr > 0:
         p.error("--lr must be above 0")
     if args.dummy is not None:

@@ -92,6 +92,15 @@ def argument_parser(doc: str | None) -> argparse.ArgumentParser:
 RECIPES = REPO / "configs"  # the experiment recipes we ship
 
 
+def check_least(parser: argparse.ArgumentParser, args: argparse.Namespace, least: dict[str, float]) -> None:
+    """parser.error naming the first option of `least` ({dest: the least value}) below it; one not given (None) is
+    left to its default, and a NaN fails."""
+    for name, low in least.items():
+        value = getattr(args, name)
+        if value is not None and not value >= low:
+            parser.error(f"--{name.replace('_', '-')} must be {'0 or more' if low == 0 else f'at least {low}'}")
+
+
 def parse_with_recipe(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
                       base: Sequence[str] = ()) -> argparse.Namespace:
     """parser's options from argv, where `--config FILE` (an option of parser's) names a recipe: a TOML file of

@@ -163,8 +163,8 @@ def test_default_out_follows_the_dataset_and_the_size(tmp_path):
 @pytest.mark.parametrize("argv, said", [
     (["--batch", "0"], "--batch must be at least 1"),  # it once held every decoded photo, then crashed
     (["--per-age", "-1"], "--per-age must be at least 1"),
-    (["--limit", "-5"], "--limit must be at least 0"),  # it once dropped the last 5 photos
-    (["--workers", "-1"], "--workers must be at least 0"),
+    (["--limit", "-5"], "--limit must be 0 or more"),  # it once dropped the last 5 photos
+    (["--workers", "-1"], "--workers must be 0 or more"),
     (["--valid-fraction", "1.5"], "--valid-fraction must be between 0 and 1"),
     (["--valid-fraction", "0"], "--valid-fraction must be between 0 and 1"),
 ])

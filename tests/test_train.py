@@ -188,13 +188,18 @@ def test_unknown_options_fail(data, tmp_path):
     (["--weight-decay", "nan"], "--weight-decay must be 0 or more"),
     (["--limit", "-1"], "--limit must be 0 or more"),
     (["--lr", "0"], "--lr must be above 0"),
-    (["--out", "README.md"], "--out README.md: a file; it names the run's folder"),
 ])
-def test_an_option_out_of_its_range_names_itself(argv, said, capsys, monkeypatch):
-    monkeypatch.chdir(REPO)
+def test_an_option_out_of_its_range_names_itself(argv, said, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(argv)
     assert f"error: {said}" in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_run(monkeypatch):
+    monkeypatch.chdir(REPO)
+    for out in ("README.md", "README.md/run"):
+        with pytest.raises(UserError, match=rf"^--out {out}: README.md is a file, not a folder"):
+            train.parse_args(["--out", out])
 
 
 def test_resume_of_a_file_that_is_no_last_pt_says_so(tmp_path):
