@@ -316,7 +316,7 @@ def calibrate_checkpoint(path: str | Path, batches: Iterable[tuple[torch.Tensor,
     temperature = fit_temperature(torch.cat(logits).numpy(), torch.cat(genders).numpy())
     # none fits: the raw probability (T = 1), also over a temperature an earlier fit stored
     ckpt["model_args"] = dict(model_args_of(ckpt), gender_temperature=1.0 if temperature is None else temperature)
-    ckpt["calibrated"] = True  # a run resumed after a kill here calibrates again (train.complete_run)
+    ckpt["calibrated"] = True  # models.is_calibrated: a run resumed after a kill here calibrates again
     atomic_torch_save(ckpt, path)
     return temperature
 

@@ -219,6 +219,12 @@ def read_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def is_calibrated(path: str | Path) -> bool:
+    """Whether train.py's last step (inference.calibrate_checkpoint) marked the best.pt at path; memory-mapped: its
+    keys are read, not its weights."""
+    return bool(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("calibrated"))
+
+
 def model_from_checkpoint(ckpt: dict, device: str | torch.device) -> AgeGenderNet:
     """The model a checkpoint rebuilds from its own model_args, in eval mode on device."""
     model = AgeGenderNet(**model_args_of(ckpt))

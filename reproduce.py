@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import config
-from models import read_checkpoint
+from data_gen import pack_is_current, read_labels
+from models import is_calibrated
 from utils import (REPO, UserError, argument_parser, atomic_write_text, pyplot, read_jsonl, run_main, save_figure,
                    write_json)
 
@@ -143,10 +144,10 @@ def data_dir(args: argparse.Namespace, size: int, split: str) -> Path:
 def data_complete(path: Path, root: Path, size: int, split: str) -> bool:
     """Whether pre_process.py finished `path` from `root` at `size` and `split`.
 
-    It writes summary.json, then labels.csv (only where its rows changed: a rerun leaves it older than summary.json),
-    then faces_{split}.npy and its list faces_{split}.json for each non-empty split: all present, the arrays and
-    lists no older than labels.csv, means a finished run (one killed on the way leaves one missing, or older).
-    A data dir made from other photos or at another size is an error, not something to redo over.
+    It writes summary.json, then labels.csv, then faces_{split}.npy for each non-empty split: each array current
+    for labels.csv and its faces (data_gen.pack_is_current, the loader's own check) means a finished run (one killed
+    on the way leaves an array missing, or stale). A data dir made from other photos or at another size is an error,
+    not something to redo over.
     """
     summary_path = path / "summary.json"
     if not summary_path.is_file():
@@ -157,10 +158,9 @@ def data_complete(path: Path, root: Path, size: int, split: str) -> bool:
     if made != (root.resolve(), size, split):
         raise UserError(f"{path} was pre-processed from {made[0]} at {made[1]} px, split {made[2]}, not from "
                         f"{root.resolve()} at {size} px, split {split}; pass another --data-dir (or delete {path})")
-    packed = [path / f"faces_{s}.{ext}" for s in ("train", "valid") if summary[s] for ext in ("npy", "json")]
-    if not all(p.is_file() for p in [path / "labels.csv", *packed]):
+    if not (path / "labels.csv").is_file():
         return False
-    return all(p.stat().st_mtime_ns >= (path / "labels.csv").stat().st_mtime_ns for p in packed)
+    return all(pack_is_current(path, s, read_labels(path, s).images) for s in ("train", "valid") if summary[s])
 
 
 def link_faces(src: Path, dst: Path) -> int:
@@ -253,7 +253,7 @@ def train_all(args: argparse.Namespace) -> None:
         done = epochs_done(run_dir)
         best = run_dir / "best.pt"
         # not calibrated: killed in train.py's last step, which its --resume does
-        if done >= args.epochs and best.is_file() and read_checkpoint(best).get("calibrated"):
+        if done >= args.epochs and best.is_file() and is_calibrated(best):
             skip(title, f"finished ({done} epochs)")
             continue
         cmd = train_command(args, run)

@@ -49,7 +49,7 @@ import config
 from data_gen import PREPARE_LABEL, WAIT_LABEL, JpegLoader, PackedLoader, make_loader, packed_path
 from inference import calibrate_checkpoint
 from metrics import TEMPERATURE_RANGE, MetricSums
-from models import AGE_LOSSES, ARCHS, AgeGenderNet, build_model, model_args_of, read_checkpoint
+from models import AGE_LOSSES, ARCHS, AgeGenderNet, build_model, is_calibrated, model_args_of
 from utils import (CtrlCBetweenSteps, UserError, append_jsonl, argument_parser, atomic_torch_save, atomic_write_bytes,
                    atomic_write_text, check_least, check_output_folder, disk_full, git_commit, options_argv,
                    parse_with_recipe, pick_device, process_device, read_jsonl, run_main, seed_everything, write_json)
@@ -503,18 +503,19 @@ def resumed_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
         return []
     # --data given: the run goes on over that data dir, not over a --dummy run's random faces
     left = {*NOT_RESUMED, *(("dummy",) if given.data is not None else ())}
-    saved = {key.replace("_", "-"): value for key, value in load_resume(given.resume)["config"].items()
+    # memory-mapped: only the config is read here; train() loads the whole checkpoint
+    saved = {key.replace("_", "-"): value for key, value in load_resume(given.resume, mmap=True)["config"].items()
              if value is not None and key not in left}
     # an older checkpoint's options that are gone, and what was derived (size, world_size, ...), are not options
     return options_argv(parser, {k: v for k, v in saved.items() if f"--{k}" in parser._option_string_actions},
                         f"--resume {given.resume}")
 
 
-def load_resume(path: str) -> dict:
+def load_resume(path: str, mmap: bool = False) -> dict:
     if not Path(path).is_file():
         raise UserError(f"--resume {path}: not found; it is the last.pt of an earlier run (OUT/last.pt)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a truncated or foreign file; the message says which
         raise UserError(f"--resume {path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     missing = [key for key in ("model", "optimizer", "epoch", "best", "config") if key not in ckpt] \
@@ -762,7 +763,7 @@ def complete_run(ckpt: dict, resume: Path, out: Path, epochs: int, valid_loader:
     own = in_place(resume, out)
     if own:
         start_logs(out, ckpt, resume)
-        if best_in_out(resume, out, ckpt) is not None and not read_checkpoint(out / "best.pt").get("calibrated"):
+        if best_in_out(resume, out, ckpt) is not None and not is_calibrated(out / "best.pt"):
             calibrate_best(out, valid_loader, device)
     print(f"{resume}: already trained {epochs} epochs, nothing to do (pass --epochs above that to train on); "
           + (f"{out / 'metrics.jsonl'} is complete" if own else f"nothing written to {out}"))
